@@ -1,0 +1,265 @@
+"""maou_nb.preprocess: dedup against a brute-force recomputation, external == in-memory merge, Stage 1/2 labels
+against cshogi, the split by game, and refusal of bad input."""
+import json
+from pathlib import Path
+
+import cshogi
+import numpy as np
+import pytest
+
+from maou_nb import preprocess as pp
+from maou_nb.encoding import encode_position, legal_moves_label, move_label, reachable_squares_label
+from maou_nb.storage import (HCPE_DTYPE, ShardError, load_array, load_game_ids, load_hcpe, read_manifest, save_hcpe,
+                             sidecar_path)
+
+
+def random_games(n_games: int, seed: int, branching: int = 3, max_plies: int = 60):
+    """HCPE rows and game ids of seeded random cshogi games; few choices per ply, so positions repeat."""
+    rng = np.random.default_rng(seed)
+    rows, ids = [], []
+    for g in range(n_games):
+        board, start = cshogi.Board(), len(rows)
+        for _ in range(int(rng.integers(2, max_plies))):
+            moves = sorted(board.legal_moves)
+            if not moves:
+                break
+            move = moves[int(rng.integers(min(branching, len(moves))))]
+            row = np.zeros((), HCPE_DTYPE)
+            board.to_hcp(row["hcp"])
+            row["bestMove16"] = np.uint16(cshogi.move16(move)).view(np.int16)
+            rows.append(row)
+            board.push(move)
+        result = int(rng.integers(3))
+        for row in rows[start:]:
+            row["gameResult"] = result
+        ids += [g] * (len(rows) - start)
+    return np.array(rows, HCPE_DTYPE), np.array(ids, np.int64)
+
+
+@pytest.fixture(scope="module")
+def hcpe_dir(tmp_path_factory, records_dir) -> Path:
+    """HCPE shards from three real sources: cshogi random games, the shared game records, baseline self-play."""
+    from maou_nb.records import convert_records
+    from maou_nb.selfplay import play_games
+    root = tmp_path_factory.mktemp("hcpe")
+    hcpe, ids = random_games(60, seed=7)
+    save_hcpe(root / "in" / "random-a.npy", hcpe[:700], ids[:700])
+    save_hcpe(root / "in" / "random-b.npy", hcpe[700:], ids[700:] + 10_000)
+    convert_records(records_dir, root / "in" / "records", workers=1)
+    play_games(6, root / "selfplay", seed=3, max_moves=60, progress=False, workers=1)
+    for shard in (root / "selfplay" / "hcpe").glob("*.npy"):
+        shard.rename(root / "in" / shard.name)
+    return root / "in"
+
+
+def all_rows(folder: Path) -> np.ndarray:
+    """Every HCPE row under `folder`, in list_shards order."""
+    from maou_nb.storage import list_shards
+    return np.concatenate([np.asarray(load_hcpe(p)) for p in list_shards(folder)])
+
+
+def read_preprocessed(folder: Path):
+    """(positions, list of each position's move records) of a preprocessed folder."""
+    manifest = read_manifest(folder, expect_kind="preprocessed")
+    positions, moves = [], []
+    for name in manifest["shards"]:
+        p = load_array(folder / name, dtype=pp.POSITION_DTYPE)
+        m = load_array(sidecar_path(folder / name, "moves"), dtype=pp.MOVE_DTYPE)
+        positions.append(np.asarray(p))
+        moves += [np.asarray(m[s:s + c]) for s, c in zip(p["move_start"], p["move_count"])]
+    return np.concatenate(positions), moves
+
+
+def brute_force(rows: np.ndarray) -> dict:
+    """{hcp bytes: [count, summed mover result, {label: [count, wins]}]} by a plain Python loop with cshogi."""
+    out, board = {}, cshogi.Board()
+    for row in rows:
+        board.set_hcp(row["hcp"])
+        move = board.move_from_move16(int(np.uint16(row["bestMove16"])))
+        result = {0: 0.5, 1: 1.0 if board.turn == cshogi.BLACK else 0.0,
+                  2: 1.0 if board.turn == cshogi.WHITE else 0.0}[int(row["gameResult"])]
+        entry = out.setdefault(row["hcp"].tobytes(), [0, 0.0, {}])
+        entry[0] += 1
+        entry[1] += result
+        per_move = entry[2].setdefault(move_label(board, move), [0, 0.0])
+        per_move[0] += 1
+        per_move[1] += result
+    return out
+
+
+def test_dedup_matches_brute_force(hcpe_dir, tmp_path):
+    rows = all_rows(hcpe_dir)
+    pp.preprocess(hcpe_dir, tmp_path / "pre", progress=False)
+    positions, moves = read_preprocessed(tmp_path / "pre")
+    truth = brute_force(rows)
+    assert positions["count"].sum() == len(rows)
+    assert len(positions) == len(truth) < len(rows)  # some positions repeat (openings, duplicated records)
+    assert ((positions["value"] >= 0) & (positions["value"] <= 1)).all()
+    board = cshogi.Board()
+    for p, m in zip(positions, moves):
+        count, total, per_move = truth[p["hcp"].tobytes()]
+        assert p["count"] == count and m["count"].sum() == count
+        assert p["value"] == pytest.approx(total / count, abs=1e-6)
+        assert {int(l): [int(c), float(w)] for l, c, w in zip(m["label"], m["count"], m["wins"])} == per_move
+        board.set_hcp(p["hcp"])
+        expected_board, expected_hand = encode_position(board)
+        assert (p["board"] == expected_board).all() and (p["hand"] == expected_hand).all()
+    manifest = read_manifest(tmp_path / "pre")
+    assert manifest["rows"] == len(truth) and manifest["input_rows"] == len(rows)
+    assert manifest["bytes_per_position"] <= 256
+
+
+def test_external_merge_equals_in_memory(hcpe_dir, tmp_path):
+    memory = pp.preprocess(hcpe_dir, tmp_path / "mem", progress=False)
+    external = pp.preprocess(hcpe_dir, tmp_path / "ext", memory_bytes=30_000, rows_per_shard=97, progress=False)
+    n_rows = len(all_rows(hcpe_dir))
+    assert pp.n_buckets_for(n_rows, 30_000) > 10 and len(external) > len(memory)
+    mem_positions, mem_moves = read_preprocessed(tmp_path / "mem")
+    ext_positions, ext_moves = read_preprocessed(tmp_path / "ext")
+    fields = ["hcp", "board", "hand", "count", "value", "move_count"]
+    assert (mem_positions[fields] == ext_positions[fields]).all()
+    assert all((a == b).all() for a, b in zip(mem_moves, ext_moves))
+    pp.preprocess(hcpe_dir, tmp_path / "par", memory_bytes=300_000, workers=2, progress=False)
+    par_positions, par_moves = read_preprocessed(tmp_path / "par")
+    assert (mem_positions == par_positions).all()  # same shards too: rows_per_shard is the default here
+    assert all((a == b).all() for a, b in zip(mem_moves, par_moves))
+    assert not [p for p in (tmp_path / "ext").iterdir() if p.name.startswith(".")]  # buckets and temps removed
+
+
+def test_stage1_curriculum_matches_cshogi(tmp_path):
+    paths = pp.make_stage1_data(tmp_path / "s1")
+    records = load_array(paths[0])
+    assert len(records) == 1105 and read_manifest(tmp_path / "s1", expect_kind="stage1")["rows"] == 1105
+    board = cshogi.Board()
+    seen = set()
+    sfens = pp.stage1_sfens()
+    assert len(sfens) == 1105 and not records["hcp"].any()
+    for r, sfen in zip(records, sfens):
+        board.set_sfen(sfen)
+        expected_board, expected_hand = encode_position(board)
+        assert (r["board"] == expected_board).all() and (r["hand"] == expected_hand).all()
+        pieces = [p for p in board.pieces if p]
+        hand = sum(board.pieces_in_hand[0]) + sum(board.pieces_in_hand[1])
+        assert len(pieces) + hand == 1 and board.turn == cshogi.BLACK
+        expected = np.zeros((9, 9), bool)
+        for move in board.legal_moves:
+            expected[cshogi.move_to(move) % 9, cshogi.move_to(move) // 9] = True
+        assert expected.any()
+        assert (np.unpackbits(r["labels"])[:81].reshape(9, 9).astype(bool) == expected).all(), board.sfen()
+        seen.add(board.sfen())
+    assert len(seen) == 1105
+    on_board = sum(1 for s in seen if s.split()[2] == "-")
+    assert on_board == 1098
+    # the same inputs give the same bytes
+    assert (load_array(pp.make_stage1_data(tmp_path / "again")[0]) == records).all()
+
+
+def test_stage1_and_stage2_from_hcpe_match_labels(hcpe_dir, tmp_path):
+    rows = all_rows(hcpe_dir)
+    pp.make_stage2_data(hcpe_dir, tmp_path / "s2", memory_bytes=50_000, progress=False)
+    pp.make_stage1_data_from_hcpe(hcpe_dir, tmp_path / "s1", progress=False)
+    unique = {r.tobytes() for r in rows["hcp"]}
+    board = cshogi.Board()
+    for kind, n, oracle in (("stage2", 1496, legal_moves_label),
+                            ("stage1", 81, lambda b: reachable_squares_label(b).reshape(81))):
+        folder = tmp_path / ("s2" if kind == "stage2" else "s1")
+        manifest = read_manifest(folder, expect_kind=kind)
+        records = np.concatenate([load_array(folder / s) for s in manifest["shards"]])
+        assert len(records) == manifest["rows"] == len(unique)
+        assert {r.tobytes() for r in records["hcp"]} == unique
+        for r in records:
+            board.set_hcp(r["hcp"])
+            assert (np.unpackbits(r["labels"])[:n].astype(bool) == oracle(board)).all()
+
+
+def test_output_folder_must_not_hold_inputs(hcpe_dir, tmp_path):
+    with pytest.raises(ValueError, match="holds input"):
+        pp.preprocess(hcpe_dir, hcpe_dir, progress=False)
+    with pytest.raises(ValueError, match="holds input"):
+        pp.make_stage2_data(hcpe_dir, hcpe_dir.parent, progress=False)
+    assert len(all_rows(hcpe_dir)) > 0
+
+
+def test_inputs_by_manifest(hcpe_dir, tmp_path):
+    pp.preprocess(hcpe_dir, tmp_path / "pre", progress=False)
+    with pytest.raises(ShardError, match="'preprocessed' data but 'hcpe'"):
+        pp.make_stage2_data(tmp_path / "pre", tmp_path / "s2", progress=False)
+    with pytest.raises(ShardError, match="positions-00000.npy: dtype"):
+        pp.make_stage2_data(tmp_path / "pre" / "positions-00000.npy", tmp_path / "s2", progress=False)
+
+
+def test_split_by_game(hcpe_dir, tmp_path):
+    from maou_nb.storage import list_shards
+    train, val = pp.split_hcpe(hcpe_dir, tmp_path / "a", test_ratio=0.3, seed=5)
+    again_train, again_val = pp.split_hcpe(hcpe_dir, tmp_path / "b", test_ratio=0.3, seed=5)
+    other_train, _ = pp.split_hcpe(hcpe_dir, tmp_path / "c", test_ratio=0.3, seed=6)
+
+    def games(folder):
+        read_manifest(folder, expect_kind="hcpe")
+        return np.concatenate([load_game_ids(p) for p in list_shards(folder)])
+
+    def content(folder):
+        return np.concatenate([np.asarray(load_hcpe(p)) for p in list_shards(folder)]).tobytes()
+
+    assert not set(games(train)) & set(games(val))
+    assert len(games(train)) + len(games(val)) == len(all_rows(hcpe_dir))
+    assert len(set(games(val))) > 0 and len(set(games(train))) > len(set(games(val)))
+    assert content(train) == content(again_train) and content(val) == content(again_val)
+    assert content(train) != content(other_train)
+    # every row lands with its game on one side
+    all_games = {g for p in list_shards(hcpe_dir) for g in load_game_ids(p)}
+    assert set(games(train)) | set(games(val)) == all_games
+
+
+def test_bad_inputs_are_refused_by_shard_and_row(hcpe_dir, tmp_path):
+    rows, _ = random_games(3, seed=11)
+    board = cshogi.Board()
+    board.set_hcp(rows["hcp"][4])
+    illegal = next(m for m in rows["bestMove16"] if not board.is_legal(board.move_from_move16(int(np.uint16(m)))))
+    cases = {
+        "illegal_move": ("bestMove16", 4, illegal, "row 4"),
+        "no_move": ("bestMove16", 2, 0, "row 2"),
+        "bad_result": ("gameResult", 3, 7, "row 3"),
+    }
+    for name, (field, row, value, message) in cases.items():
+        bad = rows.copy()
+        bad[field][row] = value
+        save_hcpe(tmp_path / name / f"{name}.npy", bad)
+        with pytest.raises(ShardError, match=f"{name}.npy: {message}"):
+            pp.preprocess(tmp_path / name, tmp_path / f"out_{name}", progress=False)
+        assert not (tmp_path / f"out_{name}" / "manifest.json").exists()
+    for name, row, garbage in (("kings", 5, 255), ("pieces", 6, 0x55)):
+        corrupt = rows.copy()
+        corrupt["hcp"][row, 2 if name == "pieces" else 0:] = garbage  # bad king squares / bad piece codes
+        save_hcpe(tmp_path / name / f"{name}.npy", corrupt)
+        for make in (pp.preprocess, pp.make_stage2_data):
+            with pytest.raises(ShardError, match=f"{name}.npy: row {row}: the position"):
+                make(tmp_path / name, tmp_path / f"out_{name}", progress=False)
+    (tmp_path / "wrong").mkdir()
+    np.save(tmp_path / "wrong" / "floats.npy", np.zeros(4))
+    with pytest.raises(ShardError, match="floats.npy"):
+        pp.preprocess(tmp_path / "wrong", tmp_path / "out_wrong", progress=False)
+
+
+def test_interrupted_write_leaves_no_partial_output(hcpe_dir, tmp_path, monkeypatch):
+    out = tmp_path / "pre"
+    pp.preprocess(hcpe_dir, out, rows_per_shard=500, progress=False)
+    assert (out / "manifest.json").exists()
+    calls = {"n": 0}
+    real_save = np.save
+
+    def failing_save(file, array, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            real_save(file, array[: len(array) // 2], *args, **kwargs)  # half written, then the disk "fails"
+            raise OSError("disk full")
+        return real_save(file, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        pp.preprocess(hcpe_dir, out, rows_per_shard=500, memory_bytes=30_000, progress=False)
+    monkeypatch.undo()
+    assert not (out / "manifest.json").exists()  # the folder no longer claims to be complete
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files, no bucket folder
+    for shard in out.glob("*.npy"):  # whatever shards exist are whole files
+        load_array(shard, mmap=False)
