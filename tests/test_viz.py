@@ -1,0 +1,220 @@
+"""Viz: overlays land on the right squares of cshogi's SVG, explorers and viewers driven headless, plot_run on a
+real run's metrics.jsonl."""
+import json
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import cshogi
+import cshogi.CSA
+import numpy as np
+import pytest
+
+from maou_nb.encoding import encode_position, legal_moves_label, move_label, reachable_squares_label
+from maou_nb.export import TorchPolicy
+from maou_nb.model import build_model
+from maou_nb.viz import (LiveCurves, ModelViewer, board_from_arrays, board_svg, destination_weights, explore,
+                         game_positions, hcpe_positions, parse_position, plot_run, read_metrics, save_run_plots,
+                         save_svg, square_corner)
+
+
+def layer(svg: str, cls: str) -> list[ET.Element]:
+    """The elements of one overlay layer of a board SVG."""
+    root = ET.fromstring(svg)
+    return [e for g in root.iter() if g.get("class") == cls for e in g]
+
+
+def squares(elements) -> set[str]:
+    return {e.get("data-square") for e in elements}
+
+
+@pytest.fixture(scope="module")
+def game_file(records_dir) -> Path:
+    return records_dir / "floodgate2025_timeup.csa"
+
+
+@pytest.fixture(scope="module")
+def game_boards(game_file) -> list[cshogi.Board]:
+    return [p.board() for p in game_positions(game_file)]
+
+
+def test_overlays_sit_on_cshogis_squares(game_boards):
+    rng = np.random.default_rng(0)
+    for board in game_boards[::9]:
+        moves = list(board.legal_moves)
+        picked = [moves[i] for i in rng.choice(len(moves), size=min(4, len(moves)), replace=False)]
+        probs = dict(zip(picked, rng.dirichlet(np.ones(len(picked)))))
+        svg = board_svg(board, probs=probs, reachable=True, legal=True, lastmove=board.peek() or None)
+        root = ET.fromstring(svg)
+        piece_corners = {(float(u.get("x")), float(u.get("y"))) for u in root.iter() if u.tag.endswith("use")}
+        assert piece_corners == {square_corner(sq) for sq in range(81) if board.piece(sq)}
+        heat = layer(svg, "maou-heat")
+        want = destination_weights(probs)
+        assert squares(heat) == {cshogi.SQUARE_NAMES[sq] for sq in np.flatnonzero(want)}
+        for rect in heat:
+            sq = cshogi.SQUARE_NAMES.index(rect.get("data-square"))
+            assert (float(rect.get("x")), float(rect.get("y"))) == square_corner(sq)
+            assert abs(float(rect.get("data-weight")) - want[sq]) < 1e-5
+        marks = layer(svg, "maou-marks")
+        dest = {cshogi.SQUARE_NAMES[cshogi.move_to(m)] for m in moves}
+        assert squares(e for e in marks if e.get("class") == "reachable") == dest
+        assert sum(int(e.text) for e in marks if e.get("class") == "legal") == len(moves)
+        # encoding's Stage 1 label, turned back from the mover's frame, marks the same squares
+        grid_svg = board_svg(board, reachable=reachable_squares_label(board))
+        assert squares(layer(grid_svg, "maou-marks")) == dest
+
+
+def test_label_vectors_and_captions(game_boards, tmp_path):
+    board = game_boards[41]
+    moves = list(board.legal_moves)[:5]
+    labels = np.zeros(1496)
+    for i, m in enumerate(moves):
+        labels[move_label(board, m)] = i + 1.0
+    from_labels = layer(board_svg(board, probs=labels), "maou-heat")
+    from_moves = layer(board_svg(board, probs={m: i + 1.0 for i, m in enumerate(moves)}), "maou-heat")
+    assert [r.attrib for r in from_labels] == [r.attrib for r in from_moves]
+    svg = board_svg(board, legal=legal_moves_label(board), caption="a <caption> & more")
+    assert ET.fromstring(svg).get("viewBox") == "0 0 230 206"
+    path = save_svg(svg, tmp_path / "board.svg")
+    assert path.read_text() == str(svg) and svg._repr_svg_() == str(svg)
+
+
+def test_board_from_arrays_round_trips_real_positions(game_boards):
+    for board in game_boards[::3]:
+        rebuilt = board_from_arrays(*encode_position(board))
+        np.testing.assert_array_equal(encode_position(rebuilt)[0], encode_position(board)[0])
+        np.testing.assert_array_equal(encode_position(rebuilt)[1], encode_position(board)[1])
+        np.testing.assert_array_equal(legal_moves_label(rebuilt), legal_moves_label(board))
+
+
+def test_explorer_steps_through_a_game(game_file):
+    game = cshogi.CSA.Parser.parse_file(str(game_file))[0]
+    ex = explore(game_file)
+    assert ex.slider.max == len(game.moves)
+    for ply in (0, 17, 40):
+        ex.slider.value = ply
+        assert squares(layer(ex.svg, "maou-heat")) == {cshogi.SQUARE_NAMES[cshogi.move_to(game.moves[ply])]}
+        assert f"ply {ply}" in ex.info.value
+    ex.next.click()
+    assert ex.slider.value == 41 and ex.positions[41].lastmove == game.moves[40]
+    ex.legal.value = True
+    board = ex.positions[41].board()
+    assert sum(int(e.text) for e in layer(ex.svg, "maou-marks")) == len(board.legal_moves)
+    ex.slider.value = ex.slider.max
+    ex.next.click()
+    assert ex.slider.value == ex.slider.max and "maou-heat" not in ex.board_view.value  # last position: no move
+
+
+def test_explorer_over_an_hcpe_shard(game_file, tmp_path):
+    from maou_nb.records import convert_records
+    from maou_nb.storage import list_shards
+    convert_records([game_file], tmp_path / "hcpe", progress=False)
+    shard = list_shards(tmp_path / "hcpe")[0]
+    hcpe = np.load(shard)
+    ex = explore(shard, rows=range(len(hcpe)))
+    board = cshogi.Board()
+    for row in (0, 10, len(hcpe) - 1):
+        ex.slider.value = row
+        board.set_hcp(hcpe[row]["hcp"])
+        move = board.move_from_move16(int(hcpe[row]["bestMove16"]))
+        assert ex.positions[row].sfen == board.sfen()
+        assert squares(layer(ex.svg, "maou-heat")) == {cshogi.SQUARE_NAMES[cshogi.move_to(move)]}
+        assert ex.positions[row].value in (0.0, 0.5, 1.0)
+
+
+def test_model_viewer_and_explorer_with_a_model(game_file):
+    policy = TorchPolicy(build_model("vit", preset="small"))
+    viewer = ModelViewer(policy, "startpos moves 2g2f 8c8d")
+    heat = layer(viewer.svg, "maou-heat")
+    assert squares(heat) == {cshogi.SQUARE_NAMES[cshogi.move_to(m)] for m in viewer.board.legal_moves}
+    assert abs(sum(float(r.get("data-weight")) for r in heat) - 1) < 1e-4
+    probs, value = policy.evaluate(viewer.board)
+    assert viewer.moves.value == cshogi.move_to_usi(max(probs, key=probs.get)) and f"{value:.3f}" in viewer.info.value
+    viewer.play.click()
+    assert viewer.board.move_number == 4
+    viewer.text.value = "startpos moves 2g2f 2g2f"
+    assert "cannot read the position" in viewer.info.value
+    with pytest.raises(ValueError, match="not legal"):
+        parse_position("startpos moves 5a5b")
+    ex = explore(game_file, policy=policy)
+    ex.slider.value = 20
+    ex.show.value = "model"
+    board = ex.positions[20].board()
+    assert squares(layer(ex.svg, "maou-heat")) == {cshogi.SQUARE_NAMES[cshogi.move_to(m)] for m in board.legal_moves}
+    assert "model value" in ex.info.value
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A real (tiny) Stage 1 run of the small ResNet."""
+    from maou_nb.preprocess import make_stage1_data
+    from maou_nb.train import train
+    tmp = tmp_path_factory.mktemp("run")
+    make_stage1_data(tmp / "stage1")
+    train({"stage": "1", "stage1_data": str(tmp / "stage1"), "model": "resnet", "preset": "small",
+           "model_config": {"resnet_widths": [8, 8, 8, 8], "resnet_expansion": 1},   # a tiny ResNet: seconds
+           "batch_size": 256, "stage1_max_epochs": 1, "stage1_threshold": 0.1, "log_every": 1,
+           "out_dir": str(tmp / "run"), "device": "cpu"}, progress=False)
+    return tmp / "run"
+
+
+def test_plot_run_on_a_real_run(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert read_metrics(run_dir) == records
+    figs = plot_run(run_dir)
+    assert list(figs) == ["1"]
+    loss_ax, metric_ax, lr_ax = figs["1"].axes
+    train_loss = next(l for l in loss_ax.get_lines() if l.get_label() == "train loss")
+    train = [r for r in records if r["kind"] == "train"]
+    assert list(train_loss.get_xdata()) == [r["global_step"] for r in train]
+    assert list(train_loss.get_ydata()) == [r["loss"] for r in train]
+    val = [r for r in records if r["kind"] == "val"]
+    accuracy = next(l for l in metric_ax.get_lines() if l.get_label() == "accuracy")
+    assert list(accuracy.get_ydata()) == [r["accuracy"] for r in val]
+    assert [l.get_ydata()[0] for l in metric_ax.get_lines() if l.get_label().startswith("threshold")] == [0.1]
+    assert list(lr_ax.get_lines()[0].get_ydata()) == [r["lr"] for r in train]
+    pngs = save_run_plots(run_dir)
+    assert [p.name for p in pngs] == ["stage1.png"] and pngs[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_live_curves_follow_a_growing_file(run_dir, tmp_path):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    live = LiveCurves(tmp_path, interval=0.02)
+    assert "waiting" in live.status.value and not live.refresh()
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + lines[1][:7])
+    assert live.refresh() and len(live.records) == 1 and not live.refresh()
+    live.start()
+    (tmp_path / "metrics.jsonl").write_text("".join(lines))
+    deadline = time.time() + 10
+    while len(live.records) < len(lines) and time.time() < deadline:
+        time.sleep(0.01)
+    live.stop()
+    assert len(live.records) == len(lines) and live.image.value[:4] == b"\x89PNG"
+    shown = next(l for l in live.figure.axes[0].get_lines() if l.get_label() == "train loss")
+    assert len(shown.get_xdata()) == sum(json.loads(l)["kind"] == "train" for l in lines)
+
+
+def test_explorer_over_a_stage3_dataset(records_dir, tmp_path):
+    from maou_nb.datasets import Stage3Dataset
+    from maou_nb.preprocess import preprocess
+    from maou_nb.records import convert_records
+    convert_records(sorted(records_dir.glob("floodgate2025_*.csa")), tmp_path / "hcpe", progress=False)
+    preprocess(tmp_path / "hcpe", tmp_path / "pre", progress=False)
+    ds = Stage3Dataset(tmp_path / "pre")
+    rows = list(range(0, len(ds), max(1, len(ds) // 12)))
+    ex = explore(ds, rows=rows)
+    batch = ds[np.array(rows)]
+    for i in (0, len(rows) // 2, len(rows) - 1):
+        ex.slider.value = i
+        board = ex.positions[i].board()
+        np.testing.assert_array_equal(encode_position(board)[0], np.asarray(batch["board"][i]))
+        target = np.asarray(batch["policy"][i])
+        want = {}
+        for m in board.legal_moves:
+            w = target[move_label(board, m)]
+            if w > 0:
+                want[cshogi.SQUARE_NAMES[cshogi.move_to(m)]] = want.get(cshogi.SQUARE_NAMES[cshogi.move_to(m)], 0) + w
+        heat = {e.get("data-square"): float(e.get("data-weight")) for e in layer(ex.svg, "maou-heat")}
+        assert heat.keys() == want.keys() and all(abs(heat[k] - want[k]) < 1e-5 for k in want)
+        assert abs(sum(want.values()) - 1) < 1e-5      # every labelled move of a real position is legal there
+        assert f"data value: {float(batch['value'][i]):.3f}" in ex.info.value
