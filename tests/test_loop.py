@@ -1,0 +1,73 @@
+"""The self-improvement loop end to end on a small untrained model (wiring, registry, resume)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from maou_nb.loop import LoopParams, run
+from maou_nb.play import load_registry
+
+
+@pytest.fixture(scope="module")
+def start_checkpoint(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from maou_nb.model import build_model
+    from maou_nb.storage import save_checkpoint
+    torch.set_num_threads(1)  # small batches: extra threads only spin on a busy 2-core runner
+    torch.manual_seed(0)
+    model = build_model("resnet", preset="small")
+    path = tmp_path_factory.mktemp("loop") / "start.pt"
+    save_checkpoint(path, {"arch": model.arch, "model_config": model.config, "model": model.state_dict()})
+    return path
+
+
+def test_loop_runs_records_and_resumes(start_checkpoint, tmp_path):
+    params = {"initial_model": str(start_checkpoint), "out_dir": str(tmp_path / "loop"), "iterations": 2,
+              "games": 4, "max_moves": 50, "gauntlet_games": 2, "fairy_level": None, "require_interval": False,
+              "thresholds": {"random": 0.0, "baseline": 0.0, "best": 0.0}, "train": {"batch_size": 64}}
+    summaries = run(params, progress=False)
+    assert [s["iteration"] for s in summaries] == [0, 1]
+    reg = load_registry(tmp_path / "loop" / "registry.json")
+    ids = [m["id"] for m in reg["models"]]
+    assert len(ids) == 3 and reg["models"][0]["status"] == "promoted"
+    # zero thresholds: every candidate is promoted and becomes the parent of the next
+    assert [m["status"] for m in reg["models"]] == ["promoted"] * 3
+    assert reg["best"] == ids[2] and reg["models"][2]["parent"] == ids[1]
+    assert summaries[1]["best_before"] == summaries[0]["candidate"]
+    for i in range(2):
+        it = tmp_path / "loop" / f"iter_{i:03d}"
+        assert len(list((it / "selfplay").glob("*.csa"))) == 4
+        assert json.loads((it / "preprocessed" / "manifest.json").read_text())["kind"] == "preprocessed"
+        assert Path(summaries[i]["candidate"]).is_file()
+    # the second iteration trained on both iterations' games (window 2)
+    sources = json.loads((tmp_path / "loop" / "iter_001" / "preprocessed" / "manifest.json").read_text())["sources"]
+    assert {Path(s).parent.parent.name for s in sources} == {"iter_000", "iter_001"}
+    # resume: finished iterations are read back, not replayed
+    done = tmp_path / "loop" / "iter_001" / "done.json"
+    before = done.stat().st_mtime_ns
+    again = run(params, progress=False)
+    assert again == json.loads(json.dumps(summaries)) and done.stat().st_mtime_ns == before
+    # a crash after iteration 0: only iteration 1 runs again
+    done.unlink()
+    third = run(params, progress=False)
+    assert done.is_file() and [s["iteration"] for s in third] == [0, 1]
+    assert len(load_registry(tmp_path / "loop" / "registry.json")["models"]) >= 3
+
+
+def test_loop_params_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="gamez"):
+        LoopParams.from_dict({"initial_model": "x.pt", "gamez": 1})
+    with pytest.raises(FileNotFoundError, match="initial_model"):
+        run({"initial_model": str(tmp_path / "missing.pt"), "out_dir": str(tmp_path / "loop")}, progress=False)
+    yaml_path = tmp_path / "p.yaml"
+    yaml_path.write_text("loop:\n  initial_model: a.pt\n  iterations: 5\n")
+    assert LoopParams.load(yaml_path).iterations == 5
+
+
+def test_loop_params_files_are_valid():
+    from maou_nb.train import TrainConfig
+    files = sorted((Path(__file__).resolve().parents[1] / "params" / "loop").glob("*.yaml"))
+    assert len(files) >= 2
+    for path in files:
+        p = LoopParams.load(path)
+        TrainConfig.from_dict({"stage": "3", "stage3_data": "x", **p.train}, check_files=False)

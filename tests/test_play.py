@@ -1,0 +1,363 @@
+"""Players, the match runner and its statistics, with cshogi as the rules oracle."""
+import json
+import math
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import cshogi
+import cshogi.CSA
+import numpy as np
+import pytest
+
+from maou_nb.play import (BLACK, ILLEGAL, RESIGN, WHITE, NetworkPlayer, Player, RandomPlayer, elo_from_score,
+                          evaluate, format_table, play_games, play_match, plot_evaluation, random_openings,
+                          record_openings, verdict, wilson_interval)
+
+FAIRY = shutil.which("fairy-stockfish") or ("/usr/games/fairy-stockfish" if Path("/usr/games/fairy-stockfish").is_file() else None)
+
+
+def position_key(board: cshogi.Board) -> str:
+    "The position without its move number (what repetition compares)."
+    return " ".join(board.sfen().split(" ")[:3])
+
+
+def replay(game) -> tuple[cshogi.Board, Counter]:
+    "Replay a game record through cshogi, checking each move; the final board and position counts."
+    board = cshogi.Board(game.start_sfen)
+    counts = Counter([position_key(board)])
+    for m in game.moves:
+        assert board.is_legal(m), (game.start_sfen, cshogi.move_to_usi(m))
+        board.push(m)
+        counts[position_key(board)] += 1
+    return board, counts
+
+
+def check_ending(game, max_moves):
+    "The recorded end reason and winner agree with the final position, judged independently."
+    board, counts = replay(game)
+    if game.reason == "checkmate":
+        assert not list(board.legal_moves) and game.winner == 1 - board.turn
+    elif game.reason in ("repetition", "perpetual_check"):
+        assert counts[position_key(board)] == 4
+        if game.reason == "repetition":
+            assert game.winner is None
+    elif game.reason == "max_moves":
+        assert board.move_number == max_moves + 1 and game.winner is None
+    elif game.reason == "declaration":
+        assert board.is_nyugyoku() and game.winner == board.turn
+    else:
+        raise AssertionError(f"unexpected end {game.reason}")
+    # no earlier position ended the game
+    if game.reason != "max_moves":
+        assert board.move_number <= max_moves + 1
+
+
+def test_random_games_are_legal_and_end_by_the_rules():
+    result = play_match("random", RandomPlayer(), games=30, max_moves=300, seed=11)
+    assert len(result.games) == 30
+    for g in result.games:
+        check_ending(g, 300)
+    reasons = Counter(g.reason for g in result.games)
+    assert reasons["checkmate"] + reasons["max_moves"] >= 1
+    s = result.summary()
+    assert s["wins"] + s["draws"] + s["losses"] == 30
+    assert s["as_black"]["wins"] + s["as_white"]["wins"] == s["wins"]
+    assert s["avg_plies"] == pytest.approx(np.mean([g.plies for g in result.games]), abs=0.05)
+
+
+class Scripted(Player):
+    "Plays a cycle of moves (USI strings) by ply parity."
+
+    def __init__(self, usis, name):
+        self.usis, self.name = usis, name
+        super().__init__()
+
+    def choose(self, board):
+        return board.move_from_usi(self.usis[(board.move_number - 1) // 2 % len(self.usis)])
+
+
+def test_repetition_is_a_draw_on_the_fourth_occurrence():
+    a = Scripted(["5i4i", "4i5i"], "a")
+    b = Scripted(["5a4a", "4a5a"], "b")
+    (g,) = play_games([(a, b)], ["4k4/9/9/9/9/9/9/9/4K4 b G 1"])
+    board, counts = replay(g)
+    assert (g.winner, g.reason) == (None, "repetition")
+    assert counts[position_key(board)] == 4 and max(counts.values()) == 4
+    assert g.plies == 12
+    assert cshogi.CSA.Parser.parse_str(g.to_csa())[0].endgame == "%SENNICHITE"
+
+
+def test_perpetual_check_loses_for_the_checker():
+    checker = Scripted(["9a9b", "9b9a"], "checker")
+    king = Scripted(["1a1b", "1b1a"], "king")
+    (g,) = play_games([(checker, king)], ["R7k/9/9/9/9/9/9/9/4K4 w - 1"])
+    assert (g.winner, g.reason) == (WHITE, "perpetual_check")
+    parsed = cshogi.CSA.Parser.parse_str(g.to_csa())[0]
+    assert parsed.win == cshogi.WHITE_WIN and parsed.moves == g.moves
+
+
+def test_resign_and_illegal_answers_lose():
+    class Resigner(Player):
+        name = "resigner"
+        def choose(self, board): return RESIGN
+
+    class Cheat(Player):
+        name = "cheat"
+        def choose(self, board): return ILLEGAL
+
+    g1, g2 = play_games([(Resigner(), RandomPlayer()), (RandomPlayer(), Cheat())], [cshogi.STARTING_SFEN] * 2)
+    assert (g1.winner, g1.reason, g1.plies) == (WHITE, "resign", 0)
+    assert (g2.winner, g2.reason, g2.plies) == (BLACK, "illegal", 1)
+    assert cshogi.CSA.Parser.parse_str(g2.to_csa())[0].win == cshogi.BLACK_WIN
+
+
+def test_wilson_interval_solves_its_defining_equation():
+    z = 1.959963984540054
+    for score, n in [(0.5, 100), (0.9, 20), (0.63, 57), (0.0, 10), (1.0, 40)]:
+        lo, hi = wilson_interval(score, n)
+        assert lo <= score <= hi
+        # Wilson bounds are the p with |score - p| = z * sqrt(p (1 - p) / n)
+        for p in (lo, hi):
+            assert abs(abs(score - p) - z * math.sqrt(p * (1 - p) / n)) < 1e-9
+    assert wilson_interval(0.3, 400)[1] - wilson_interval(0.3, 400)[0] < wilson_interval(0.3, 40)[1] - wilson_interval(0.3, 40)[0]
+
+
+def test_elo_inverts_the_logistic_expectation():
+    for score in (0.1, 0.35, 0.5, 0.8, 0.97):
+        elo = elo_from_score(score)
+        assert 1 / (1 + 10 ** (-elo / 400)) == pytest.approx(score)
+    assert elo_from_score(1.0) == math.inf and elo_from_score(0.0) == -math.inf
+
+
+def test_summary_statistics_follow_the_counts():
+    result = play_match("random", "random", games=12, max_moves=120, seed=5)
+    s = result.summary()
+    n = s["games"]
+    score = (s["wins"] + 0.5 * s["draws"]) / n
+    lo, hi = wilson_interval(score, n)
+    assert s["score"] == pytest.approx(score, abs=1e-4)
+    assert (s["score_low"], s["score_high"]) == pytest.approx((lo, hi), abs=1e-4)
+    assert s["verdict"] == verdict(lo, hi)
+    assert verdict(0.4, 0.6) == "not significant" and verdict(0.51, 0.7) == "stronger" and verdict(0.2, 0.49) == "weaker"
+
+
+def test_matches_are_deterministic_under_a_seed():
+    run = lambda seed: [g.moves for g in play_match("random", "random", games=4, max_moves=100, seed=seed).games]
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_colours_alternate_over_each_opening():
+    openings = random_openings(3, plies=4, seed=1)
+    assert len(set(openings)) == 3
+    result = play_match("random", "random", games=6, openings=openings, max_moves=60, seed=0)
+    assert [g.start_sfen for g in result.games] == [o for o in openings for _ in range(2)]
+    assert result.a_is_black == [True, False] * 3
+    assert [g.black for g in result.games[:2]] == [result.a, result.b]
+
+
+def test_csa_files_reparse_to_the_same_games(tmp_path):
+    result = play_match("random", "random", games=6, max_moves=150, seed=2, out_dir=tmp_path,
+                        openings=random_openings(3, seed=4))
+    files = sorted(tmp_path.glob("*.csa"))
+    assert len(files) == 6
+    for path, g in zip(files, result.games):
+        parsed = cshogi.CSA.Parser.parse_file(str(path))[0]
+        assert parsed.moves == g.moves
+        assert parsed.sfen.split(" ")[:3] == g.start_sfen.split(" ")[:3]
+        assert parsed.names == [g.black, g.white]
+        assert parsed.win == {None: cshogi.DRAW, BLACK: cshogi.BLACK_WIN, WHITE: cshogi.WHITE_WIN}[g.winner]
+    summary = json.loads((tmp_path / "match.json").read_text())
+    assert summary["games"] == 6 and len(summary["files"]) == 6
+
+
+def test_record_openings_follow_the_real_records(records_dir):
+    paths = sorted(records_dir.glob("*.csa"))
+    sfens = record_openings(paths, plies=10)
+    parsed = [p for path in paths for p in cshogi.CSA.Parser.parse_file(str(path)) if len(p.moves) >= 10]
+    assert len(sfens) == len(parsed) > 0
+    for sfen, p in zip(sfens, parsed):
+        board = cshogi.Board(p.sfen)
+        for m in p.moves[:10]:
+            board.push(m)
+        assert sfen == board.sfen()
+
+
+def test_baseline_beats_random():
+    result = play_match("baseline", "random", games=20, max_moves=256, seed=0,
+                        openings=random_openings(10, plies=2, seed=0))
+    assert result.score >= 0.9, str(result)
+
+
+# --- the network player ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    "An untrained small ResNet saved as a checkpoint the way training saves one."
+    torch = pytest.importorskip("torch")
+    from maou_nb.model import build_model
+    from maou_nb.storage import save_checkpoint
+    torch.set_num_threads(1)  # small batches: more threads only spin, badly so on a busy 2-core runner
+    torch.manual_seed(0)
+    model = build_model("resnet", preset="small")
+    path = tmp_path_factory.mktemp("model") / "small.pt"
+    save_checkpoint(path, {"arch": model.arch, "model_config": model.config, "model": model.state_dict()})
+    return path
+
+
+def sample_positions(n: int, seed: int = 0) -> list[cshogi.Board]:
+    "Positions from random games: many with captures in hand, promotions and checks."
+    rng, boards = np.random.default_rng(seed), []
+    while len(boards) < n:
+        board = cshogi.Board()
+        for _ in range(int(rng.integers(1, 160))):
+            moves = list(board.legal_moves)
+            if not moves:
+                break
+            board.push(moves[int(rng.integers(len(moves)))])
+        if list(board.legal_moves):
+            boards.append(board)
+    return boards
+
+
+def test_network_player_never_plays_an_illegal_move(small_checkpoint):
+    boards = sample_positions(300)
+    assert sum(b.is_check() for b in boards) > 0 and sum(any(b.pieces_in_hand[b.turn]) for b in boards) > 30
+    for temperature, mate_in_one in ((0.0, False), (1.0, False), (3.0, False), (0.0, True)):
+        player = NetworkPlayer(small_checkpoint, temperature=temperature, seed=0, mate_in_one=mate_in_one)
+        moves = player.choose_many(boards)
+        for b, m in zip(boards, moves):
+            assert m in set(b.legal_moves), (b.sfen(), m)
+        assert player.last_values.shape == (len(boards),)
+        assert ((player.last_values > 0) & (player.last_values < 1)).all()
+    probs, values = player.policy_value(boards[:20])
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-4)
+
+
+def test_network_player_is_deterministic_and_matches_one_by_one(small_checkpoint):
+    boards = sample_positions(40, seed=3)
+    a, b = NetworkPlayer(small_checkpoint, temperature=1.0, seed=5), NetworkPlayer(small_checkpoint, temperature=1.0, seed=5)
+    assert a.choose_many(boards) == b.choose_many(boards)
+    greedy = NetworkPlayer(small_checkpoint)
+    assert greedy.choose_many(boards) == [greedy.choose(x) for x in boards]
+
+
+def test_network_player_from_onnx_agrees_with_torch(small_checkpoint, tmp_path):
+    from maou_nb.export import export_onnx
+    path = tmp_path / "small.onnx"
+    export_onnx(small_checkpoint, path, fp16=False, n_default_positions=8)
+    boards = sample_positions(50, seed=9)
+    assert NetworkPlayer(path).choose_many(boards) == NetworkPlayer(small_checkpoint).choose_many(boards)
+
+
+def test_puct_search_plays_legal_moves(small_checkpoint):
+    boards = sample_positions(6, seed=4)
+    player = NetworkPlayer(small_checkpoint, simulations=8, seed=0)
+    moves = player.choose_many(boards)
+    assert all(m in set(b.legal_moves) for b, m in zip(boards, moves))
+    board = cshogi.Board("8k/9/7GP/9/9/9/9/9/K8 b - 1")  # ten legal moves, some of them mate
+    mates = set()
+    for m in board.legal_moves:
+        board.push(m)
+        if board.is_game_over():
+            mates.add(m)
+        board.pop()
+    assert 0 < len(mates) < 10
+    assert NetworkPlayer(small_checkpoint, simulations=30).choose(board) in mates
+
+
+def test_evaluate_writes_a_table_and_games(small_checkpoint, tmp_path):
+    rows = evaluate(small_checkpoint, ["random"], games=4, out_dir=tmp_path, max_moves=60, progress=False)
+    assert [r["opponent_spec"] for r in rows] == ["random"]
+    assert rows[0]["games"] == 4
+    saved = json.loads((tmp_path / "evaluation.json").read_text())
+    assert saved["rows"] == rows
+    assert len(list(tmp_path.rglob("*.csa"))) == 4
+    assert "random" in format_table(rows)
+    import matplotlib
+    matplotlib.use("Agg")
+    assert len(plot_evaluation(rows).patches) == 1
+
+
+@pytest.mark.skipif(FAIRY is None, reason="fairy-stockfish not installed (apt-get install -y fairy-stockfish)")
+def test_usi_opponent_fairy_stockfish_beats_random(tmp_path):
+    result = play_match(f"usi:{FAIRY}", "random", games=2, max_moves=200, seed=0, out_dir=tmp_path)
+    for g in result.games:
+        replay(g)
+    assert result.summary()["wins"] == 2, str(result)
+
+
+# --- registry, gauntlet, ratings --------------------------------------------------------
+
+def test_fit_ratings_recovers_known_gaps():
+    rng = np.random.default_rng(1)
+    true = {"baseline": 0.0, "x": -150.0, "y": 250.0}
+    matches = []
+    for a, b in [("x", "baseline"), ("y", "x"), ("y", "baseline")]:
+        expected = 1 / (1 + 10 ** ((true[b] - true[a]) / 400))
+        w = int(rng.binomial(3000, expected))
+        matches.append({"a": a, "b": b, "wins": w, "draws": 0, "losses": 3000 - w})
+    from maou_nb.play import fit_ratings
+    fitted = fit_ratings(matches)
+    assert fitted["baseline"] == 0.0
+    for k, v in true.items():
+        assert abs(fitted[k] - v) < 30, fitted
+
+
+def test_gauntlet_records_decisions_in_the_registry(small_checkpoint, tmp_path):
+    torch = pytest.importorskip("torch")
+    from maou_nb.model import build_model
+    from maou_nb.play import gauntlet, load_registry, rating_table
+    from maou_nb.storage import save_checkpoint
+    reg_path = tmp_path / "models" / "registry.json"
+    # strict thresholds: 4 games cannot put the interval above 50%, so the candidate is rejected
+    first = gauntlet(small_checkpoint, registry=reg_path, games=4, max_moves=60, fairy_level=None)
+    assert not first["promoted"] and first["best"] is None
+    assert [r["role"] for r in first["rows"]] == ["random", "baseline"]
+    reg = load_registry(reg_path)
+    (entry,) = reg["models"]
+    assert entry["status"] == "rejected" and entry["id"] == first["id"] and len(reg["matches"]) == 2
+    # lenient thresholds promote it; a second model then also plays the current best
+    again = gauntlet(small_checkpoint, registry=reg_path, games=2, max_moves=60, fairy_level=None,
+                     thresholds={"random": 0.0, "baseline": 0.0}, require_interval=False)
+    assert again["promoted"] and again["id"] == first["id"] and again["best"] == first["id"]
+    torch.manual_seed(1)
+    other = build_model("resnet", preset="small")
+    other_path = tmp_path / "other.pt"
+    save_checkpoint(other_path, {"arch": other.arch, "model_config": other.config, "model": other.state_dict()})
+    third = gauntlet(other_path, registry=reg_path, games=2, max_moves=60, fairy_level=None, run="run-2")
+    assert [r["role"] for r in third["rows"]] == ["random", "baseline", "best"]
+    reg = load_registry(reg_path)
+    assert [m["status"] for m in reg["models"]] == ["promoted", "promoted" if third["promoted"] else "rejected"]
+    assert reg["models"][1]["parent"] == first["id"] and reg["models"][1]["run"] == "run-2"
+    assert reg["models"][1]["arch"] == "resnet"
+    table = rating_table(reg)
+    assert {r["player"] for r in table} == {"random", "baseline", first["id"], third["id"]}
+    assert sum(r["games"] for r in table) == 2 * sum(m["wins"] + m["draws"] + m["losses"] for m in reg["matches"])
+
+
+@pytest.mark.skipif(FAIRY is None, reason="fairy-stockfish not installed (apt-get install -y fairy-stockfish)")
+def test_ladder_stops_at_the_first_level_not_beaten(tmp_path):
+    from maou_nb.play import place_on_ladder
+    ladder = place_on_ladder(RandomPlayer(), FAIRY, levels=(-20, -10), games=2, max_moves=200, out_dir=tmp_path)
+    assert ladder["highest_beaten"] is None and [r["level"] for r in ladder["rows"]] == [-20]
+    assert ladder["rows"][0]["losses"] == 2
+    assert len(list((tmp_path / "level_-20").glob("*.csa"))) == 2
+
+
+def test_mate_in_one_plays_only_legal_mates():
+    from maou_nb.play import mate_in_one_or
+    boards = sample_positions(400, seed=6)
+    finder_illegal = mates = 0
+    for b in boards:
+        proposed = b.mate_move_in_1ply()
+        finder_illegal += bool(proposed) and proposed not in set(b.legal_moves)
+        m = mate_in_one_or(b, -5)
+        if m != -5:
+            assert m in set(b.legal_moves)
+            b.push(m); assert b.is_game_over(); b.pop()
+            mates += 1
+        elif proposed and proposed in set(b.legal_moves) and not b.is_check():
+            raise AssertionError(f"missed the mate {cshogi.move_to_usi(proposed)} in {b.sfen()}")
+    assert mates > 0
