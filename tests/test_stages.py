@@ -1,0 +1,252 @@
+"""The stage notebooks: their shape (one parameters cell, validated, names from the library), and what each
+writes when the tiny pipeline runs them with papermill, checked with cshogi and the library's readers."""
+import inspect
+import json
+from pathlib import Path
+
+import cshogi
+import cshogi.CSA
+import nbformat
+import numpy as np
+import pytest
+import yaml
+
+from maou_nb.encoding import legal_moves_label
+from maou_nb.export import load_onnx, load_policy
+from maou_nb.pipeline import STAGE_MARK, STEPS, notebook_parameters, read_json
+from maou_nb.storage import (game_id, load_array, load_checkpoint, load_game_ids, load_hcpe,
+                             manifest_shards, read_manifest)
+from tiny_run import STAGES, TINY, tiny_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return tiny_run(tmp_path_factory)[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    return yaml.safe_load(TINY.read_text())
+
+
+def done(run, step) -> dict:
+    return read_json(STEPS[step].done_file(run))
+
+
+# ---- the notebooks themselves -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_notebook_shape(step):
+    """Title and prose, one `# Stage parameters` cell tagged `parameters`, validated in the next cell, `mark_done` last."""
+    nb = nbformat.read(STAGES / STEPS[step].notebook, as_version=4)
+    cells = nb.cells
+    assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# ") and len(cells[0].source) > 200
+    tagged = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, tagged
+    i = tagged[0]
+    assert cells[i].source.startswith(STAGE_MARK)
+    assert "params = stage_params(globals())" in cells[i + 1].source
+    code = [c for c in cells if c.cell_type == "code"]
+    assert code[-1].source.startswith(f'mark_done(out_dir, "{step}"') and '"plots"' in code[-1].source
+    assert all(not c.get("outputs") for c in code), "commit the notebooks clean (nbdev-clean)"
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_notebook_declares_its_wiring(step):
+    """Every parameter the pipeline passes (the wiring, out_dir, resume_from for train) is declared."""
+    declared = notebook_parameters(STAGES / STEPS[step].notebook)
+    given = set(STEPS[step].wire(Path("/run"))) | {"out_dir"} | ({"resume_from"} if step == "train" else set())
+    assert given <= set(declared), given - set(declared)
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_papermill_reads_every_parameter(step):
+    """Papermill parses each declared parameter (a stray `=` in a comment would make it warn "unknown parameter")."""
+    from papermill.inspection import inspect_notebook
+    path = STAGES / STEPS[step].notebook
+    assert set(inspect_notebook(str(path))) == set(notebook_parameters(path))
+
+
+def test_train_parameters_are_train_config():
+    """The train notebook's parameters are exactly TrainConfig's fields (same names), so params files map 1:1."""
+    import dataclasses
+    from maou_nb.train import TrainConfig
+    declared = notebook_parameters(STAGES / "train.ipynb")
+    assert list(declared) == [f.name for f in dataclasses.fields(TrainConfig)]
+    TrainConfig.from_dict(declared, check_files=False)  # the defaults are a valid config
+
+
+@pytest.mark.parametrize("step, function, extra", [
+    ("selfplay", "maou_nb.selfplay.play_games", {"games"}),
+    ("convert", "maou_nb.records.convert_records", set()),
+    ("preprocess", "maou_nb.preprocess.preprocess maou_nb.preprocess.split_hcpe", set()),
+    ("stage_data", "maou_nb.preprocess.make_labelled_data", {"hcpe_train", "hcpe_val"}),
+    ("export", "maou_nb.export.export_onnx", {"checkpoint", "positions_data", "verify_positions"}),
+    ("evaluate", "maou_nb.play.evaluate", set()),
+])
+def test_parameter_names_are_the_library_names(step, function, extra):
+    """A stage's parameters are its library function's argument names (plus the few listed here)."""
+    import importlib
+    names = set()
+    for dotted in function.split():
+        module, name = dotted.rsplit(".", 1)
+        names |= set(inspect.signature(getattr(importlib.import_module(module), name)).parameters)
+    declared = set(notebook_parameters(STAGES / STEPS[step].notebook))
+    assert declared - {"out_dir"} - extra <= names, declared - {"out_dir"} - extra - names
+
+
+# ---- what each stage wrote in the tiny run ---------------------------------------------------------------------
+
+def test_every_notebook_ran_clean(run):
+    """Each executed notebook is kept in the run, with its injected parameters and no error output."""
+    for step in yaml.safe_load(TINY.read_text())["steps"]:
+        nb = nbformat.read(run / "notebooks" / STEPS[step].notebook, as_version=4)
+        assert any(c.source.startswith("# Parameters") for c in nb.cells), step
+        assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"], step
+        info = done(run, step)
+        assert info["step"] == step and info["plots"], step
+        for plot in info["plots"]:
+            with open(plot, "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n", plot
+
+
+def test_convert(records_dir, tmp_path):
+    """The convert notebook (not in the tiny run) on the shared records: every row is a legal position and move."""
+    import papermill as pm
+    out = tmp_path / "hcpe"
+    pm.execute_notebook(str(STAGES / "convert.ipynb"), str(tmp_path / "convert.ipynb"), kernel_name="python3",
+                        parameters={"inputs": [str(records_dir)], "workers": 1, "out_dir": str(out)}, progress_bar=False)
+    info = read_json(out / "convert.done.json")
+    manifest = read_manifest(out, expect_kind="hcpe")
+    assert info["positions"] == manifest["rows"] > 0 and info["games"] == manifest["stats"]["games_kept"] > 0
+    hcpe = np.concatenate([load_hcpe(p) for p in manifest_shards(out)])
+    board = cshogi.Board()
+    for row in hcpe:
+        board.set_hcp(row["hcp"])
+        assert board.is_legal(board.move_from_move16(int(row["bestMove16"])))
+    assert info["black_wins"] + info["white_wins"] + info["draws"] == len(np.unique(
+        np.concatenate([load_game_ids(p) for p in manifest_shards(out)])))
+
+
+def test_selfplay(run, tiny_params):
+    """CSA files and HCPE rows agree game by game: each row is the position before the CSA's next move."""
+    info = done(run, "selfplay")
+    n = tiny_params["selfplay"]["games"]
+    csa = sorted((run / "data/selfplay/csa").glob("*.csa"))
+    manifest = read_manifest(run / "data/selfplay/hcpe", expect_kind="hcpe")
+    assert info["games"] == len(csa) == manifest["games"] == n
+    assert info["positions"] == manifest["rows"]
+    assert info["black_wins"] + info["white_wins"] + info["draws"] == n
+    shards = manifest_shards(run / "data/selfplay/hcpe", "hcpe")
+    hcpe = np.concatenate([load_hcpe(p) for p in shards])
+    ids = np.concatenate([load_game_ids(p) for p in shards])
+    for path in csa:
+        record = cshogi.CSA.Parser.parse_file(str(path))[0]
+        rows = hcpe[ids == game_id(path.stem)]
+        assert len(rows) == len(record.moves) > 0, path.name
+        board = cshogi.Board(record.sfen)
+        for row, move in zip(rows, record.moves):
+            assert np.array_equal(row["hcp"], np.frombuffer(board_hcp(board), np.uint8))
+            assert board.move_from_move16(int(row["bestMove16"])) == move
+            board.push(move)
+
+
+def board_hcp(board: cshogi.Board) -> bytes:
+    hcp = np.zeros(1, cshogi.HuffmanCodedPos)
+    board.to_hcp(hcp)
+    return hcp.tobytes()
+
+
+def test_preprocess(run):
+    """The split keeps every row, puts each game on one side only, and merging keeps every occurrence."""
+    selfplay_rows = read_manifest(run / "data/selfplay/hcpe")["rows"]
+    side_ids = {}
+    for side in ("train", "val"):
+        shards = manifest_shards(run / "data/split" / side, "hcpe")
+        side_ids[side] = set(np.concatenate([load_game_ids(p) for p in shards]).tolist())
+    assert not side_ids["train"] & side_ids["val"] and side_ids["train"] and side_ids["val"]
+    info = done(run, "preprocess")
+    assert info["train_rows"] + info["val_rows"] == selfplay_rows
+    for side in ("train", "val"):
+        manifest = read_manifest(run / "data/preprocessed" / side, expect_kind="preprocessed")
+        positions = np.concatenate([load_array(p) for p in manifest_shards(run / "data/preprocessed" / side)])
+        assert manifest["rows"] == len(positions) == info[f"{side}_positions"]
+        assert positions["count"].sum() == info[f"{side}_rows"]
+        assert len({p.tobytes() for p in positions["hcp"]}) == len(positions)  # merged: no position twice
+        board = cshogi.Board()
+        for hcp in positions["hcp"][:20]:
+            board.set_hcp(hcp)
+            assert board.is_ok()
+
+
+def test_stage_data(run):
+    """Stage 1 is the fixed curriculum; Stage 2 holds the split's distinct positions with cshogi's legal moves."""
+    from maou_nb.datasets import open_stage_data
+    info = done(run, "stage_data")
+    assert info["stage1_positions"] == read_manifest(run / "data/stage1", "stage1")["rows"] == 1105
+    for side in ("train", "val"):
+        stage2 = open_stage_data(2, run / "data/stage2" / side)
+        assert len(stage2) == info[f"stage2_{side}_positions"] == read_manifest(run / "data/preprocessed" / side)["rows"]
+        records = np.concatenate(stage2.arrays)
+        board = cshogi.Board()
+        for i in range(0, len(records), max(1, len(records) // 10)):
+            board.set_hcp(records["hcp"][i])
+            legal = stage2[i]["legal"].numpy().astype(bool)
+            assert legal.sum() == len(list(board.legal_moves))
+            assert np.array_equal(legal, legal_moves_label(board))
+
+
+def test_train(run, tiny_params):
+    """Checkpoints of every stage load and verify, telemetry covers every stage, TensorBoard has events."""
+    info = done(run, "train")
+    stages = ["1", "2", "3"] if tiny_params["train"]["stage"] == "all" else [str(tiny_params["train"]["stage"])]
+    assert sorted(info["stages"]) == stages and info["stopped"] is None
+    for name in ["last", "best"] + [f"stage{s}" for s in stages]:
+        payload = load_checkpoint(run / "checkpoints" / f"{name}.pt")
+        assert payload["arch"] == "resnet" and payload["model"], name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records if r["kind"] == "val"} == set(stages)
+    stats = read_json(run / "stats.json")
+    assert stats["stage"] == stages[-1] and "elapsed_s" in stats
+    assert list((run / "logs").rglob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run / "plots").glob("*.png")) == [f"stage{s}.png" for s in stages]
+
+
+def test_export(run):
+    """model.onnx reloads and gives the checkpoint's outputs on real positions from the validation data."""
+    info = done(run, "export")
+    onnx_model = load_onnx(run / "models" / "model.onnx")
+    assert onnx_model.meta["checkpoint_sha256"] and (run / "models" / "model_fp16.onnx").is_file()
+    positions = np.concatenate([load_array(p) for p in manifest_shards(run / "data/preprocessed/val")])["hcp"][:32]
+    got = onnx_model.predict(positions)
+    want = load_policy(run / "checkpoints" / "best.pt").predict(positions)
+    assert np.abs(got[0] - want[0]).max() < 1e-4 and np.abs(got[1] - want[1]).max() < 1e-4
+    assert info["max_abs_diff"]["fp32"] < 1e-4
+
+
+def test_evaluate(run, tiny_params):
+    """Each opponent played the asked number of games; every saved game replays legally in cshogi."""
+    info = done(run, "evaluate")
+    games = tiny_params["evaluate"]["games"]
+    evaluation = read_json(run / "eval" / "evaluation.json")
+    assert [r["opponent_spec"] for r in evaluation["rows"]] == ["random", "baseline"]
+    for row in evaluation["rows"]:
+        assert row["games"] == row["wins"] + row["draws"] + row["losses"] == games
+    assert [r["opponent"] for r in info["results"]] == [r["opponent"] for r in evaluation["rows"]]
+    files = sorted((run / "eval").glob("*/*.csa"))
+    assert len(files) == 2 * games
+    for path in files:
+        record = cshogi.CSA.Parser.parse_file(str(path))[0]
+        board = cshogi.Board(record.sfen)
+        for move in record.moves:
+            assert board.is_legal(move), path.name
+            board.push(move)
+
+
+def test_summary(run):
+    """summary.md has a section per step, with its plots linked relative to the run."""
+    text = (run / "summary.md").read_text()
+    for step in yaml.safe_load(TINY.read_text())["steps"]:
+        assert f"## {step}" in text
+        for plot in done(run, step)["plots"]:
+            assert str((run / plot).relative_to(run)) in text or plot.replace(str(run) + "/", "") in text
