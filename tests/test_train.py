@@ -1,0 +1,291 @@
+"""The training engine on real data made by real code: random cshogi games -> HCPE -> preprocess / stage data."""
+import json
+import math
+
+import cshogi
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from maou_nb.preprocess import make_stage1_data, make_stage2_data, preprocess
+from maou_nb.storage import HCPE_DTYPE, load_array, load_checkpoint, save_array, save_hcpe, write_manifest, read_manifest
+from maou_nb.train import (ConfigError, NonFiniteLossError, SCHEDULERS, StageThresholdError, TrainConfig,
+                           multilabel_metrics, scheduler_name, stage_gate, summarise, train)
+
+TINY = {"device": "cpu", "model": "resnet", "preset": "small", "model_config": {"resnet_widths": [8, 8, 8, 8]},
+        "batch_size": 128, "log_every": 1}
+TINY_VIT = {"vit_embed_dim": 32, "vit_num_layers": 1, "vit_num_heads": 2}  # keeps dropout (0.1): RNG state matters
+
+
+def random_games(n_games: int, seed: int, max_plies: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """HCPE rows and game ids of seeded uniformly random legal games played by cshogi."""
+    rng = np.random.default_rng(seed)
+    rows, ids = [], []
+    for g in range(n_games):
+        board, game = cshogi.Board(), []
+        for _ in range(max_plies):
+            moves = list(board.legal_moves)
+            if not moves or board.is_draw() == cshogi.REPETITION_DRAW:
+                break
+            move = moves[int(rng.integers(len(moves)))]
+            row = np.zeros(1, HCPE_DTYPE)
+            board.to_hcp(row["hcp"][0])
+            row["bestMove16"] = np.uint16(cshogi.move16(move)).view(np.int16)
+            game.append(row)
+            board.push(move)
+        result = cshogi.WHITE_WIN if board.turn == cshogi.BLACK else cshogi.BLACK_WIN  # mover at the end lost
+        for row in game:
+            row["gameResult"] = result
+        rows += game
+        ids += [g] * len(game)
+    return np.concatenate(rows), np.array(ids, dtype=np.int64)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Folders of real data: HCPE, preprocessed (2 shards), Stage 1 curriculum, Stage 2 labels."""
+    root = tmp_path_factory.mktemp("data")
+    hcpe, ids = random_games(24, seed=0)
+    half = len(hcpe) // 2
+    save_hcpe(root / "hcpe" / "a.npy", hcpe[:half], ids[:half])
+    save_hcpe(root / "hcpe" / "b.npy", hcpe[half:], ids[half:])
+    write_manifest(root / "hcpe", "hcpe", [root / "hcpe" / "a.npy", root / "hcpe" / "b.npy"], rows=len(hcpe))
+    preprocess(root / "hcpe", root / "pre", rows_per_shard=(len(hcpe) // 2) + 1, progress=False)
+    make_stage2_data(root / "hcpe", root / "stage2", progress=False)
+    make_stage1_data(root / "stage1")
+    return root
+
+
+def run_config(data, tmp_path, **overrides) -> dict:
+    """A tiny Stage 3 run config on the preprocessed data."""
+    return {**TINY, "stage": 3, "stage3_data": str(data / "pre"), "out_dir": str(tmp_path / "run"), "epoch": 2,
+            **overrides}
+
+
+# ---------------------------------------------------------------- configuration
+
+@pytest.mark.parametrize("bad, words", [
+    ({"learning_rte": 0.1}, ["learning_rte", "learning_rate"]),
+    ({"batch_size": 0}, ["batch_size=0", ">= 1"]),
+    ({"batch_size": "64"}, ["batch_size='64'", "int"]),
+    ({"freeze_backbone": 1}, ["freeze_backbone=1", "bool"]),
+    ({"test_ratio": 1.5}, ["test_ratio=1.5", "(0, 1)"]),
+    ({"optimizer": "adam"}, ["optimizer='adam'", "adamw", "sgd"]),
+    ({"optimizer_beta1": 0.999, "optimizer_beta2": 0.9}, ["optimizer_beta1", "optimizer_beta2"]),
+    ({"gce_parameter": 1.5}, ["gce_parameter=1.5"]),
+    ({"value_loss_ratio": 0.0}, ["value_loss_ratio=0.0", "> 0"]),
+    ({"momentum": 2.0}, ["momentum=2.0", "[0, 1]"]),
+    ({"stage": 5}, ["stage='5'", "all"]),
+    ({"early_stopping_metric": "acc"}, ["early_stopping_metric", "total", "policy", "value"]),
+    ({"start_epoch": 3, "epoch": 3}, ["start_epoch=3", "epoch=3"]),
+])
+def test_bad_parameters_fail_naming_key_value_and_allowed(data, tmp_path, bad, words):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict(run_config(data, tmp_path, **bad))
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_missing_or_wrong_data_and_resume_files_fail_before_compute(data, tmp_path):
+    with pytest.raises(ConfigError, match="stage1_data=None"):
+        TrainConfig.from_dict({**TINY, "stage": "all", "stage2_data": str(data / "stage2"), "stage3_data": str(data / "pre")})
+    with pytest.raises(ConfigError, match="no such folder"):
+        TrainConfig.from_dict(run_config(data, tmp_path, stage3_data=str(tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match="'stage2' data but 'stage1'"):
+        TrainConfig.from_dict({**TINY, "stage": 1, "stage1_data": str(data / "stage2")})
+    with pytest.raises(ConfigError, match="'hcpe' data but 'preprocessed'"):
+        TrainConfig.from_dict(run_config(data, tmp_path, stage3_data=str(data / "hcpe")))
+    with pytest.raises(ConfigError, match="resume_backbone_from"):
+        TrainConfig.from_dict(run_config(data, tmp_path, resume_backbone_from=str(tmp_path / "x.pt")))
+    with pytest.raises(ConfigError, match="resume_from"):
+        train(run_config(data, tmp_path, resume_from=str(tmp_path / "run")), progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_yaml_params_and_round_trip(data, tmp_path):
+    params = run_config(data, tmp_path, lr_scheduler="cosine_annealing_lr", policy_target="winrate")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    config = TrainConfig.from_yaml(tmp_path / "p.yaml")
+    assert config.lr_scheduler == "CosineAnnealingLR" and config.policy_target == "win_rate"
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**params, "epochs": 3}))
+    with pytest.raises(ConfigError, match=r"bad.yaml.*'epochs'.*'epoch'"):
+        TrainConfig.from_yaml(tmp_path / "bad.yaml")
+
+
+def test_scheduler_names():
+    for spelling in ["Warmup+CosineDecay", "warmup+cosinedecay", "warmup_cosine_decay", "WARMUP-COSINE-DECAY"]:
+        assert scheduler_name(spelling) == "Warmup+CosineDecay"
+    for spelling in ["CosineAnnealingLR", "cosineannealinglr", "cosine_annealing_lr"]:
+        assert scheduler_name(spelling) == "CosineAnnealingLR"
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(lr_scheduler="StepLR")
+    assert all(name in str(e.value) for name in SCHEDULERS)
+
+
+# ---------------------------------------------------------------- stage thresholds
+
+def test_all_zero_predictor_fails_default_stage2_threshold(data):
+    from maou_nb.datasets import open_stage_data
+    ds = open_stage_data(2, data / "stage2")
+    legal = ds[np.arange(len(ds))]["legal"]
+    zeros = summarise(multilabel_metrics(torch.full_like(legal, -10.0), legal, torch.tensor(0.0)))
+    perfect = summarise(multilabel_metrics(legal * 20 - 10, legal, torch.tensor(0.0)))
+    config = TrainConfig()
+    gate, _ = stage_gate("2", config.stage_metric)
+    assert zeros["accuracy"] > config.stage2_threshold   # plain element-wise accuracy would pass all zeros ...
+    assert gate(zeros) < config.stage2_threshold         # ... the default Stage 2 gate does not
+    assert gate(perfect) == 1.0
+
+
+def test_stage1_learns_the_curriculum_to_099_with_the_small_preset(data, tmp_path):
+    config = {"stage": 1, "stage1_data": str(data / "stage1"), "model": "resnet", "preset": "small", "batch_size": 32,
+              "learning_rate": 3e-3, "stage1_max_epochs": 40, "device": "cpu", "out_dir": str(tmp_path / "run"),
+              "log_every": 1000}
+    result = train(config, progress=False).stages["1"]
+    assert result["stopped"] == "threshold" and result["metrics"]["accuracy"] >= 0.99, result
+    assert result["metrics"]["f1"] > 0.9                                   # not the all-zero plateau (0.90)
+
+
+def test_stage_missing_threshold_stops_with_achieved_required_and_hint(data, tmp_path):
+    config = {**TINY, "stage": 1, "stage1_data": str(data / "stage1"), "out_dir": str(tmp_path / "run"),
+              "stage1_max_epochs": 1, "stage1_threshold": 1.0, "batch_size": 256}
+    with pytest.raises(StageThresholdError) as e:
+        train(config, progress=False)
+    msg = str(e.value)
+    assert "required >= 1.0" in msg and "accuracy = 0." in msg and "stage1_max_epochs" in msg and "stage1_threshold" in msg
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+
+# ---------------------------------------------------------------- resume, checkpoints, telemetry
+
+def test_resume_after_kill_is_bit_exact(data, tmp_path):
+    config = run_config(data, tmp_path, save_every=3, ema_decay=0.9, model="vit", model_config=TINY_VIT, epoch=2)
+    straight = []
+    result = train({**config, "out_dir": str(tmp_path / "a")}, progress=False,
+                   callback=lambda info: straight.append((info["global_step"], info["loss"])))
+    n = len(straight)
+    assert n >= 6
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_half(info):
+        if info["global_step"] == n // 2 + 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train({**config, "out_dir": str(tmp_path / "b")}, progress=False, callback=kill_after_half)
+    saved = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    resumed = []
+    result_b = train({**config, "out_dir": str(tmp_path / "b"), "resume_from": str(tmp_path / "b")}, progress=False,
+                     callback=lambda info: resumed.append((info["global_step"], info["loss"])))
+    assert resumed[0][0] == saved["global_step"] + 1 <= n // 2 + 1
+    assert resumed == straight[saved["global_step"]:]              # same batches, same losses, step for step
+    a = load_checkpoint(result.last_checkpoint)["model"]
+    b = load_checkpoint(result_b.last_checkpoint)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert result.stages["3"]["metrics"] == result_b.stages["3"]["metrics"]
+
+
+def test_checkpoint_contents_and_telemetry(data, tmp_path):
+    from maou_nb.model import load_model
+    result = train(run_config(data, tmp_path, epoch=1, log_every=2, tensorboard_histogram_frequency=2,
+                              tensorboard_histogram_module="policy"), progress=False)
+    run = tmp_path / "run"
+    payload = load_checkpoint(result.last_checkpoint)
+    for key in ("arch", "model_config", "model", "ema", "optimizer", "scheduler", "scaler", "epoch", "step",
+                "rng", "sampler", "params", "maou_nb"):
+        assert key in payload, key
+    assert not any("_orig_mod." in k for k in payload["model"])
+    assert TrainConfig.from_dict(payload["params"]).stage3_data == str(data / "pre")
+    assert (run / "checkpoints" / "best.pt").is_file() and (run / "checkpoints" / "stage3.pt").is_file()
+    model = load_model(result.last_checkpoint)
+    assert all(torch.equal(v, payload["model"][k]) for k, v in model.state_dict().items())
+    stats = json.loads((run / "stats.json").read_text())
+    for key in ("step", "epoch", "stage", "lr", "elapsed_s", "eta_s", "timestamp"):
+        assert key in stats, key
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    assert train_records and all(r["step"] % 2 == 0 and r["samples_per_s"] > 0 for r in train_records)
+    assert len(val) == 1 and {"policy_loss", "top1", "top5", "value_loss", "value_accuracy", "brier"} <= set(val[0])
+    assert list((run / "logs").glob("events.out.tfevents.*"))
+    assert json.loads((run / "params.json").read_text())["epoch"] == 1
+
+
+def test_non_finite_loss_stops_naming_step_shard_and_checkpoint(data, tmp_path):
+    bad = tmp_path / "bad"
+    manifest = read_manifest(data / "pre")
+    for name in manifest["shards"]:
+        records = np.array(load_array(data / "pre" / name))
+        moves = load_array(data / "pre" / name.replace(".npy", ".moves.npy"))
+        if name == manifest["shards"][-1]:
+            records["value"] = np.nan                                  # a corrupt shard
+        save_array(bad / name, records)
+        save_array(bad / name.replace(".npy", ".moves.npy"), np.array(moves))
+    write_manifest(bad, "preprocessed", [bad / s for s in manifest["shards"]],
+                   **{k: v for k, v in manifest.items() if k not in ("kind", "shards", "maou_nb")})
+    with pytest.raises(NonFiniteLossError) as e:
+        train(run_config(data, tmp_path, stage3_data=str(bad), save_every=1), progress=False)
+    msg = str(e.value)
+    assert manifest["shards"][-1] in msg and "step 1" in msg and "none written yet" in msg
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------- freezing, HCPE input, stage="all"
+
+def test_freeze_backbone_keeps_backbone_bit_identical(data, tmp_path):
+    from maou_nb.model import build_model, part_state_dict
+    from maou_nb.train import seed_everything
+    result = train(run_config(data, tmp_path, epoch=1, freeze_backbone=True, max_steps=2), progress=False)
+    assert result.stopped == "max_steps"
+    trained = load_checkpoint(result.last_checkpoint)
+    seed_everything(0)                                                 # the run's seed: the same initial weights
+    initial = build_model(trained["arch"], **trained["model_config"])
+    params = {name for name, _ in initial.named_parameters()}          # parameters, not BatchNorm statistics
+    backbone = [k for k in part_state_dict(initial, "backbone") if k in params]
+    heads = [k for part in ("policy", "value") for k in part_state_dict(initial, part)]
+    assert backbone and heads
+    assert all(torch.equal(initial.state_dict()[k], trained["model"][k]) for k in backbone)
+    assert all(not torch.equal(initial.state_dict()[k], trained["model"][k]) for k in heads)
+
+
+def test_trainable_layers_out_of_range_fails_early(data, tmp_path):
+    with pytest.raises(ConfigError, match="trainable_layers=5.*4 layer groups"):
+        TrainConfig.from_dict(run_config(data, tmp_path, trainable_layers=5))
+    with pytest.raises(ConfigError, match="model_config"):
+        TrainConfig.from_dict(run_config(data, tmp_path, model_config={"vit_num_layers": 2}))
+
+
+def test_stage3_from_hcpe_shards(data, tmp_path):
+    result = train(run_config(data, tmp_path, stage3_data=str(data / "hcpe"), input_format="hcpe", epoch=1,
+                              dataloader_workers=1), progress=False)
+    metrics = result.stages["3"]["metrics"]
+    assert math.isfinite(metrics["policy_loss"]) and 0 <= metrics["top1"] <= metrics["top5"] <= 1
+
+
+def test_stage_all_hands_one_backbone_on(data, tmp_path):
+    config = {**TINY, "stage": "all", "stage1_data": str(data / "stage1"), "stage2_data": str(data / "stage2"),
+              "stage3_data": str(data / "pre"), "out_dir": str(tmp_path / "run"), "batch_size": 128,
+              "stage1_threshold": 0.5, "stage2_threshold": 0.01, "stage2_batch_size": 64, "epoch": 1,
+              "stage1_batch_size": 256}
+    result = train(config, progress=False)
+    assert list(result.stages) == ["1", "2", "3"]
+    ckpt = {s: load_checkpoint(result.stages[s]["checkpoint"])["model"] for s in "123"}
+    reach = [k for k in ckpt["1"] if "reachable" in k]
+    backbone = [k for k in ckpt["1"] if not any(h in k for h in ("reachable", "legal", "policy", "value"))
+                and ckpt["1"][k].is_floating_point()]
+    assert reach and backbone
+    assert all(torch.equal(ckpt["1"][k], ckpt["2"][k]) for k in reach)     # Stage 2 left Stage 1's head alone
+    assert any(not torch.equal(ckpt["1"][k], ckpt["2"][k]) for k in backbone)  # ... and trained the same backbone
+    assert result.stages["1"]["metrics"]["accuracy"] >= 0.5
+    # a later Stage 3 can start from the stage checkpoints' parts
+    later = train({**TINY, "stage": 3, "stage3_data": str(data / "pre"), "out_dir": str(tmp_path / "later"),
+                   "epoch": 1, "max_steps": 1, "freeze_backbone": True,
+                   "resume_backbone_from": result.stages["2"]["checkpoint"]}, progress=False)
+    start = load_checkpoint(later.last_checkpoint)["model"]
+    params = [k for k in backbone if "running" not in k]
+    assert all(torch.equal(start[k], ckpt["2"][k]) for k in params)
