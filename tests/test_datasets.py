@@ -14,29 +14,7 @@ from maou_nb import datasets as dsm
 from maou_nb.encoding import encode_position, legal_moves_label, move_label, reachable_squares_label
 from maou_nb.preprocess import make_stage1_data, make_stage2_data, preprocess, stage1_sfens
 from maou_nb.storage import HCPE_DTYPE, ShardError, list_shards, load_hcpe, save_hcpe, sidecar_path, write_manifest
-
-
-def random_games(n_games: int, seed: int, branching: int = 3, max_plies: int = 50):
-    """HCPE rows and game ids of seeded random cshogi games; few choices per ply, so positions repeat."""
-    rng = np.random.default_rng(seed)
-    rows, ids = [], []
-    for g in range(n_games):
-        board, start = cshogi.Board(), len(rows)
-        for _ in range(int(rng.integers(2, max_plies))):
-            moves = sorted(board.legal_moves)
-            if not moves:
-                break
-            move = moves[int(rng.integers(min(branching, len(moves))))]
-            row = np.zeros((), HCPE_DTYPE)
-            board.to_hcp(row["hcp"])
-            row["bestMove16"] = np.uint16(cshogi.move16(move)).view(np.int16)
-            rows.append(row)
-            board.push(move)
-        result = int(rng.integers(3))
-        for row in rows[start:]:
-            row["gameResult"] = result
-        ids += [g] * (len(rows) - start)
-    return np.array(rows, HCPE_DTYPE), np.array(ids, np.int64)
+from random_games import random_games
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +22,7 @@ def data(tmp_path_factory, records_dir) -> Path:
     """Random games + the shared records as HCPE, preprocessed (several shards), Stage 1 and Stage 2 folders."""
     from maou_nb.records import convert_records
     root = tmp_path_factory.mktemp("data")
-    hcpe, ids = random_games(50, seed=3)
+    hcpe, ids = random_games(50, seed=3, max_plies=50)
     paths = [save_hcpe(root / "hcpe" / "a.npy", hcpe[:600], ids[:600]),
              save_hcpe(root / "hcpe" / "b.npy", hcpe[600:], ids[600:])]
     paths += convert_records(records_dir, root / "records", workers=1)

@@ -11,29 +11,7 @@ from maou_nb import preprocess as pp
 from maou_nb.encoding import encode_position, legal_moves_label, move_label, reachable_squares_label
 from maou_nb.storage import (HCPE_DTYPE, ShardError, load_array, load_game_ids, load_hcpe, read_manifest, save_hcpe,
                              sidecar_path)
-
-
-def random_games(n_games: int, seed: int, branching: int = 3, max_plies: int = 60):
-    """HCPE rows and game ids of seeded random cshogi games; few choices per ply, so positions repeat."""
-    rng = np.random.default_rng(seed)
-    rows, ids = [], []
-    for g in range(n_games):
-        board, start = cshogi.Board(), len(rows)
-        for _ in range(int(rng.integers(2, max_plies))):
-            moves = sorted(board.legal_moves)
-            if not moves:
-                break
-            move = moves[int(rng.integers(min(branching, len(moves))))]
-            row = np.zeros((), HCPE_DTYPE)
-            board.to_hcp(row["hcp"])
-            row["bestMove16"] = np.uint16(cshogi.move16(move)).view(np.int16)
-            rows.append(row)
-            board.push(move)
-        result = int(rng.integers(3))
-        for row in rows[start:]:
-            row["gameResult"] = result
-        ids += [g] * (len(rows) - start)
-    return np.array(rows, HCPE_DTYPE), np.array(ids, np.int64)
+from random_games import random_games
 
 
 @pytest.fixture(scope="module")
