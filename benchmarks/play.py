@@ -5,7 +5,8 @@ Run: python benchmarks/play.py [--quick] [--threads N]. Prints one JSON object. 
   of a match stepped together (the network player evaluates every game in flight in one batch);
 - positions_per_s: the network alone on encoded real positions (from random games), per batch size,
   for PyTorch (small ResNet preset, untrained; the speed does not depend on the weights) and onnxruntime;
-- choose_many_per_s: the network player end to end (encoding, legal masks, forward pass, move pick).
+- choose_many_per_s: the network player end to end (encoding, legal masks, forward pass, move pick);
+- network_puct16_vs_random: the network searching 16 PUCT simulations per move (leaves batched across games).
 """
 import argparse
 import json
@@ -16,11 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import cshogi
-import numpy as np
 import torch
 
-from maou_nb.play import NetworkPlayer, OnnxEvaluator, TorchEvaluator, encode_boards, play_match, random_openings
+from maou_nb.export import TorchPolicy, export_onnx, load_onnx, playout_boards
+from maou_nb.play import NetworkPlayer, encode_boards, play_match, random_openings
 
 
 def games_per_s(a, b, games: int, seed: int = 0) -> dict:
@@ -35,40 +35,8 @@ def games_per_s(a, b, games: int, seed: int = 0) -> dict:
 
 
 def sample_boards(n: int, seed: int = 0) -> list:
-    "Positions from random games."
-    rng, out = np.random.default_rng(seed), []
-    while len(out) < n:
-        board = cshogi.Board()
-        for _ in range(int(rng.integers(1, 120))):
-            moves = list(board.legal_moves)
-            if not moves:
-                break
-            board.push(moves[int(rng.integers(len(moves)))])
-        if not board.is_game_over():
-            out.append(board)
-    return out
-
-
-def export_onnx(model, path: Path) -> Path:
-    "The model as ONNX (maou_nb.export when present, else torch.onnx.export with the same interface)."
-    try:
-        from maou_nb.export import export_onnx as export
-        return Path(export(model, path))
-    except (ImportError, TypeError, AttributeError):
-        pass
-
-    class Wrap(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__(); self.m = m
-
-        def forward(self, board, hand):
-            out = self.m(board, hand)
-            return out["policy"], out["value"]
-
-    torch.onnx.export(Wrap(model.eval()), (torch.zeros(1, 9, 9, dtype=torch.int32), torch.zeros(1, 14)), str(path),
-                      input_names=["board", "hand"], output_names=["policy", "value"],
-                      dynamic_axes={"board": {0: "batch"}, "hand": {0: "batch"}}, opset_version=17, dynamo=False)
-    return path
+    "Positions from random games that still have a legal move."
+    return [b for b in playout_boards(2 * n, seed=seed, max_plies=120) if not b.is_game_over()][:n]
 
 
 def positions_per_s(evaluator, planes, hands, batch: int, min_seconds: float) -> float:
@@ -100,17 +68,19 @@ def main(argv=None) -> dict:
     g = 20 if args.quick else 100
     report["random_vs_random"] = games_per_s("random", "random", g)
     report["baseline_vs_baseline"] = games_per_s("baseline", "baseline", 2 if args.quick else 10)
-    net = NetworkPlayer(TorchEvaluator(model), name="network")
+    net = NetworkPlayer(TorchPolicy(model), name="network")
     report["network_vs_baseline"] = games_per_s(net, "baseline", 4 if args.quick else 16)
-    report["network_vs_random"] = games_per_s(NetworkPlayer(TorchEvaluator(model), name="network"), "random",
+    report["network_vs_random"] = games_per_s(NetworkPlayer(TorchPolicy(model), name="network"), "random",
                                               16 if args.quick else 64)
+    search = NetworkPlayer(TorchPolicy(model), simulations=16, name="network_puct16")
+    report["network_puct16_vs_random"] = games_per_s(search, "random", 8 if args.quick else 32)
 
     boards = sample_boards(max(batches))
     planes, hands, _, _ = encode_boards(boards)
     report["positions_per_s"] = {"torch": {}, "onnxruntime": {}}
-    torch_eval = TorchEvaluator(model)
+    torch_eval = TorchPolicy(model)
     with tempfile.TemporaryDirectory() as d:
-        onnx_eval = OnnxEvaluator(export_onnx(model, Path(d) / "small.onnx"), threads=threads)
+        onnx_eval = load_onnx(export_onnx(model, Path(d) / "small.onnx", fp16=False)["path"], threads=threads)
         for b in batches:
             report["positions_per_s"]["torch"][str(b)] = positions_per_s(torch_eval, planes, hands, b, seconds)
             report["positions_per_s"]["onnxruntime"][str(b)] = positions_per_s(onnx_eval, planes, hands, b, seconds)

@@ -25,11 +25,11 @@ from .model import load_model, unwrap_model
 from .storage import load_checkpoint, atomic_path, read_json, sha256_file, write_json
 
 # %% auto #0
-__all__ = ['ONNX_INPUTS', 'ONNX_OUTPUTS', 'FP32_TOLERANCE', 'FP16_TOLERANCE', 'position_arrays', 'playout_boards',
-           'scrambled_inputs', 'PolicyValueGraph', 'write_graph', 'float16_model', 'is_float16_model', 'open_session',
-           'OnnxVerificationError', 'torch_outputs', 'session_outputs', 'compare_outputs', 'sidecar_path', 'fp16_path',
-           'export_onnx', 'OnnxModelError', 'legal_move_probabilities', 'PolicyNetwork', 'OnnxPolicy', 'TorchPolicy',
-           'load_onnx', 'load_policy']
+__all__ = ['ONNX_INPUTS', 'ONNX_OUTPUTS', 'FP32_TOLERANCE', 'FP16_TOLERANCE', 'ONNX_HAND_TYPES', 'position_arrays',
+           'playout_boards', 'scrambled_inputs', 'PolicyValueGraph', 'write_graph', 'float16_model', 'is_float16_model',
+           'open_session', 'OnnxVerificationError', 'torch_outputs', 'session_outputs', 'compare_outputs',
+           'sidecar_path', 'fp16_path', 'export_onnx', 'OnnxModelError', 'legal_move_probabilities', 'PolicyNetwork',
+           'OnnxPolicy', 'TorchPolicy', 'load_onnx', 'load_policy']
 
 # %% ../nbs/20_export.ipynb #aa262f12
 def position_arrays(positions) -> tuple[np.ndarray, np.ndarray]:
@@ -178,14 +178,15 @@ class OnnxVerificationError(ValueError):
     """onnxruntime's outputs differ from PyTorch's by more than the tolerance."""
 
 def torch_outputs(model: torch.nn.Module, board: np.ndarray, hand: np.ndarray,
-                  batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(policy float32[N,1496], value float32[N,1]) of `model` on the inputs, in batches."""
+                  batch_size: int = 256, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(policy float32[N,1496], value float32[N,1]) of `model` (on `device`) on the inputs, in batches."""
     graph = PolicyValueGraph(model).eval()
     policy, value = [], []
     with torch.inference_mode():
         for s in range(0, len(board), batch_size):
-            p, v = graph(torch.from_numpy(board[s:s + batch_size]), torch.from_numpy(hand[s:s + batch_size]))
-            policy.append(p.float().numpy()), value.append(v.float().numpy())
+            p, v = graph(torch.from_numpy(board[s:s + batch_size]).to(device),
+                         torch.from_numpy(hand[s:s + batch_size]).to(device))
+            policy.append(p.float().cpu().numpy()), value.append(v.float().cpu().numpy())
     return np.concatenate(policy), np.concatenate(value)
 
 def session_outputs(session: ort.InferenceSession, board: np.ndarray, hand: np.ndarray,
@@ -312,18 +313,24 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 class PolicyNetwork:
-    """Policy/value evaluation of cshogi boards; subclasses supply `_run(board, hand)`."""
+    """Policy/value evaluation of encoded positions or cshogi boards; subclasses supply `_run(board, hand)`.
+
+    Calling it on (board, hand) arrays is the evaluator interface of `maou_nb.play`'s players."""
     meta: dict = {}
 
     def _run(self, board: np.ndarray, hand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def __call__(self, board: np.ndarray, hand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(policy logits float32[N,1496], value logits float32[N]) of one batch of encoded positions."""
+        policy, value = self._run(np.ascontiguousarray(board, dtype=np.int32), np.ascontiguousarray(hand, np.float32))
+        return policy.astype(np.float32, copy=False), value.reshape(-1).astype(np.float32, copy=False)
+
     def predict(self, positions, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
         """(policy logits float32[N,1496], value logits float32[N]) of boards, HCP records or (board, hand) arrays."""
         board, hand = position_arrays(positions)
-        parts = [self._run(board[s:s + batch_size], hand[s:s + batch_size]) for s in range(0, len(board), batch_size)]
-        return (np.concatenate([p[0] for p in parts]).astype(np.float32),
-                np.concatenate([p[1] for p in parts]).reshape(-1).astype(np.float32))
+        parts = [self(board[s:s + batch_size], hand[s:s + batch_size]) for s in range(0, len(board), batch_size)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def evaluate(self, board: cshogi.Board) -> tuple[dict[int, float], float]:
         """({legal move: probability}, winning probability of the side to move) for one board."""
@@ -340,26 +347,40 @@ class OnnxPolicy(PolicyNetwork):
     """An onnxruntime session over a Maou-interface ONNX file, taking cshogi boards."""
     def __init__(self, session: ort.InferenceSession, path: Path, meta: dict):
         self.session, self.path, self.meta = session, path, meta
+        hand_type = {i.name: i.type for i in session.get_inputs()}.get("hand")
+        self.hand_dtype = np.float16 if hand_type == "tensor(float16)" else np.float32  # fp16-input files too
 
     def _run(self, board: np.ndarray, hand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return tuple(self.session.run(list(ONNX_OUTPUTS), {"board": board, "hand": hand}))
+        return tuple(self.session.run(list(ONNX_OUTPUTS), {"board": board, "hand": hand.astype(self.hand_dtype)}))
 
     def __repr__(self) -> str:
         return f"OnnxPolicy({self.path}, arch={self.meta.get('arch', '?')})"
 
 class TorchPolicy(PolicyNetwork):
-    """A PyTorch model with the same `predict`/`evaluate` methods as `OnnxPolicy`."""
-    def __init__(self, model: torch.nn.Module, meta: dict | None = None):
-        self.model, self.meta = model.eval(), meta or {"arch": getattr(model, "arch", None)}
+    """A PyTorch model with the same interface as `OnnxPolicy`, on `device`, using `threads` CPU threads."""
+    def __init__(self, model: torch.nn.Module, meta: dict | None = None, *, device: str = "cpu",
+                 threads: int | None = None):
+        self.model, self.device, self.threads = model.to(device).eval(), device, threads
+        self.meta = meta or {"arch": getattr(model, "arch", None)}
 
     def _run(self, board: np.ndarray, hand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return torch_outputs(self.model, board, hand)
+        before = torch.get_num_threads()
+        if self.threads:  # for this call only: the process's setting (e.g. for training) is restored
+            torch.set_num_threads(int(self.threads))
+        try:
+            return torch_outputs(self.model, board, hand, device=self.device)
+        finally:
+            torch.set_num_threads(before)
+
+ONNX_HAND_TYPES = ("tensor(float)", "tensor(float16)")  # float16 inputs: files converted with their inputs too
 
 def _check_interface(session: ort.InferenceSession, path: Path) -> None:
     """Raise `OnnxModelError` unless the session has Maou's inputs and outputs."""
     inputs = {i.name: i.type for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
-    if inputs != ONNX_INPUTS or not set(ONNX_OUTPUTS) <= set(outputs):
+    fits = inputs.keys() == ONNX_INPUTS.keys() and inputs["board"] == ONNX_INPUTS["board"] \
+        and inputs["hand"] in ONNX_HAND_TYPES
+    if not fits or not set(ONNX_OUTPUTS) <= set(outputs):
         raise OnnxModelError(f"{path} has inputs {inputs} and outputs {outputs}; a maou_nb/Maou model has inputs "
                              f"{ONNX_INPUTS} and outputs {list(ONNX_OUTPUTS)}. Export it with maou_nb.export.export_onnx")
 
@@ -379,10 +400,10 @@ def load_onnx(path: str | Path, *, threads: int | None = None, providers: list[s
     meta = read_json(sidecar_path(path)) if sidecar_path(path).is_file() else {}
     return OnnxPolicy(session, path, meta)
 
-def load_policy(path: str | Path, *, ema: bool = True) -> PolicyNetwork:
+def load_policy(path: str | Path, *, ema: bool = True, device: str = "cpu", threads: int | None = None) -> PolicyNetwork:
     """`load_onnx` for an .onnx file, else a `TorchPolicy` over the checkpoint (EMA weights when present)."""
     path = Path(path)
     if path.suffix == ".onnx":
-        return load_onnx(path)
+        return load_onnx(path, threads=threads)
     model, source = _source_model(path, ema)
-    return TorchPolicy(model, {"arch": getattr(model, "arch", None), **source})
+    return TorchPolicy(model, {"arch": getattr(model, "arch", None), **source}, device=device, threads=threads)

@@ -31,6 +31,7 @@ class LoopParams:
     thresholds: dict = field(default_factory=dict)  # e.g. {"random": 0.85, "baseline": 0.6, "best": 0.55}
     require_interval: bool = True
     fairy_level: int | None = -20         # None: do not play fairy-stockfish
+    simulations: int = 0                  # PUCT simulations per move in self-play and the gauntlet (0: policy)
     threads: int | None = 1               # CPU threads of the players' network evaluation
     device: str = "cpu"                   # where the players' network runs (training: train.device)
     seed: int = 0
@@ -63,7 +64,8 @@ class LoopParams:
 # %% ../nbs/32_loop.ipynb #42afc640
 def self_play(model: str, out_dir: Path, p: LoopParams, seed: int) -> dict:
     "The best model plays itself: CSA games in out_dir (sampled first plies, then greedy)."
-    kw = dict(temperature=p.temperature, sample_plies=p.sample_plies, threads=p.threads, device=p.device)
+    kw = dict(temperature=p.temperature, sample_plies=p.sample_plies, threads=p.threads, device=p.device,
+              simulations=p.simulations)
     a = NetworkPlayer(model, seed=seed, name="best_a", **kw)
     b = NetworkPlayer(model, seed=seed + 1, name="best_b", **kw)
     openings = random_openings(max(1, p.games // 2), plies=p.opening_plies, seed=seed)
@@ -103,7 +105,7 @@ def run_iteration(i: int, best: str, root: Path, p: LoopParams) -> dict:
     candidate = train_candidate(best, it / "preprocessed", it / "train", p, seed)
     decision = gauntlet(candidate, registry=root / "registry.json", games=p.gauntlet_games,
                         thresholds=p.thresholds, require_interval=p.require_interval, fairy_level=p.fairy_level,
-                        run=str(it / "train"), parent=None, seed=seed, max_moves=p.max_moves,
+                        simulations=p.simulations, run=str(it / "train"), parent=None, seed=seed, max_moves=p.max_moves,
                         out_dir=it / "gauntlet", threads=p.threads, device=p.device, progress=False)
     summary.update(candidate=str(candidate), decision=decision,
                    best_after=str(candidate) if decision["promoted"] else best,

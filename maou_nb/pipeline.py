@@ -26,7 +26,8 @@ from .storage import ShardError, atomic_path, read_json, read_yaml, write_json
 
 # %% auto #0
 __all__ = ['STAGE_MARK', 'INJECTED_MARK', 'STEPS', 'TOP_LEVEL_KEYS', 'PATH_PARAMS', 'stage_params', 'Step', 'mark_done',
-           'stages_dir', 'notebook_parameters', 'load_params', 'run_pipeline', 'write_summary', 'main']
+           'stages_dir', 'notebook_parameters', 'load_params', 'run_pipeline', 'write_summary', 'markdown_table',
+           'main']
 
 # %% ../nbs/22_pipeline.ipynb #549d0410
 STAGE_MARK, INJECTED_MARK = "# Stage parameters", "# Parameters"
@@ -272,7 +273,10 @@ def write_summary(run: Path, steps: list[str]) -> Path:
         for key, value in info.items():
             if key in ("step", "plots"):
                 continue
-            lines.append(f"- **{key}**: {_fmt(value)}")
+            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                lines += [f"- **{key}**:", "", *markdown_table(value), ""]  # e.g. the evaluation's results
+            else:
+                lines.append(f"- **{key}**: {_fmt(value)}")
         for plot in info.get("plots", []):
             rel = os.path.relpath(plot, run)
             lines += ["", f"![{Path(plot).stem}]({rel})"]
@@ -284,6 +288,13 @@ def write_summary(run: Path, steps: list[str]) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    "Lines of a Markdown table with the first row's keys as columns."
+    keys = list(rows[0])
+    return (["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            + ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows])
+
 
 def _fmt(value) -> str:
     if isinstance(value, float):

@@ -18,14 +18,13 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['RESIGN', 'ILLEGAL', 'PLAYER_KINDS', 'BLACK', 'WHITE', 'Z95', 'DEFAULT_THRESHOLDS', 'Player', 'RandomPlayer',
-           'BaselinePlayer', 'TorchEvaluator', 'OnnxEvaluator', 'load_network', 'load_evaluator',
-           'legal_moves_and_labels', 'encode_boards', 'masked_softmax', 'pick_labels', 'sigmoid', 'mate_in_one_or',
-           'NetworkPlayer', 'puct_search', 'game_root', 'usi_position_args', 'parse_engine_move', 'USIPlayer',
-           'make_player', 'GameRecord', 'play_games', 'wilson_interval', 'elo_from_score', 'verdict', 'random_openings',
-           'record_openings', 'MatchResult', 'save_games', 'play_match', 'evaluate', 'format_table', 'plot_evaluation',
-           'find_engine', 'place_on_ladder', 'default_registry_path', 'load_registry', 'save_registry',
-           'registry_entry', 'model_metadata', 'register_model', 'gauntlet', 'fit_ratings', 'rating_table',
-           'plot_ratings']
+           'BaselinePlayer', 'load_evaluator', 'legal_moves_and_labels', 'encode_boards', 'masked_softmax',
+           'pick_labels', 'sigmoid', 'mate_in_one', 'mate_in_one_or', 'NetworkPlayer', 'puct_search', 'game_root',
+           'usi_position_args', 'parse_engine_move', 'USIPlayer', 'make_player', 'GameRecord', 'play_games',
+           'wilson_interval', 'elo_from_score', 'verdict', 'random_openings', 'record_openings', 'MatchResult',
+           'save_games', 'play_match', 'evaluate', 'format_table', 'plot_evaluation', 'find_engine', 'place_on_ladder',
+           'default_registry_path', 'load_registry', 'save_registry', 'registry_entry', 'model_metadata',
+           'register_model', 'gauntlet', 'fit_ratings', 'rating_table', 'plot_ratings']
 
 # %% ../nbs/30_play.ipynb #a76a3fe4
 RESIGN = 0  # the move value that means "I resign" (no cshogi move is 0)
@@ -89,66 +88,19 @@ class BaselinePlayer(Player):
         return int(self.engine.choose(board))
 
 # %% ../nbs/30_play.ipynb #d4ddb496
-class TorchEvaluator:
-    "Evaluates positions with a PyTorch model: (board, hand) -> (policy logits, value logits)."
-
-    def __init__(self, model, device: str = "cpu", threads: int | None = None):
-        import torch
-        self.torch, self.device, self.threads = torch, device, threads
-        self.model = model.to(device).eval()
-
-    def __call__(self, boards: np.ndarray, hands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        torch = self.torch
-        before = torch.get_num_threads()
-        if self.threads:  # only for this call: the process's setting (e.g. for training) is restored
-            torch.set_num_threads(int(self.threads))
-        try:
-            with torch.inference_mode():
-                out = self.model(torch.from_numpy(np.ascontiguousarray(boards, dtype=np.int64)).to(self.device),
-                                 torch.from_numpy(np.ascontiguousarray(hands, dtype=np.float32)).to(self.device))
-        finally:
-            torch.set_num_threads(before)
-        return (out["policy"].float().cpu().numpy(),
-                out["value"].float().reshape(-1).cpu().numpy())
-
-
-class OnnxEvaluator:
-    "Evaluates positions with an ONNX file (inputs `board` int32, `hand` float32)."
-
-    def __init__(self, path: str | Path, threads: int | None = None):
-        from maou_nb.export import open_session  # handles fp16 files too
-        self.session = open_session(path, threads=threads)
-        types = {i.name: i.type for i in self.session.get_inputs()}
-        self.hand_dtype = np.float16 if types.get("hand") == "tensor(float16)" else np.float32
-        self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def __call__(self, boards: np.ndarray, hands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = dict(zip(self.outputs, self.session.run(None, {
-            "board": np.ascontiguousarray(boards, dtype=np.int32),
-            "hand": np.ascontiguousarray(hands, dtype=self.hand_dtype)})))
-        return out["policy"].astype(np.float32), out["value"].astype(np.float32).reshape(-1)
-
-
-def load_network(path: str | Path):
-    "The network of a training checkpoint, with its EMA weights when the checkpoint has them."
-    from maou_nb.model import load_model
-    from maou_nb.storage import load_checkpoint
-    has_ema = load_checkpoint(path).get("ema") is not None
-    return load_model(path, ema=True) if has_ema else load_model(path)
-
-
 def load_evaluator(model, device: str = "cpu", threads: int | None = None):
-    "An evaluator for an `nn.Module`, a checkpoint path (`load_model`) or an `.onnx` path."
+    """An evaluator, (board, hand) arrays -> (policy logits, value logits), for an `nn.Module`, a checkpoint
+    path or an `.onnx` path: `maou_nb.export`'s `TorchPolicy` / `OnnxPolicy` (EMA weights when a checkpoint
+    has them). An evaluator passes through."""
+    from maou_nb.export import TorchPolicy, load_policy
     if callable(model) and not isinstance(model, (str, Path)) and not hasattr(model, "state_dict"):
         return model  # already an evaluator
     if isinstance(model, (str, Path)):
         path = Path(model)
         if not path.is_file():
             raise FileNotFoundError(f"model file {path} does not exist: pass a checkpoint (.pt) or an ONNX file (.onnx)")
-        if path.suffix == ".onnx":
-            return OnnxEvaluator(path, threads=threads)
-        model = load_network(path)
-    return TorchEvaluator(model, device=device, threads=threads)
+        return load_policy(path, device=device, threads=threads)
+    return TorchPolicy(model, device=device, threads=threads)
 
 # %% ../nbs/30_play.ipynb #f15e7520
 def legal_moves_and_labels(boards: Sequence[cshogi.Board]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -201,12 +153,17 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
+def mate_in_one(board: cshogi.Board) -> int:
+    "A legal move that mates at once, found by cshogi's one-ply mate finder, or 0 when it finds none."
+    if board.is_check():  # cshogi's finder assumes no check (it proposes illegal moves then)
+        return 0
+    mate = board.mate_move_in_1ply()
+    return mate if mate and board.is_legal(mate) else 0
+
+
 def mate_in_one_or(board: cshogi.Board, move: int) -> int:
     "A legal mate in one of `board` if cshogi finds one, else `move`."
-    if move == RESIGN or board.is_check():  # cshogi's finder assumes no check (it proposes illegal moves then)
-        return move
-    mate = board.mate_move_in_1ply()
-    return mate if mate and board.is_legal(mate) else move
+    return mate_in_one(board) or move
 
 
 class NetworkPlayer(Player):
@@ -262,21 +219,22 @@ class NetworkPlayer(Player):
 # %% ../nbs/30_play.ipynb #888f0a92
 class _Node:
     "A search-tree node: the moves out of a position with their priors, visits and values."
-    __slots__ = ("moves", "priors", "visits", "values", "children", "value")
+    __slots__ = ("moves", "priors", "visits", "values", "children", "value", "mate")
 
-    def __init__(self, moves: np.ndarray, priors: np.ndarray, value: float):
-        self.moves, self.priors, self.value = moves, priors, value
+    def __init__(self, moves: np.ndarray, priors: np.ndarray, value: float, mate: int = 0):
+        self.moves, self.priors, self.value, self.mate = moves, priors, value, mate  # mate: a mating move or 0
         self.visits = np.zeros(len(moves), dtype=np.float64)
         self.values = np.zeros(len(moves), dtype=np.float64)
         self.children: dict[int, _Node] = {}
 
 
 def _expand(player: NetworkPlayer, boards: list[cshogi.Board]) -> list[_Node]:
-    "Evaluate `boards` in one batch and make a node for each."
+    "Evaluate `boards` in one batch and make a node for each (a mate in one makes its value 1)."
     logits, legal, value, tables = player.evaluate(boards)
     probs = masked_softmax(logits, legal)
-    return [_Node(moves, p[labels].astype(np.float64), float(v))
-            for (moves, labels), p, v in zip(tables, probs, value)]
+    mates = [mate_in_one(b) for b in boards]
+    return [_Node(moves, p[labels].astype(np.float64), 1.0 if mate else float(v), mate)
+            for (moves, labels), p, v, mate in zip(tables, probs, value, mates)]
 
 
 def _terminal_value(board: cshogi.Board) -> float | None:
@@ -304,10 +262,12 @@ def puct_search(player: NetworkPlayer, boards: list[cshogi.Board], simulations: 
         if deadline is not None and sim > 0 and time.monotonic() > deadline:
             break
         player.last_simulations = sim + 1
-        paths, leaves, leaf_boards, results = [], [], [], []
+        paths, leaf_boards, results = [], [], []
         for root, b in zip(roots, boards):
             board, node, path = b.copy(), root, []
             while True:
+                if node.mate:  # a proven win for the side to move here
+                    results.append(1.0); break
                 if len(node.moves) == 0:
                     results.append(0.0); break
                 n = node.visits.sum()
@@ -321,7 +281,7 @@ def puct_search(player: NetworkPlayer, boards: list[cshogi.Board], simulations: 
                     if term is not None:
                         results.append(term)
                     else:
-                        results.append(None); leaves.append((node, i)); leaf_boards.append(board)
+                        results.append(None); leaf_boards.append(board)
                     break
                 node = child
             paths.append(path)
@@ -341,8 +301,10 @@ def puct_search(player: NetworkPlayer, boards: list[cshogi.Board], simulations: 
                 node.values[i] += v
     moves, values = [], []
     for root, t in zip(roots, temperatures):
-        values.append(root.values.sum() / root.visits.sum() if root.visits.sum() else root.value)
-        if len(root.moves) == 0:
+        values.append(root.values.sum() / root.visits.sum() if root.visits.sum() and not root.mate else root.value)
+        if root.mate:
+            moves.append(root.mate)
+        elif len(root.moves) == 0:
             moves.append(RESIGN)
         elif t > 0:
             w = root.visits ** (1.0 / t)
@@ -716,16 +678,18 @@ def evaluate(model, opponents: Sequence = ("random", "baseline"), games: int = 1
              out_dir: str | Path | None = None, openings: Sequence[str] | None = None,
              opening_plies: int = 4, max_moves: int = 256, seed: int = 0, temperature: float = 0.0,
              usi_options: dict | None = None, threads: int | None = 1, mate_in_one: bool = False,
-             progress: bool | None = None) -> list[dict]:
+             simulations: int = 0, progress: bool | None = None) -> list[dict]:
     """Play `model` (a Player, checkpoint/ONNX path or module) against each opponent; one summary row each.
 
-    Without `openings`, games start from `random_openings` (each played with both colours) so that greedy
+    `simulations > 0` plays the network with the PUCT search, 0 with its policy alone. Without
+    `openings`, games start from `random_openings` (each played with both colours) so that greedy
     players do not replay one game. `threads=1` by default: the network evaluates small batches, where
     more CPU threads rarely help and slow down badly on a busy machine."""
     if isinstance(model, Player) or (isinstance(model, str) and model.partition(":")[0] in PLAYER_KINDS):
         player = make_player(model, seed=seed)
     else:
-        player = NetworkPlayer(model, temperature=temperature, seed=seed, threads=threads, mate_in_one=mate_in_one)
+        player = NetworkPlayer(model, temperature=temperature, seed=seed, threads=threads, mate_in_one=mate_in_one,
+                               simulations=simulations)
     if openings is None:
         openings = random_openings(max(1, (games + 1) // 2), plies=opening_plies, seed=seed)
     rows = []
@@ -785,13 +749,13 @@ def find_engine(name: str = "fairy-stockfish") -> str | None:
 
 def place_on_ladder(model, engine: str | None = None, levels: Sequence[int] = (-20, -15, -10, -5, 0, 5, 10),
                     *, option: str = "Skill Level", games: int = 20, byoyomi: int = 100,
-                    stop_early: bool = True, seed: int = 0, max_moves: int = 256,
+                    stop_early: bool = True, seed: int = 0, max_moves: int = 256, simulations: int = 0,
                     out_dir: str | Path | None = None, progress: bool | None = None) -> dict:
-    "Play `model` against rising levels of a USI engine; the highest level beaten significantly."
+    "Play `model` (searching with `simulations`) against rising levels of a USI engine; the highest level beaten."
     engine = engine or find_engine()
     if engine is None:
         raise FileNotFoundError("no fairy-stockfish found: apt-get install -y fairy-stockfish, or pass engine=<path>")
-    player = model if isinstance(model, Player) else NetworkPlayer(model, seed=seed, threads=1)
+    player = model if isinstance(model, Player) else NetworkPlayer(model, seed=seed, threads=1, simulations=simulations)
     openings = random_openings(max(1, (games + 1) // 2), seed=seed)
     rows, best = [], None
     for level in levels:
@@ -887,13 +851,14 @@ def register_model(reg: dict, path: str | Path, *, run: str | None = None, paren
 
 def gauntlet(candidate: str | Path, *, registry: str | Path | None = None, games: int = 100,
              thresholds: dict | None = None, require_interval: bool = True, fairy_level: int | None = -20,
-             run: str | None = None,
+             simulations: int = 0, run: str | None = None,
              parent: str | None = None, seed: int = 0, max_moves: int = 256, out_dir: str | Path | None = None,
              threads: int | None = 1, device: str = "cpu", progress: bool | None = None) -> dict:
     """Play the candidate against random, baseline, the best model (and fairy-stockfish); promote or reject.
 
     A threshold passes when the score reaches it and (with `require_interval`) the interval's lower
-    bound is above 50%. Opponents without a threshold (fairy-stockfish) are played and recorded only."""
+    bound is above 50%. Opponents without a threshold (fairy-stockfish, or one set to None) are played
+    and recorded only. The candidate and the best model search with `simulations` (0: policy alone)."""
     reg_path = Path(registry) if registry else default_registry_path()
     reg = load_registry(reg_path)
     entry = register_model(reg, candidate, run=run, parent=parent)
@@ -905,11 +870,12 @@ def gauntlet(candidate: str | Path, *, registry: str | Path | None = None, games
     engine = find_engine() if fairy_level is not None else None
     if engine:
         opponents.append(("fairy", USIPlayer(engine, {"Skill Level": fairy_level}, name=f"fairy-stockfish_{fairy_level}")))
-    player = NetworkPlayer(candidate, seed=seed, name=entry["id"], threads=threads, device=device)
+    net = {"threads": threads, "device": device, "simulations": simulations}
+    player = NetworkPlayer(candidate, seed=seed, name=entry["id"], **net)
     openings = random_openings(max(1, (games + 1) // 2), seed=seed)
     rows = []
     for role, spec in opponents:
-        opponent = make_player(spec, seed=seed + 1, **({"threads": threads, "device": device} if role == "best" else {}))
+        opponent = make_player(spec, seed=seed + 1, **(net if role == "best" else {}))
         if role == "best":
             opponent.name = best
         try:

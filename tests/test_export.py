@@ -118,6 +118,25 @@ def test_load_onnx_evaluates_cshogi_boards_with_legal_moves_only(exported, real_
     np.testing.assert_array_equal(session.predict(hcps)[0], session.predict(real_boards[:4])[0])
 
 
+def test_float16_input_files_load_and_play(exported, real_boards, tmp_path):
+    """A float16 file whose `hand` input is float16 too (converted with its inputs) loads and agrees."""
+    from maou_nb.play import NetworkPlayer
+    half = onnx.load(exported["resnet"][1]["fp16_path"])
+    cast = next(n for n in half.graph.node if n.op_type == "Cast" and list(n.input) == ["hand"])
+    half.graph.node.remove(cast)
+    for node in half.graph.node:
+        node.input[:] = ["hand" if name == cast.output[0] else name for name in node.input]
+    next(i for i in half.graph.input if i.name == "hand").type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    onnx.save(half, str(tmp_path / "half_io.onnx"))
+    policy = load_onnx(tmp_path / "half_io.onnx")
+    assert policy.hand_dtype == np.float16
+    got, want = policy.predict(real_boards[:64]), load_onnx(exported["resnet"][1]["path"]).predict(real_boards[:64])
+    np.testing.assert_allclose(got[0], want[0], atol=0.05, rtol=0.05)
+    boards = [b for b in real_boards[:64] if not b.is_game_over()]
+    moves = NetworkPlayer(tmp_path / "half_io.onnx").choose_many(boards)
+    assert all(m in set(b.legal_moves) for b, m in zip(boards, moves))
+
+
 def test_failed_export_leaves_no_file_and_keeps_the_old_one(exported, real_boards, tmp_path, monkeypatch):
     import maou_nb.export as export
     model = build_model("mlp-mixer", preset="small")

@@ -24,7 +24,8 @@ def start_checkpoint(tmp_path_factory):
 def test_loop_runs_records_and_resumes(start_checkpoint, tmp_path):
     params = {"initial_model": str(start_checkpoint), "out_dir": str(tmp_path / "loop"), "iterations": 2,
               "games": 4, "max_moves": 50, "gauntlet_games": 2, "fairy_level": None, "require_interval": False,
-              "thresholds": {"random": 0.0, "baseline": 0.0, "best": 0.0}, "train": {"batch_size": 64}}
+              "thresholds": {"random": 0.0, "baseline": None, "best": 0.0}, "train": {"batch_size": 64},
+              "simulations": 2}
     summaries = run(params, progress=False)
     assert [s["iteration"] for s in summaries] == [0, 1]
     reg = load_registry(tmp_path / "loop" / "registry.json")
@@ -33,6 +34,10 @@ def test_loop_runs_records_and_resumes(start_checkpoint, tmp_path):
     # zero thresholds: every candidate is promoted and becomes the parent of the next
     assert [m["status"] for m in reg["models"]] == ["promoted"] * 3
     assert reg["best"] == ids[2] and reg["models"][2]["parent"] == ids[1]
+    # a threshold of None: the baseline is played and recorded, not required
+    rows = {r["role"]: r for r in reg["models"][1]["evaluations"][0]["rows"]}
+    assert rows["baseline"]["threshold"] is None and rows["baseline"]["passed"] is None
+    assert rows["baseline"]["games"] == 2 and rows["best"]["passed"] is True
     assert summaries[1]["best_before"] == summaries[0]["candidate"]
     for i in range(2):
         it = tmp_path / "loop" / f"iter_{i:03d}"

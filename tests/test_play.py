@@ -10,7 +10,7 @@ import cshogi.CSA
 import numpy as np
 import pytest
 
-from maou_nb.play import (BLACK, ILLEGAL, RESIGN, WHITE, NetworkPlayer, Player, RandomPlayer, elo_from_score,
+from maou_nb.play import (BLACK, ILLEGAL, RESIGN, WHITE, NetworkPlayer, Player, mate_in_one, RandomPlayer, elo_from_score,
                           evaluate, format_table, play_games, play_match, plot_evaluation, random_openings,
                           record_openings, verdict, wilson_interval)
 
@@ -265,6 +265,40 @@ def test_puct_search_plays_legal_moves(small_checkpoint):
         board.pop()
     assert 0 < len(mates) < 10
     assert NetworkPlayer(small_checkpoint, simulations=30).choose(board) in mates
+
+
+def gives_mate_in_one(board: cshogi.Board, move: int) -> bool:
+    "Whether `move` lets the opponent mate at once (or mates nobody but is itself followed by no legal move)."
+    board.push(move)
+    try:
+        return not board.is_game_over() and bool(mate_in_one(board))
+    finally:
+        board.pop()
+
+
+def test_search_finds_every_mate_in_one(small_checkpoint):
+    # an untrained network's priors know nothing of mates: the search's mate check has to find them
+    boards = [b for b in sample_positions(4000, seed=11) if mate_in_one(b)]
+    assert len(boards) >= 10
+    player = NetworkPlayer(small_checkpoint, simulations=2, seed=0)
+    for b, m in zip(boards, player.choose_many(boards)):
+        b.push(m)
+        assert b.is_game_over(), b.sfen()  # cshogi: the opponent has no legal move
+    assert (player.last_values == 1.0).all()
+
+
+def test_search_avoids_moves_that_allow_a_mate_in_one(small_checkpoint):
+    boards = []
+    for b in sample_positions(1500, seed=12):
+        moves = list(b.legal_moves)
+        bad = sum(gives_mate_in_one(b, m) for m in moves)
+        if not mate_in_one(b) and 0 < bad < len(moves) // 2:
+            boards.append(b)
+    assert len(boards) >= 10
+    policy = NetworkPlayer(small_checkpoint, seed=0).choose_many(boards)
+    searched = NetworkPlayer(small_checkpoint, simulations=200, seed=0).choose_many(boards)
+    assert sum(gives_mate_in_one(b, m) for b, m in zip(boards, searched)) == 0
+    assert sum(gives_mate_in_one(b, m) for b, m in zip(boards, policy)) > 0  # the policy alone walks into some
 
 
 def test_evaluate_writes_a_table_and_games(small_checkpoint, tmp_path):
