@@ -293,7 +293,7 @@ def markdown_table(rows: list[dict]) -> list[str]:
     "Lines of a Markdown table with the first row's keys as columns."
     keys = list(rows[0])
     return (["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-            + ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows])
+            + ["| " + " | ".join("n/a" if r.get(k) is None else _fmt(r[k]) for k in keys) + " |" for r in rows])
 
 
 def _fmt(value) -> str:

@@ -233,6 +233,9 @@ def test_evaluate(run, tiny_params):
     for row in evaluation["rows"]:
         assert row["games"] == row["wins"] + row["draws"] + row["losses"] == games
     assert [r["opponent"] for r in info["results"]] == [r["opponent"] for r in evaluation["rows"]]
+    # the tiny params search (2 simulations): the policy alone is also played against the first opponent
+    assert info["simulations"] == tiny_params["evaluate"]["simulations"] > 0
+    assert [r["opponent"] for r in info["policy_only"]] == [evaluation["rows"][0]["opponent"]]
     files = sorted((run / "eval").glob("*/*.csa"))
     assert len(files) == 2 * games
     for path in files:
@@ -250,3 +253,7 @@ def test_summary(run):
         assert f"## {step}" in text
         for plot in done(run, step)["plots"]:
             assert str((run / plot).relative_to(run)) in text or plot.replace(str(run) + "/", "") in text
+    evaluation = text[text.index("## evaluate"):]
+    assert "| opponent | wins | draws | losses | score |" in evaluation  # the results as a table
+    for row in done(run, "evaluate")["results"]:
+        assert f"| {row['opponent']} | {row['wins']} | {row['draws']} | {row['losses']} |" in evaluation
