@@ -29,7 +29,7 @@ __all__ = ['ONNX_INPUTS', 'ONNX_OUTPUTS', 'FP32_TOLERANCE', 'FP16_TOLERANCE', 'O
            'playout_boards', 'scrambled_inputs', 'PolicyValueGraph', 'write_graph', 'float16_model', 'is_float16_model',
            'open_session', 'OnnxVerificationError', 'torch_outputs', 'session_outputs', 'compare_outputs',
            'sidecar_path', 'fp16_path', 'export_onnx', 'OnnxModelError', 'legal_move_probabilities', 'PolicyNetwork',
-           'OnnxPolicy', 'TorchPolicy', 'load_onnx', 'load_policy']
+           'OnnxPolicy', 'TorchPolicy', 'load_onnx', 'load_policy', 'onnx_beside']
 
 # %% ../nbs/20_export.ipynb #aa262f12
 def position_arrays(positions) -> tuple[np.ndarray, np.ndarray]:
@@ -407,3 +407,14 @@ def load_policy(path: str | Path, *, ema: bool = True, device: str = "cpu", thre
         return load_onnx(path, threads=threads)
     model, source = _source_model(path, ema)
     return TorchPolicy(model, {"arch": getattr(model, "arch", None), **source}, device=device, threads=threads)
+
+# %% ../nbs/20_export.ipynb #f368ec1e
+def onnx_beside(checkpoint: str | Path) -> Path:
+    """`checkpoint`'s verified fp32 ONNX export beside it (`X.pt` -> `X.onnx`), made when missing or stale."""
+    checkpoint = Path(checkpoint)
+    out = checkpoint.with_suffix(".onnx")
+    side = sidecar_path(out)
+    if out.is_file() and side.is_file() and read_json(side).get("checkpoint_sha256") == sha256_file(checkpoint):
+        return out
+    export_onnx(checkpoint, out, fp16=False)
+    return out

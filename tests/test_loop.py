@@ -44,6 +44,9 @@ def test_loop_runs_records_and_resumes(start_checkpoint, tmp_path):
         assert len(list((it / "selfplay").glob("*.csa"))) == 4
         assert json.loads((it / "preprocessed" / "manifest.json").read_text())["kind"] == "preprocessed"
         assert Path(summaries[i]["candidate"]).is_file()
+        # on a CPU the players evaluated ONNX twins of the checkpoints, made beside them
+        assert Path(summaries[i]["candidate"]).with_suffix(".onnx").is_file()
+    assert start_checkpoint.with_suffix(".onnx").is_file()
     # the second iteration trained on both iterations' games (window 2)
     sources = json.loads((tmp_path / "loop" / "iter_001" / "preprocessed" / "manifest.json").read_text())["sources"]
     assert {Path(s).parent.parent.name for s in sources} == {"iter_000", "iter_001"}
