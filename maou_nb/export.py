@@ -27,9 +27,9 @@ from .storage import load_checkpoint, atomic_path, read_json, sha256_file, write
 # %% auto #0
 __all__ = ['ONNX_INPUTS', 'ONNX_OUTPUTS', 'FP32_TOLERANCE', 'FP16_TOLERANCE', 'ONNX_HAND_TYPES', 'position_arrays',
            'playout_boards', 'scrambled_inputs', 'PolicyValueGraph', 'write_graph', 'float16_model', 'is_float16_model',
-           'open_session', 'OnnxVerificationError', 'torch_outputs', 'session_outputs', 'compare_outputs',
-           'sidecar_path', 'fp16_path', 'export_onnx', 'OnnxModelError', 'legal_move_probabilities', 'PolicyNetwork',
-           'OnnxPolicy', 'TorchPolicy', 'load_onnx', 'load_policy', 'onnx_beside']
+           'open_session', 'OnnxVerificationError', 'torch_outputs', 'graph_outputs', 'session_outputs',
+           'compare_outputs', 'sidecar_path', 'fp16_path', 'export_onnx', 'OnnxModelError', 'legal_move_probabilities',
+           'PolicyNetwork', 'OnnxPolicy', 'TorchPolicy', 'load_onnx', 'load_policy', 'onnx_beside']
 
 # %% ../nbs/20_export.ipynb #aa262f12
 def position_arrays(positions) -> tuple[np.ndarray, np.ndarray]:
@@ -178,9 +178,13 @@ class OnnxVerificationError(ValueError):
     """onnxruntime's outputs differ from PyTorch's by more than the tolerance."""
 
 def torch_outputs(model: torch.nn.Module, board: np.ndarray, hand: np.ndarray,
-                  batch_size: int = 256, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """(policy float32[N,1496], value float32[N,1]) of `model` (on `device`) on the inputs, in batches."""
-    graph = PolicyValueGraph(model).eval()
+                  batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(policy float32[N,1496], value float32[N,1]) of `model` on the inputs, in batches."""
+    return graph_outputs(PolicyValueGraph(model).eval(), board, hand, batch_size)
+
+def graph_outputs(graph: PolicyValueGraph, board: np.ndarray, hand: np.ndarray, batch_size: int = 256,
+                  device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """`torch_outputs` through an already wrapped model on `device` (players call it per batch)."""
     policy, value = [], []
     with torch.inference_mode():
         for s in range(0, len(board), batch_size):
@@ -351,7 +355,8 @@ class OnnxPolicy(PolicyNetwork):
         self.hand_dtype = np.float16 if hand_type == "tensor(float16)" else np.float32  # fp16-input files too
 
     def _run(self, board: np.ndarray, hand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return tuple(self.session.run(list(ONNX_OUTPUTS), {"board": board, "hand": hand.astype(self.hand_dtype)}))
+        return tuple(self.session.run(list(ONNX_OUTPUTS), {"board": board, "hand": hand.astype(self.hand_dtype,
+                                                                                               copy=False)}))
 
     def __repr__(self) -> str:
         return f"OnnxPolicy({self.path}, arch={self.meta.get('arch', '?')})"
@@ -361,6 +366,7 @@ class TorchPolicy(PolicyNetwork):
     def __init__(self, model: torch.nn.Module, meta: dict | None = None, *, device: str = "cpu",
                  threads: int | None = None):
         self.model, self.device, self.threads = model.to(device).eval(), device, threads
+        self.graph = PolicyValueGraph(self.model).eval()  # wrapped once: players call `_run` per search step
         self.meta = meta or {"arch": getattr(model, "arch", None)}
 
     def _run(self, board: np.ndarray, hand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -368,7 +374,7 @@ class TorchPolicy(PolicyNetwork):
         if self.threads:  # for this call only: the process's setting (e.g. for training) is restored
             torch.set_num_threads(int(self.threads))
         try:
-            return torch_outputs(self.model, board, hand, device=self.device)
+            return graph_outputs(self.graph, board, hand, device=self.device)
         finally:
             torch.set_num_threads(before)
 

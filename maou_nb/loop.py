@@ -114,7 +114,8 @@ def run_iteration(i: int, best: str, root: Path, p: LoopParams) -> dict:
     candidate = train_candidate(best, it / "preprocessed", it / "train", p, seed)
     decision = gauntlet(candidate, registry=root / "registry.json", games=p.gauntlet_games,
                         thresholds=p.thresholds, require_interval=p.require_interval, fairy_level=p.fairy_level,
-                        simulations=p.simulations, onnx=use_onnx(p), run=str(it / "train"), parent=None, seed=seed, max_moves=p.max_moves,
+                        simulations=p.simulations, onnx=use_onnx(p), run=str(it / "train"), parent=None, seed=seed,
+                        max_moves=p.max_moves,
                         out_dir=it / "gauntlet", threads=p.threads, device=p.device, progress=False)
     summary.update(candidate=str(candidate), decision=decision,
                    best_after=str(candidate) if decision["promoted"] else best,
