@@ -6,9 +6,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
 import hashlib
+import io
 import json
 import os
+import re
+import signal
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -16,11 +21,13 @@ from typing import Iterable, Iterator
 import cshogi
 import numpy as np
 
+
 # %% auto #0
-__all__ = ['HCPE_DTYPE', 'SIDECAR_SUFFIXES', 'DATA_KINDS', 'ShardError', 'atomic_path', 'write_json', 'read_json', 'read_yaml',
-           'save_array', 'load_array', 'sidecar_path', 'game_id', 'save_hcpe', 'load_hcpe', 'load_game_ids',
-           'list_shards', 'mix64', 'split_by_game', 'write_manifest', 'read_manifest', 'manifest_shards', 'sha256_file',
-           'save_checkpoint', 'load_checkpoint', 'LocalStorage', 'get_storage']
+__all__ = ['HCPE_DTYPE', 'SIDECAR_SUFFIXES', 'DATA_KINDS', 'CHECKPOINT_FORMAT', 'ShardError', 'StorageError', 'atomic_path',
+           'remove_stale_temps', 'write_json', 'read_json', 'read_yaml', 'save_array', 'load_array', 'sidecar_path',
+           'game_id', 'save_hcpe', 'load_hcpe', 'load_game_ids', 'list_shards', 'mix64', 'split_by_game',
+           'write_manifest', 'read_manifest', 'manifest_shards', 'sha256_file', 'save_checkpoint', 'load_checkpoint',
+           'LocalStorage', 'get_storage']
 
 # %% ../nbs/04_storage.ipynb #285ca7a1
 HCPE_DTYPE = np.dtype(cshogi.HuffmanCodedPosAndEval)
@@ -28,24 +35,90 @@ HCPE_DTYPE = np.dtype(cshogi.HuffmanCodedPosAndEval)
 class ShardError(ValueError):
     """A data file is missing, corrupt, truncated or of the wrong kind; the message names it and the fix."""
 
+class StorageError(OSError, RuntimeError):
+    """A file could not be written (disk full, read-only, no permission); the message names the path, the cause and the fix."""
+
+
 # %% ../nbs/04_storage.ipynb #5cc17b55
 _UMASK = os.umask(0); os.umask(_UMASK)
+_CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+           errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+_TEMP = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")   # the names mkstemp gives atomic_path's temporaries
+
+def _write_cause(folder: Path, e: BaseException) -> str | None:
+    """Why writing into `folder` failed, in words, when the disk is the reason (torch and onnx lose the errno)."""
+    if isinstance(e, OSError) and e.errno in _CAUSES:
+        return _CAUSES[e.errno]
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return _CAUSES[errno.EROFS]
+    if st.f_bavail == 0:
+        return _CAUSES[errno.ENOSPC]
+    return None
+
+def _storage_error(path: Path, cause: str, e: BaseException) -> StorageError:
+    code = next((k for k, v in _CAUSES.items() if v == cause), errno.EIO)
+    return StorageError(code, f"{path}: cannot write: {cause} ({type(e).__name__}: {e}). Nothing under that name "
+                        "was changed. Free some space or fix the folder's permissions (or write the output "
+                        "elsewhere: out_dir / --runs-root), then rerun the same command to continue.", str(path))
+
+def _kill_hook(path: Path, when: str) -> None:
+    """Test hook: `MAOU_NB_KILL_AT="<glob>:<k>[:tmp]"` SIGKILLs this process at the k-th write whose name matches
+    `<glob>`, right after the rename (or, with `:tmp`, with the temporary complete but not yet renamed)."""
+    spec = os.environ.get("MAOU_NB_KILL_AT")
+    if not spec:
+        return
+    pattern, k, *at = spec.split(":")
+    if (at[0] if at else "done") == when and fnmatch.fnmatch(path.name, pattern):
+        _kill_hook.seen = getattr(_kill_hook, "seen", 0) + 1
+        if _kill_hook.seen == int(k):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it onto `path` on success, delete it on error."""
+    """Yield a temp path beside `path`; rename it onto `path` on success, delete it on error.
+    A full or read-only disk raises `StorageError` naming `path` and the cause."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _storage_error(path, _write_cause(path.parent, e) or e.strerror or "error", e) from None
     os.close(fd)
     tmp_path = Path(tmp_name)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        try:
+            yield tmp_path
+            _kill_hook(path, "tmp")
+            os.replace(tmp_path, path)
+        except (OSError, RuntimeError) as e:
+            if isinstance(e, StorageError):
+                raise
+            cause = _write_cause(path.parent, e)
+            if cause is None:
+                raise
+            raise _storage_error(path, cause, e) from None
+        _kill_hook(path, "done")
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
+
+def remove_stale_temps(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Delete the temporaries that killed `atomic_path` writes left in `folder`; returns them.
+    Call it where a run (re)starts, when no other process is writing there."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"))
+             if p.is_file() and _TEMP.fullmatch(p.name)]
+    for p in found:
+        with contextlib.suppress(OSError):
+            p.unlink()
+    return found
 
 def write_json(path: str | os.PathLike, obj) -> Path:
     """Write `obj` as pretty JSON, atomically."""
@@ -73,6 +146,7 @@ def read_yaml(path: str | os.PathLike, what: str = "params file") -> dict:
         return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e}).") from None
+
 
 # %% ../nbs/04_storage.ipynb #6bfc9ebf
 def save_array(path: str | os.PathLike, array: np.ndarray) -> Path:
@@ -228,6 +302,8 @@ def manifest_shards(folder: str | os.PathLike, expect_kind: str | None = None) -
     return [folder / s for s in read_manifest(folder, expect_kind)["shards"]]
 
 # %% ../nbs/04_storage.ipynb #6a0d3569
+CHECKPOINT_FORMAT = "maou_nb checkpoint 2"
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()
@@ -236,16 +312,37 @@ def sha256_file(path: str | os.PathLike) -> str:
             h.update(chunk)
     return h.hexdigest()
 
+def _torch_bytes(obj) -> bytes:
+    import torch
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
-    """Save a checkpoint dict atomically, with `<path>.sha256` beside it."""
+    """Save a checkpoint dict atomically as one file that carries the SHA-256 of its contents."""
     import torch
     path = Path(path)
+    inner = _torch_bytes(payload)
+    outer = _torch_bytes({"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(inner).hexdigest(),
+                          "payload": torch.frombuffer(bytearray(inner), dtype=torch.uint8)})
     with atomic_path(path) as tmp_path:
-        torch.save(payload, tmp_path)
-        digest = sha256_file(tmp_path)
-        with atomic_path(path.with_name(path.name + ".sha256")) as tmp_hash:
-            tmp_hash.write_text(f"{digest}  {path.name}\n")
+        with open(tmp_path, "wb") as f:   # plain writes: a full disk raises OSError(ENOSPC), not torch's message
+            f.write(outer)
+            f.flush()
+            os.fsync(f.fileno())
+    path.with_name(path.name + ".sha256").unlink(missing_ok=True)  # an older maou_nb's separate hash file
     return path
+
+def _legacy_hash_check(path: Path) -> None:
+    """Checkpoints of maou_nb < 0.2 kept their hash in `<name>.sha256` beside them."""
+    hash_file = path.with_name(path.name + ".sha256")
+    if hash_file.is_file():
+        expected = (hash_file.read_text().split() or [""])[0]
+        if sha256_file(path) != expected:
+            raise ShardError(f"{path}: SHA-256 does not match {hash_file.name}: the checkpoint or that hash file changed "
+                             "after they were written together (an older maou_nb, killed between its two writes, "
+                             f"also leaves this). If you trust {path.name}, delete {hash_file.name} and load it again; "
+                             "otherwise use another checkpoint.")
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load a checkpoint saved by `save_checkpoint`, verifying its SHA-256 and never unpickling code."""
@@ -253,17 +350,20 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise ShardError(f"{path}: checkpoint not found. Check the path (a run's checkpoints are in <run>/checkpoints).")
-    hash_file = path.with_name(path.name + ".sha256")
-    if hash_file.is_file():
-        expected = hash_file.read_text().split()[0] if hash_file.read_text().strip() else ""
-        if sha256_file(path) != expected:
-            raise ShardError(f"{path}: SHA-256 does not match {hash_file.name}; the checkpoint is truncated or altered. "
-                             "Use another checkpoint (e.g. the previous 'last' or 'best').")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ShardError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e)[:200]}). "
-                         "Use a checkpoint written by maou_nb.") from None
+        raise ShardError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e)[:200]}): truncated, "
+                         "damaged or not written by maou_nb. Use another checkpoint (e.g. 'best' or a stage's).") from None
+    if not (isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT):
+        _legacy_hash_check(path)
+        return torch.load(path, map_location=map_location, weights_only=True) if map_location != "cpu" else obj
+    inner = obj["payload"].numpy().tobytes()
+    if hashlib.sha256(inner).hexdigest() != obj["sha256"]:
+        raise ShardError(f"{path}: its contents do not match the SHA-256 written with them: the file was altered "
+                         "after it was saved. Use another checkpoint (e.g. 'best' or a stage's).")
+    return torch.load(io.BytesIO(inner), map_location=map_location, weights_only=True)
+
 
 # %% ../nbs/04_storage.ipynb #c86ce52f
 class LocalStorage:

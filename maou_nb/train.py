@@ -15,6 +15,7 @@ import random
 import re
 import time
 import typing
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import __version__
-from .storage import ShardError, load_checkpoint, read_manifest, save_checkpoint, write_json
+from .storage import (ShardError, atomic_path, load_checkpoint, read_manifest, remove_stale_temps,
+                             save_checkpoint, write_json)
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'MODEL_NAMES', 'CHOICES', 'RANGES', 'DATA_KIND', 'PART_KEYS', 'NORM_TYPES', 'STAGE_HEADS', 'ConfigError',
@@ -35,8 +37,8 @@ __all__ = ['SCHEDULERS', 'MODEL_NAMES', 'CHOICES', 'RANGES', 'DATA_KIND', 'PART_
            'stage3_metrics', 'summarise', 'StageSpec', 'stage_spec', 'stage_gate', 'StageThresholdError',
            'NonFiniteLossError', 'param_groups', 'make_optimizer', 'make_scheduler', 'EMA', 'Rows', 'split_rows',
            'stage_datasets', 'rng_state', 'set_rng_state', 'clean_state_dict', 'seed_everything', 'RunLog',
-           'StageTrainer', 'position_sampler', 'fit_stage', 'TrainRun', 'build_train_model', 'load_parts',
-           'set_trainable', 'TrainResult', 'as_config', 'train']
+           'StageTrainer', 'position_sampler', 'fit_stage', 'TrainRun', 'progress_of', 'resume_checkpoint',
+           'build_train_model', 'load_parts', 'set_trainable', 'TrainResult', 'as_config', 'train']
 
 # %% ../nbs/11_train.ipynb #0d4625ee
 class ConfigError(ValueError):
@@ -422,6 +424,10 @@ class StageSpec:
     start_epoch: int = 0
     best_key: str = "loss"                    # validation metric (lower is better) that picks `best`
 
+    def reached(self, metrics: dict) -> bool:
+        """Whether validation `metrics` meet the threshold (never without a threshold or before any validation)."""
+        return self.threshold is not None and bool(metrics) and self.gate(metrics) >= self.threshold
+
 def stage_spec(stage: str, config: TrainConfig) -> StageSpec:
     """The spec of stage "1", "2" or "3" under `config`."""
     c = config
@@ -572,6 +578,16 @@ class RunLog:
         self.writer = SummaryWriter(log_dir=str(self.dir / "logs"))
         self.latest_val: dict = {}
         self.latest_train: dict = {"eta_s": None}
+        self.records = 0                                 # lines in metrics.jsonl, kept in checkpoints
+
+    def rewind(self, records: int) -> None:
+        """Keep the first `records` lines of metrics.jsonl (a resumed run rewrites what came after its checkpoint)."""
+        path = self.dir / "metrics.jsonl"
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(line for line in lines[:records] if line.endswith("\n")), encoding="utf-8")
+        self.records = records
 
     def record(self, kind: str, info: dict, global_step: int, eta_s: float | None = None) -> None:
         """Append one record to metrics.jsonl, rewrite stats.json, add TensorBoard scalars."""
@@ -582,6 +598,7 @@ class RunLog:
             self.latest_train = {**rec, "eta_s": eta_s}
         with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
+        self.records += 1
         position = {k: rec[k] for k in ("stage", "epoch", "step", "global_step", "lr", "elapsed_s", "timestamp")}
         write_json(self.dir / "stats.json", {**self.latest_train, **position, "val": self.latest_val})
         for k, v in info.items():
@@ -629,6 +646,7 @@ class StageTrainer:
                 for _ in range(self.step):
                     self.scheduler.step()
         self.best: float | None = None
+        self.metrics: dict = {}         # the latest validation of this stage, kept in checkpoints
         self.last_good: Path | None = None
         self.window = (time.time(), 0)  # (start time, samples) of the current log window
 
@@ -713,7 +731,7 @@ class StageTrainer:
                 "ema": clean_state_dict(self.ema.model.state_dict()) if self.ema else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "stage": self.spec.stage, "epoch": self.epoch,
-                "batch_in_epoch": self.batch, "step": self.step, "best": self.best,
+                "batch_in_epoch": self.batch, "step": self.step, "best": self.best, "val_metrics": self.metrics,
                 "sampler": self.sampler.state_dict(batches_done=self.batch), "rng": rng_state(),
                 "params": self.c.to_dict(), "maou_nb": __version__, **run_state}
 
@@ -729,6 +747,9 @@ class StageTrainer:
         self.sampler.load_state_dict(payload["sampler"])      # refuses other data or batch size
         self.epoch, self.batch, self.step, self.best = (payload["epoch"], payload["batch_in_epoch"],
                                                         payload["step"], payload["best"])
+        self.metrics = dict(payload.get("val_metrics") or {})
+        if not self.metrics and self.batch == 0 and self.epoch > self.spec.start_epoch:  # a checkpoint without them
+            self.metrics = self.evaluate()
         set_rng_state(payload["rng"])
 
 def position_sampler(sampler, epoch: int, start_batch: int) -> None:
@@ -739,8 +760,9 @@ def position_sampler(sampler, epoch: int, start_batch: int) -> None:
 def fit_stage(tr: StageTrainer, run: TrainRun) -> dict:
     """The one training loop, for any stage; returns the stage's final validation metrics and status."""
     spec, c = tr.spec, tr.c
-    metrics: dict = {}
     for epoch in range(tr.epoch, spec.max_epochs):
+        if spec.reached(tr.metrics):                            # resumed after the epoch that met the threshold
+            break
         for batch in tr.epoch_batches(epoch):
             losses = tr.backward(batch, run.global_step)
             if tr.accumulated == c.gradient_accumulation_steps or tr.batch == tr.batches_per_epoch:
@@ -748,14 +770,12 @@ def fit_stage(tr: StageTrainer, run: TrainRun) -> dict:
                 run.after_step(tr, losses)                      # log, histograms, save_every, callback
                 if run.out_of_steps():
                     run.save(tr, "last")
-                    return {"metrics": metrics, "epochs": epoch + 1, "stopped": "max_steps"}
+                    return {"metrics": tr.metrics, "epochs": epoch + 1, "stopped": "max_steps"}
         tr.epoch = epoch + 1
-        metrics = tr.evaluate()
-        reached = spec.threshold is not None and spec.gate(metrics) >= spec.threshold
-        run.after_epoch(tr, metrics, reached)                   # log, last, best
-        if reached:
-            break
-    if spec.threshold is not None and not spec.gate(metrics) >= spec.threshold:
+        tr.metrics = tr.evaluate()
+        run.after_epoch(tr)                                     # log, best, last
+    metrics = tr.metrics
+    if spec.threshold is not None and not spec.reached(metrics):
         raise StageThresholdError(
             f"stage {spec.stage} missed its threshold after {spec.max_epochs} epoch(s): validation "
             f"{spec.gate_name} = {spec.gate(metrics):.4f}, required >= {spec.threshold}. Raise "
@@ -774,17 +794,24 @@ class TrainRun:
         self.completed: list[str] = []
         self.results: dict[str, dict] = {}
         self.last_good: Path | None = None
+        self.token = uuid.uuid4().hex    # names this run in its checkpoints: a resume ignores other runs' files
 
     def run_state(self) -> dict:
         """Run-wide fields stored in every checkpoint."""
         return {"global_step": self.global_step, "completed_stages": list(self.completed),
-                "stage_results": copy.deepcopy(self.results)}
+                "stage_results": copy.deepcopy(self.results), "run_token": self.token,
+                "log_records": self.log.records}
 
     def restore(self, payload: dict) -> None:
-        """Continue the counters of a resumed run."""
+        """Continue the counters, the telemetry and the run token of a resumed run."""
         self.global_step = payload.get("global_step", 0)
         self.completed = list(payload.get("completed_stages", []))
         self.results = dict(payload.get("stage_results", {}))
+        self.token = payload.get("run_token") or self.token
+        if "log_records" in payload:
+            self.log.rewind(payload["log_records"])
+        if (self.ckpt_dir / "last.pt").is_file():
+            self.last_good = self.ckpt_dir / "last.pt"
 
     def save(self, tr: StageTrainer, name: str) -> Path:
         """Write checkpoint `<out_dir>/checkpoints/<name>.pt`."""
@@ -820,19 +847,42 @@ class TrainRun:
             self.callback({"stage": tr.spec.stage, "epoch": tr.epoch, "step": tr.step,
                            "global_step": self.global_step, "lr": lr, **losses})
 
-    def after_epoch(self, tr: StageTrainer, metrics: dict, reached: bool) -> None:
-        """Log validation metrics; write `last`, and `best` when the `best_key` loss improved."""
-        spec = tr.spec
+    def after_epoch(self, tr: StageTrainer) -> None:
+        """Log the validation metrics; write `best` when the `best_key` loss improved, then `last`."""
+        spec, metrics = tr.spec, tr.metrics
         gate = {"gate": spec.gate(metrics), "threshold": spec.threshold} if spec.gate else {}
         self.log.record("val", {"stage": spec.stage, "epoch": tr.epoch, "step": tr.step, "global_step": self.global_step,
                                 "lr": tr.scheduler.get_last_lr()[0], **metrics, **gate}, self.global_step)
         value = metrics.get(spec.best_key, float("nan"))
-        improved = tr.best is None or value < tr.best
-        if improved:
+        if tr.best is None or value < tr.best:
             tr.best = value
+            self.save(tr, "best")   # before the `last` that records this best: a kill in between replays the epoch
         self.save(tr, "last")
-        if improved:
-            self.save(tr, "best")
+
+# %% ../nbs/11_train.ipynb #7e5a11c2
+def progress_of(payload: dict) -> tuple:
+    """Where a checkpoint stands in its run (global step, stages completed, epoch): later compares greater."""
+    return (payload.get("global_step", 0), len(payload.get("completed_stages", [])), payload.get("epoch", 0))
+
+def resume_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
+    """(path, payload) to resume from: the checkpoint `path` names, except that a run's `last.pt` yields to a
+    later `stage<N>.pt` of the same run beside it (a kill between writing `stage<N>.pt` and `last.pt`)."""
+    given, path = path, resolve_checkpoint(path)
+    if path is None:
+        raise ConfigError(f"resume_from={str(given)!r}: no such checkpoint file (or run folder with checkpoints/last.pt)")
+    payload = load_checkpoint(path)
+    if path.name != "last.pt":
+        return path, payload
+    for sibling in sorted(path.parent.glob("stage*.pt")):
+        try:
+            other = load_checkpoint(sibling)
+        except ShardError as e:
+            warnings.warn(f"ignoring {sibling} when choosing where to resume: {e}")
+            continue
+        if other.get("run_token") == payload.get("run_token") and progress_of(other) > progress_of(payload):
+            path, payload = sibling, other
+    return path, payload
+
 
 # %% ../nbs/11_train.ipynb #dccef23c
 STAGE_HEADS = {"1": ("reachable",), "2": ("legal",), "3": ("policy", "value")}
@@ -899,13 +949,18 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, progress: bool = Tr
     c = as_config(config)
     device = resolve_device(c.device)
     out_dir = Path(c.out_dir) if c.out_dir else Path(setting("runs_root")) / "train"
-    resume = load_checkpoint(resolve_checkpoint(c.resume_from)) if c.resume_from else None
+    resume_path, resume = resume_checkpoint(c.resume_from) if c.resume_from else (None, None)
     seed_everything(c.seed)
     model = build_train_model(c, resume)
     load_parts(model, c)
+    for folder in (out_dir, out_dir / "checkpoints"):
+        remove_stale_temps(folder, recursive=False)       # left by writes a kill cut short
     run = TrainRun(out_dir, c, callback)
     write_json(out_dir / "params.json", c.to_dict())
     if resume is not None:
+        if resume_path != resolve_checkpoint(c.resume_from) and resume_path.parent.resolve() == run.ckpt_dir.resolve():
+            with atomic_path(run.ckpt_dir / "last.pt") as tmp:   # `last` is that later stage<N>.pt
+                tmp.write_bytes(resume_path.read_bytes())
         model.load_state_dict(clean_state_dict(resume["model"]))
         run.restore(resume)
         set_rng_state(resume["rng"])
