@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fnmatch
 import hashlib
 import io
 import json
 import os
 import re
-import signal
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -65,18 +63,6 @@ def _storage_error(path: Path, cause: str, e: BaseException) -> StorageError:
                         "was changed. Free some space or fix the folder's permissions (or write the output "
                         "elsewhere: out_dir / --runs-root), then rerun the same command to continue.", str(path))
 
-def _kill_hook(path: Path, when: str) -> None:
-    """Test hook: `MAOU_NB_KILL_AT="<glob>:<k>[:tmp]"` SIGKILLs this process at the k-th write whose name matches
-    `<glob>`, right after the rename (or, with `:tmp`, with the temporary complete but not yet renamed)."""
-    spec = os.environ.get("MAOU_NB_KILL_AT")
-    if not spec:
-        return
-    pattern, k, *at = spec.split(":")
-    if (at[0] if at else "done") == when and fnmatch.fnmatch(path.name, pattern):
-        _kill_hook.seen = getattr(_kill_hook, "seen", 0) + 1
-        if _kill_hook.seen == int(k):
-            os.kill(os.getpid(), signal.SIGKILL)
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it onto `path` on success, delete it on error.
@@ -86,14 +72,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise _storage_error(path, _write_cause(path.parent, e) or e.strerror or "error", e) from None
+        cause = _write_cause(path.parent, e)
+        if cause is None:
+            raise
+        raise _storage_error(path, cause, e) from None
     os.close(fd)
     tmp_path = Path(tmp_name)
     try:
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         try:
             yield tmp_path
-            _kill_hook(path, "tmp")
             os.replace(tmp_path, path)
         except (OSError, RuntimeError) as e:
             if isinstance(e, StorageError):
@@ -102,7 +90,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             if cause is None:
                 raise
             raise _storage_error(path, cause, e) from None
-        _kill_hook(path, "done")
     finally:
         with contextlib.suppress(OSError):
             tmp_path.unlink(missing_ok=True)

@@ -289,3 +289,162 @@ def test_stage_all_hands_one_backbone_on(data, tmp_path):
     start = load_checkpoint(later.last_checkpoint)["model"]
     params = [k for k in backbone if "running" not in k]
     assert all(torch.equal(start[k], ckpt["2"][k]) for k in params)
+
+
+# ---------------------------------------------------------------- kills at every write boundary
+
+# Runs training jobs in forked children of one process (torch imported once) and kills a child with SIGKILL right
+# after (or, with `before`, just before) its k-th rename onto a file whose name matches a pattern: every write of
+# a checkpoint is one such rename, so each k is one write boundary. A job's out_dir is rerun the way the pipeline
+# reruns a command: with resume_from when checkpoints/last.pt exists.
+KILL_DRIVER = r'''
+import fnmatch, json, os, signal, sys, traceback
+from pathlib import Path
+import torch
+from maou_nb.train import train
+torch.optim.AdamW([torch.zeros(1, requires_grad=True)])   # torch's lazy imports, once, before forking
+
+def kill_at(pattern, k, before):
+    real, seen = os.replace, [0]
+    def replace(src, dst):
+        hit = fnmatch.fnmatch(Path(dst).name, pattern)
+        seen[0] += hit
+        if hit and seen[0] == k and before:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(src, dst)
+        if hit and seen[0] == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return replace
+
+def run(config, kill):
+    """Exit status of one training run in a child: -9 when the kill came, 0 when it finished, 1 on an error."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            out = Path(config["out_dir"])
+            if (out / "checkpoints" / "last.pt").is_file():
+                config = {**config, "resume_from": str(out)}
+            if kill:
+                os.replace = kill_at(*kill)
+            train(config, progress=False)
+            os._exit(0)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+config, pattern, before, only = json.loads(sys.argv[1])
+results, k = [], 1
+while not only or k <= max(only):
+    if only and k not in only:
+        k += 1
+        continue
+    job = {**config, "out_dir": f"{config['out_dir']}/k{k}"}
+    killed = run(job, (pattern, k, before))
+    resumed = run(job, None) if killed == -signal.SIGKILL else None
+    results.append([k, killed, resumed])
+    if killed != -signal.SIGKILL:
+        break                                   # k is past the run's last write: job k ran uninterrupted
+    k += 1
+print(json.dumps(results))
+'''
+
+
+def kill_and_resume(config: dict, pattern: str = "*.pt", before: bool = False, only: list[int] | None = None):
+    """[k, status of the run killed at write k, status of its rerun] for each k (see KILL_DRIVER)."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", KILL_DRIVER, json.dumps([config, pattern, before, only or []])],
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.splitlines()[-1]), out.stderr
+
+
+def same(a, b, dirs: tuple[str, str], where="") -> list[str]:
+    """Where two checkpoint payloads differ: tensors bit for bit, paths relative to their run folders `dirs`;
+    left out: the run token, timings, and `params` (a rerun adds `resume_from`)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        ok = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        return [] if ok else [where]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{where}: keys {sorted(set(a) ^ set(b))}"]
+        return [d for k in a if k not in ("run_token", "seconds", "params") for d in same(a[k], b[k], dirs, f"{where}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{where}: lengths {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in same(x, y, dirs, f"{where}[{i}]")]
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return []
+    if isinstance(a, str) and isinstance(b, str):
+        a, b = a.replace(dirs[0], "<run>"), b.replace(dirs[1], "<run>")
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
+def telemetry(run) -> list[tuple]:
+    """metrics.jsonl without its timings."""
+    drop = {"elapsed_s", "timestamp", "samples_per_s"}
+    return [tuple(sorted((k, v) for k, v in json.loads(line).items() if k not in drop))
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(reference, run):
+    """Same checkpoints (every tensor bit for bit), same telemetry, no temporaries left."""
+    names = sorted(p.name for p in (reference / "checkpoints").iterdir())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == names, run
+    for name in names:
+        diff = same(load_checkpoint(reference / "checkpoints" / name), load_checkpoint(run / "checkpoints" / name),
+                    (str(reference), str(run)))
+        assert not diff, (run, name, diff[:5])
+    assert telemetry(run) == telemetry(reference), run
+    assert not [p for p in run.rglob(".*.tmp")], run
+
+
+def stage_all_config(data, tmp_path, **overrides) -> dict:
+    """All three stages with EMA and save_every: 18 checkpoint writes. Stage 1 meets its threshold at its last
+    allowed epoch, Stage 2 before its last; Stage 3 improves at both of its epochs."""
+    return {**TINY, "stage": "all", "stage1_data": str(data / "stage1"), "stage2_data": str(data / "stage2"),
+            "stage3_data": str(data / "pre"), "out_dir": str(tmp_path / "runs"), "batch_size": 256,
+            "stage1_batch_size": 512, "stage1_threshold": 0.5, "stage1_max_epochs": 1, "stage2_threshold": 0.01,
+            "stage2_max_epochs": 3, "epoch": 2, "save_every": 3, "ema_decay": 0.9, **overrides}
+
+
+def check_sweep(results, log, tmp_path, n_writes):
+    """Every run killed at write k < n resumed; the run for k = n (past the last write) is the reference."""
+    *killed, (last_k, finished, _) = results
+    assert finished == 0 and len(killed) == n_writes, (results, log[-3000:])
+    assert all(status == -9 and resumed == 0 for _, status, resumed in killed), (results, log[-3000:])
+    reference = tmp_path / "runs" / f"k{last_k}"
+    for k, _, _ in killed:
+        assert_same_run(reference, tmp_path / "runs" / f"k{k}")
+    return reference
+
+
+def test_kill_at_every_checkpoint_write_resumes_to_the_same_run(data, tmp_path):
+    results, log = kill_and_resume(stage_all_config(data, tmp_path))
+    reference = check_sweep(results, log, tmp_path, 18)
+    stages = load_checkpoint(reference / "checkpoints" / "last.pt")["stage_results"]
+    assert stages["1"]["epochs"] == 1 and stages["2"]["epochs"] == 1      # met at the last / before the last epoch
+    records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    val3 = [r["loss"] for r in records if r["kind"] == "val" and r["stage"] == "3"]
+    assert len(val3) == 2 and load_checkpoint(reference / "checkpoints" / "best.pt")["best"] == min(val3)
+
+
+def test_kill_with_a_write_half_done_leaves_no_temporary_and_resumes(data, tmp_path):
+    """Killed with the temporary complete but not renamed (best.pt, stage1.pt, a mid-epoch last.pt, stage3.pt)."""
+    results, log = kill_and_resume(stage_all_config(data, tmp_path), before=True, only=[2, 4, 6, 17])
+    assert [r[1:] for r in results] == [[-9, 0]] * 4, (results, log[-3000:])
+    results, log = kill_and_resume(stage_all_config(data, tmp_path / "ref"), only=[19])
+    assert results == [[19, 0, None]], results
+    for k in (2, 4, 6, 17):
+        assert_same_run(tmp_path / "ref" / "runs" / "k19", tmp_path / "runs" / f"k{k}")
+
+
+def test_kill_at_stage_transitions_with_dropout_is_bit_exact(data, tmp_path):
+    """ViT keeps dropout on: the RNG state handed across a stage boundary matters."""
+    config = stage_all_config(data, tmp_path, model="vit", model_config=TINY_VIT, stage1_batch_size=None)
+    results, log = kill_and_resume(config, pattern="stage*.pt")
+    check_sweep(results, log, tmp_path, 3)
