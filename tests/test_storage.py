@@ -104,3 +104,106 @@ def test_checkpoint_hash_and_weights_only(tmp_path):
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(st.ShardError, match="evil.pt"):
         st.load_checkpoint(tmp_path / "evil.pt")
+
+
+def _save_and_die_at_rename(path, payload, k, before):
+    """save_checkpoint in a child that SIGKILLs itself just before / right after its k-th os.replace."""
+    import signal
+    real, seen = os.replace, [0]
+
+    def replace(src, dst):
+        seen[0] += 1
+        if seen[0] == k and before:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(src, dst)
+        if seen[0] == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.replace = replace
+    st.save_checkpoint(path, payload)
+    os._exit(0)
+
+
+def test_checkpoint_killed_at_any_write_boundary_loads_old_or_new(tmp_path):
+    """Found broken: the new .sha256 was renamed in before the new .pt, so a kill between the two left a good
+    checkpoint that every load refused as 'truncated or altered'."""
+    path = tmp_path / "last.pt"
+    old, new = {"w": torch.zeros(3), "step": 1}, {"w": torch.ones(3), "step": 2}
+    outcomes = []
+    for k in range(1, 4):
+        for before in (True, False):
+            st.save_checkpoint(path, old)
+            proc = mp.get_context("fork").Process(target=_save_and_die_at_rename, args=(path, new, k, before))
+            proc.start(); proc.join()
+            step = st.load_checkpoint(path)["step"]                       # never refused
+            assert torch.equal(st.load_checkpoint(path)["w"], (old if step == 1 else new)["w"])
+            outcomes.append((k, before, proc.exitcode, step))
+            for temporary in tmp_path.glob(".last.pt.*.tmp"):                # what a kill mid-write leaves
+                temporary.unlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]          # no hash file to disagree with it
+    assert (1, True, -9, 1) in outcomes and (1, False, -9, 2) in outcomes  # killed before / after the rename
+    assert outcomes[-1][2:] == (0, 2)                                       # past the last rename: it finished
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
+    st.save_array(tmp_path / "a.npy", np.arange(3))
+    stale = [tmp_path / ".a.npy.x1y2_z3w.tmp", tmp_path / "sub" / ".last.pt.abcdefgh.tmp"]
+    for p in stale:
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"half")
+    keep = [tmp_path / ".hidden", tmp_path / "notes.tmp", tmp_path / ".x.running.ipynb"]
+    for p in keep:
+        p.write_text("mine")
+    assert sorted(st.remove_stale_temps(tmp_path)) == sorted(stale)
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
+    assert st.remove_stale_temps(tmp_path / "nowhere") == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (needs root and mount rights; skipped with the reason otherwise)."""
+    import subprocess
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up or make read-only here: {out.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk_names_the_path_and_keeps_what_was_written(small_disk):
+    ckpt = st.save_checkpoint(small_disk / "last.pt", {"w": torch.zeros(8)})
+    st.write_json(small_disk / "stats.json", {"step": 1})
+    before = ckpt.read_bytes()
+    cases = [lambda: st.save_checkpoint(small_disk / "last.pt", {"w": torch.zeros(200_000)}),      # 800 kB
+             lambda: st.save_array(small_disk / "big.npy", np.zeros(100_000)),
+             lambda: st.write_json(small_disk / "stats.json", {"x": "y" * 400_000})]
+    for write in cases:
+        with pytest.raises(st.StorageError) as e:
+            write()
+        msg = str(e.value)
+        assert "no space left on device" in msg and str(small_disk) in msg and "rerun" in msg, msg
+        assert isinstance(e.value, RuntimeError) and e.value.errno == 28       # the CLI prints RuntimeErrors cleanly
+    assert ckpt.read_bytes() == before and st.load_checkpoint(ckpt)["w"].shape == (8,)
+    assert st.read_json(small_disk / "stats.json") == {"step": 1}
+    assert sorted(p.name for p in small_disk.iterdir()) == ["last.pt", "stats.json"]   # no temporaries left
+
+
+def test_read_only_disk_names_the_path_and_the_cause(small_disk):
+    import subprocess
+    st.write_json(small_disk / "run" / "run.json", {"started": 1})
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    for write in (lambda: st.save_checkpoint(small_disk / "run" / "checkpoints" / "last.pt", {"w": torch.ones(2)}),
+                  lambda: st.write_json(small_disk / "run" / "run.json", {"started": 2})):
+        with pytest.raises(st.StorageError) as e:
+            write()
+        assert "read-only file system" in str(e.value) and str(small_disk / "run") in str(e.value), str(e.value)
+    assert st.read_json(small_disk / "run" / "run.json") == {"started": 1}
+
+
+def test_permission_denied_names_the_path():
+    target = Path("/sys/kernel/maou_nb_test.json")            # sysfs refuses new files even to root
+    if not target.parent.is_dir():
+        pytest.skip("no /sys/kernel here (not Linux)")
+    with pytest.raises(st.StorageError, match="maou_nb_test.json: cannot write: permission denied"):
+        st.write_json(target, {"x": 1})

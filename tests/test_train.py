@@ -434,13 +434,37 @@ def test_kill_at_every_checkpoint_write_resumes_to_the_same_run(data, tmp_path):
 
 
 def test_kill_with_a_write_half_done_leaves_no_temporary_and_resumes(data, tmp_path):
-    """Killed with the temporary complete but not renamed (best.pt, stage1.pt, a mid-epoch last.pt, stage3.pt)."""
-    results, log = kill_and_resume(stage_all_config(data, tmp_path), before=True, only=[2, 4, 6, 17])
-    assert [r[1:] for r in results] == [[-9, 0]] * 4, (results, log[-3000:])
-    results, log = kill_and_resume(stage_all_config(data, tmp_path / "ref"), only=[19])
-    assert results == [[19, 0, None]], results
-    for k in (2, 4, 6, 17):
-        assert_same_run(tmp_path / "ref" / "runs" / "k19", tmp_path / "runs" / f"k{k}")
+    """Killed with the temporary complete but not renamed: best.pt, stage1.pt, a mid-epoch last.pt, stage3.pt."""
+    results, log = kill_and_resume(stage_all_config(data, tmp_path), before=True, only=[2, 4, 6, 17, 99])
+    check_sweep(results, log, tmp_path, 4)
+
+
+def test_kill_after_stage_checkpoint_when_threshold_met_at_last_epoch(data, tmp_path):
+    """Found broken: every rerun crashed with KeyError: 'accuracy' (it ran zero epochs and gated on no metrics)."""
+    config = stage_all_config(data, tmp_path, stage="1", stage1_max_epochs=1)
+    results, log = kill_and_resume(config, pattern="stage1.pt", only=[1, 99])
+    check_sweep(results, log, tmp_path, 1)
+
+
+def test_kill_after_stage_checkpoint_when_threshold_met_early(data, tmp_path):
+    """Found broken: the rerun trained an extra epoch and overwrote stage1.pt."""
+    config = stage_all_config(data, tmp_path, stage="1", stage1_max_epochs=3)
+    results, log = kill_and_resume(config, pattern="stage1.pt", only=[1, 99])
+    reference = check_sweep(results, log, tmp_path, 1)
+    assert load_checkpoint(reference / "checkpoints" / "stage1.pt")["epoch"] == 1
+
+
+def test_kill_after_last_at_final_epoch_keeps_best_and_metrics(data, tmp_path):
+    """Found broken: best.pt stayed at an older epoch (export uses it) and Stage 3's metrics came out empty."""
+    config = run_config(data, tmp_path, out_dir=str(tmp_path / "runs"), epoch=2)
+    results, log = kill_and_resume(config, pattern="last.pt", only=[2, 99])   # the final epoch's last.pt
+    reference = check_sweep(results, log, tmp_path, 1)
+    best = load_checkpoint(reference / "checkpoints" / "best.pt")
+    assert best["epoch"] == 2 and best["val_metrics"]["loss"] == best["best"]
+    result = train({**config, "out_dir": str(tmp_path / "runs" / "k2"), "resume_from": str(tmp_path / "runs" / "k2")},
+                   progress=False)                                             # nothing left to train: same figures
+    assert result.stages["3"]["metrics"] == load_checkpoint(reference / "checkpoints" / "last.pt")["val_metrics"]
+    assert result.best_checkpoint == tmp_path / "runs" / "k2" / "checkpoints" / "best.pt"
 
 
 def test_kill_at_stage_transitions_with_dropout_is_bit_exact(data, tmp_path):
