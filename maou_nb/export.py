@@ -420,7 +420,8 @@ def onnx_beside(checkpoint: str | Path) -> Path:
     checkpoint = Path(checkpoint)
     out = checkpoint.with_suffix(".onnx")
     side = sidecar_path(out)
-    if out.is_file() and side.is_file() and read_json(side).get("checkpoint_sha256") == sha256_file(checkpoint):
-        return out
+    meta = read_json(side) if out.is_file() and side.is_file() else {}
+    if meta.get("checkpoint_sha256") == sha256_file(checkpoint) and meta.get("sha256") == sha256_file(out):
+        return out   # both halves of the same export (a kill between its renames leaves them apart)
     export_onnx(checkpoint, out, fp16=False)
     return out

@@ -229,10 +229,14 @@ def run_pipeline(params: str | os.PathLike | dict, *, run_id: str | None = None,
     if (run / "params.yaml").is_file() and (run / "params.yaml").read_text() != resolved:
         raise ValueError(f"{run} already holds a run with other params. Use a new run_id, or the same params to resume it.")
     (run / "notebooks").mkdir(parents=True, exist_ok=True)
+    from .storage import remove_stale_temps
+    remove_stale_temps(run)  # temporaries of writes that a kill of an earlier attempt cut short
     with atomic_path(run / "params.yaml") as tmp:
         tmp.write_text(resolved)
     meta = {"maou_nb": __version__, "git": _git_revision(), "python": platform.python_version(),
             "started": _now(), "argv": sys.argv}
+    if (run / "run.json").is_file():  # a rerun continues the run: keep when it started
+        meta["started"] = read_json(run / "run.json").get("started", meta["started"])
     write_json(run / "run.json", meta)
     steps = [s for s in params["steps"] if not only or s in only]
     folder = stages_dir(params)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -15,7 +16,6 @@ import random
 import re
 import time
 import typing
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,7 @@ __all__ = ['SCHEDULERS', 'MODEL_NAMES', 'CHOICES', 'RANGES', 'DATA_KIND', 'PART_
            'stage3_metrics', 'summarise', 'StageSpec', 'stage_spec', 'stage_gate', 'StageThresholdError',
            'NonFiniteLossError', 'param_groups', 'make_optimizer', 'make_scheduler', 'EMA', 'Rows', 'split_rows',
            'stage_datasets', 'rng_state', 'set_rng_state', 'clean_state_dict', 'seed_everything', 'RunLog',
-           'StageTrainer', 'position_sampler', 'fit_stage', 'TrainRun', 'progress_of', 'resume_checkpoint',
+           'StageTrainer', 'position_sampler', 'fit_stage', 'run_token', 'TrainRun', 'progress_of', 'resume_checkpoint',
            'build_train_model', 'load_parts', 'set_trainable', 'TrainResult', 'as_config', 'train']
 
 # %% ../nbs/11_train.ipynb #0d4625ee
@@ -784,6 +784,12 @@ def fit_stage(tr: StageTrainer, run: TrainRun) -> dict:
     return {"metrics": metrics, "epochs": tr.epoch, "stopped": "threshold" if spec.threshold else "epochs"}
 
 # %% ../nbs/11_train.ipynb #fa6c6d93
+def run_token(c: TrainConfig) -> str:
+    """A short digest of the parameters a fresh run starts from: runs with the same ones reach the same states,
+    and a rerun writes byte-identical checkpoints (the loop's registry knows a model by its bytes)."""
+    params = {k: v for k, v in c.to_dict().items() if k not in ("resume_from", "max_steps")}
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
 class TrainRun:
     """A training run's folder, counters, logging and checkpointing."""
     def __init__(self, out_dir: Path, c: TrainConfig, callback: Callable[[dict], None] | None = None):
@@ -794,7 +800,7 @@ class TrainRun:
         self.completed: list[str] = []
         self.results: dict[str, dict] = {}
         self.last_good: Path | None = None
-        self.token = uuid.uuid4().hex    # names this run in its checkpoints: a resume ignores other runs' files
+        self.token = run_token(c)        # in every checkpoint: a resume ignores stage files of other runs
 
     def run_state(self) -> dict:
         """Run-wide fields stored in every checkpoint."""
@@ -964,6 +970,8 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, progress: bool = Tr
         model.load_state_dict(clean_state_dict(resume["model"]))
         run.restore(resume)
         set_rng_state(resume["rng"])
+    else:
+        run.log.rewind(0)                                  # a fresh run's telemetry starts empty, as its checkpoints do
     model.to(device)
     stopped = None
     try:

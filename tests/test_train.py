@@ -472,3 +472,14 @@ def test_kill_at_stage_transitions_with_dropout_is_bit_exact(data, tmp_path):
     config = stage_all_config(data, tmp_path, model="vit", model_config=TINY_VIT, stage1_batch_size=None)
     results, log = kill_and_resume(config, pattern="stage*.pt")
     check_sweep(results, log, tmp_path, 3)
+
+
+def test_a_fresh_rerun_writes_the_same_bytes_and_fresh_telemetry(data, tmp_path):
+    """The loop's registry knows a model by its SHA-256: retraining the same candidate must give the same file."""
+    from maou_nb.storage import sha256_file
+    config = run_config(data, tmp_path, epoch=1)
+    first = train(config, progress=False)
+    digest, lines = sha256_file(first.best_checkpoint), (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    second = train(config, progress=False)
+    assert sha256_file(second.best_checkpoint) == digest
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == len(lines)   # not appended twice
