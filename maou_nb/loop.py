@@ -11,7 +11,8 @@ from pathlib import Path
 from .play import NetworkPlayer, gauntlet, load_registry, play_match, random_openings, register_model, save_registry
 
 # %% auto #0
-__all__ = ['LoopParams', 'use_onnx', 'self_play', 'train_candidate', 'run_iteration', 'registry_best_path', 'run']
+__all__ = ['LoopParams', 'use_onnx', 'self_play', 'train_candidate', 'run_iteration', 'registry_best_path', 'recorded_iteration',
+           'run']
 
 # %% ../nbs/32_loop.ipynb #480900ac
 @dataclass
@@ -132,13 +133,31 @@ def registry_best_path(root: Path) -> str | None:
     return None
 
 
+def recorded_iteration(root: Path, i: int) -> dict | None:
+    "Iteration `i`'s summary rebuilt from the registry when its gauntlet was recorded but its done.json was not."
+    from maou_nb.play import registry_entry
+    reg = load_registry(root / "registry.json")
+    run_dir = str(root / f"iter_{i:03d}" / "train")
+    for entry in reg["models"]:
+        decided = [e for e in entry["evaluations"] if e.get("kind") == "gauntlet"]
+        if entry["run"] == run_dir and decided:
+            before = registry_entry(reg, entry["parent"])["path"] if entry["parent"] else None
+            decision = {"id": entry["id"], "promoted": decided[-1]["promoted"], "best": reg["best"],
+                        "rows": decided[-1]["rows"]}
+            return {"iteration": i, "best_before": before, "selfplay": None, "candidate": entry["path"],
+                    "decision": decision, "best_after": entry["path"] if decision["promoted"] else before,
+                    "seconds": None, "recovered": "from registry.json (killed before done.json)"}
+    return None
+
+
 def run(params, *, progress: bool | None = None) -> list[dict]:
     "Run (or resume) the self-improvement loop; one summary per iteration."
     from maou_nb.settings import setting
-    from maou_nb.storage import read_json, write_json
+    from maou_nb.storage import read_json, remove_stale_temps, write_json
     p = LoopParams.load(params)
     root = Path(p.out_dir) if p.out_dir else Path(setting("runs_root")) / "loop"
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(root)  # left by writes that a kill of an earlier call cut short
     if not Path(p.initial_model).is_file():
         raise FileNotFoundError(f"initial_model {p.initial_model} does not exist: pass a training checkpoint (.pt)")
     write_json(root / "params.json", dataclasses.asdict(p))
@@ -154,8 +173,7 @@ def run(params, *, progress: bool | None = None) -> list[dict]:
         if done.is_file():
             summaries.append(read_json(done))
             continue
-        best = registry_best_path(root)
-        summary = run_iteration(i, best, root, p)
+        summary = recorded_iteration(root, i) or run_iteration(i, registry_best_path(root), root, p)
         write_json(done, summary)
         summaries.append(summary)
         if progress is not False:
