@@ -21,11 +21,11 @@ import numpy as np
 
 
 # %% auto #0
-__all__ = ['HCPE_DTYPE', 'SIDECAR_SUFFIXES', 'DATA_KINDS', 'CHECKPOINT_FORMAT', 'ShardError', 'StorageError', 'atomic_path',
-           'remove_stale_temps', 'write_json', 'read_json', 'read_yaml', 'save_array', 'load_array', 'sidecar_path',
-           'game_id', 'save_hcpe', 'load_hcpe', 'load_game_ids', 'list_shards', 'mix64', 'split_by_game',
-           'write_manifest', 'read_manifest', 'manifest_shards', 'sha256_file', 'save_checkpoint', 'load_checkpoint',
-           'LocalStorage', 'get_storage']
+__all__ = ['HCPE_DTYPE', 'SIDECAR_SUFFIXES', 'DATA_KINDS', 'CHECKPOINT_FORMAT', 'ShardError', 'StorageError', 'disk_error',
+           'atomic_path', 'remove_stale_temps', 'write_json', 'read_json', 'read_yaml', 'save_array', 'load_array',
+           'sidecar_path', 'game_id', 'save_hcpe', 'load_hcpe', 'load_game_ids', 'list_shards', 'mix64',
+           'split_by_game', 'write_manifest', 'read_manifest', 'manifest_shards', 'sha256_file', 'save_checkpoint',
+           'load_checkpoint', 'LocalStorage', 'get_storage']
 
 # %% ../nbs/04_storage.ipynb #285ca7a1
 HCPE_DTYPE = np.dtype(cshogi.HuffmanCodedPosAndEval)
@@ -63,6 +63,12 @@ def _storage_error(path: Path, cause: str, e: BaseException) -> StorageError:
                         "was changed. Free some space or fix the folder's permissions (or write the output "
                         "elsewhere: out_dir / --runs-root), then rerun the same command to continue.", str(path))
 
+def disk_error(path: str | os.PathLike, e: BaseException) -> StorageError | None:
+    """The `StorageError` for a failed write to `path` when a full, read-only or forbidden disk caused it, else None."""
+    path = Path(path)
+    cause = _write_cause(path.parent, e)
+    return None if cause is None else _storage_error(path, cause, e)
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it onto `path` on success, delete it on error.
@@ -72,10 +78,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        cause = _write_cause(path.parent, e)
-        if cause is None:
-            raise
-        raise _storage_error(path, cause, e) from None
+        raise disk_error(path, e) or e from None
     os.close(fd)
     tmp_path = Path(tmp_name)
     try:
@@ -86,10 +89,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         except (OSError, RuntimeError) as e:
             if isinstance(e, StorageError):
                 raise
-            cause = _write_cause(path.parent, e)
-            if cause is None:
-                raise
-            raise _storage_error(path, cause, e) from None
+            raise disk_error(path, e) or e from None
     finally:
         with contextlib.suppress(OSError):
             tmp_path.unlink(missing_ok=True)

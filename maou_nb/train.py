@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import __version__
-from .storage import (ShardError, atomic_path, load_checkpoint, read_manifest, remove_stale_temps,
+from .storage import (ShardError, atomic_path, disk_error, load_checkpoint, read_manifest, remove_stale_temps,
                              save_checkpoint, write_json)
 
 # %% auto #0
@@ -596,8 +596,11 @@ class RunLog:
             self.latest_val = {k: v for k, v in info.items() if isinstance(v, float)}
         else:
             self.latest_train = {**rec, "eta_s": eta_s}
-        with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            raise disk_error(self.dir / "metrics.jsonl", e) or e from None
         self.records += 1
         position = {k: rec[k] for k in ("stage", "epoch", "step", "global_step", "lr", "elapsed_s", "timestamp")}
         write_json(self.dir / "stats.json", {**self.latest_train, **position, "val": self.latest_val})

@@ -483,3 +483,23 @@ def test_a_fresh_rerun_writes_the_same_bytes_and_fresh_telemetry(data, tmp_path)
     second = train(config, progress=False)
     assert sha256_file(second.best_checkpoint) == digest
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == len(lines)   # not appended twice
+
+
+def test_full_disk_stops_training_naming_the_path_and_keeps_the_last_checkpoint(data, tmp_path):
+    import subprocess
+    from maou_nb.storage import StorageError
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(disk)],   # about 2 checkpoints
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up here: {mounted.stderr.strip()}")
+    try:
+        config = run_config(data, tmp_path, out_dir=str(disk / "run"), epoch=20, save_every=1, max_steps=200)
+        with pytest.raises(StorageError) as e:
+            train(config, progress=False)
+        assert "no space left on device" in str(e.value) and str(disk / "run") in str(e.value), str(e.value)
+        last = load_checkpoint(disk / "run" / "checkpoints" / "last.pt")      # the one before the failed write
+        assert last["step"] >= 1 and not list((disk / "run").rglob(".*.tmp"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
