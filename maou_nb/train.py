@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import __version__
-from .storage import (ShardError, atomic_path, disk_error, load_checkpoint, read_manifest, remove_stale_temps,
-                             save_checkpoint, write_json)
+from .storage import (
+    ShardError, atomic_path, disk_error, load_checkpoint, read_manifest, remove_stale_temps, save_checkpoint, write_json)
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'MODEL_NAMES', 'CHOICES', 'RANGES', 'DATA_KIND', 'PART_KEYS', 'NORM_TYPES', 'STAGE_HEADS', 'ConfigError',
@@ -811,14 +811,13 @@ class TrainRun:
                 "stage_results": copy.deepcopy(self.results), "run_token": self.token,
                 "log_records": self.log.records}
 
-    def restore(self, payload: dict) -> None:
-        """Continue the counters, the telemetry and the run token of a resumed run."""
+    def restore(self, payload: dict, here: bool) -> None:
+        """Continue the counters, the run token and (`here`: resumed from this run folder) the telemetry."""
         self.global_step = payload.get("global_step", 0)
         self.completed = list(payload.get("completed_stages", []))
         self.results = dict(payload.get("stage_results", {}))
         self.token = payload.get("run_token") or self.token
-        if "log_records" in payload:
-            self.log.rewind(payload["log_records"])
+        self.log.rewind(payload.get("log_records", self.log.records) if here else 0)
         if (self.ckpt_dir / "last.pt").is_file():
             self.last_good = self.ckpt_dir / "last.pt"
 
@@ -967,11 +966,12 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, progress: bool = Tr
     run = TrainRun(out_dir, c, callback)
     write_json(out_dir / "params.json", c.to_dict())
     if resume is not None:
-        if resume_path != resolve_checkpoint(c.resume_from) and resume_path.parent.resolve() == run.ckpt_dir.resolve():
+        here = resume_path.parent.resolve() == run.ckpt_dir.resolve()
+        if here and resume_path != resolve_checkpoint(c.resume_from):
             with atomic_path(run.ckpt_dir / "last.pt") as tmp:   # `last` is that later stage<N>.pt
                 tmp.write_bytes(resume_path.read_bytes())
         model.load_state_dict(clean_state_dict(resume["model"]))
-        run.restore(resume)
+        run.restore(resume, here)
         set_rng_state(resume["rng"])
     else:
         run.log.rewind(0)                                  # a fresh run's telemetry starts empty, as its checkpoints do
