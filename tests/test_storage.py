@@ -207,3 +207,17 @@ def test_permission_denied_names_the_path():
         pytest.skip("no /sys/kernel here (not Linux)")
     with pytest.raises(st.StorageError, match="maou_nb_test.json: cannot write: permission denied"):
         st.write_json(target, {"x": 1})
+
+
+def test_checkpoints_of_the_older_format_still_load_and_their_hash_file_goes(tmp_path):
+    """maou_nb 0.1 wrote a plain torch.save file with `<name>.sha256` beside it."""
+    path = tmp_path / "old.pt"
+    torch.save({"w": torch.ones(2), "step": 5}, path)
+    hash_file = tmp_path / "old.pt.sha256"
+    hash_file.write_text(f"{st.sha256_file(path)}  old.pt\n")
+    assert st.load_checkpoint(path)["step"] == 5
+    hash_file.write_text("0" * 64 + "  old.pt\n")                     # e.g. killed between its two writes
+    with pytest.raises(st.ShardError, match=r"old.pt.sha256.*delete old.pt.sha256 and load it again"):
+        st.load_checkpoint(path)
+    st.save_checkpoint(path, {"w": torch.zeros(2), "step": 6})         # the new format: one file, no hash beside it
+    assert st.load_checkpoint(path)["step"] == 6 and not hash_file.exists()
