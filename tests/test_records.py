@@ -1,4 +1,4 @@
-"""CSA/KIF -> HCPE conversion on the real records in ../shared/data/records, with cshogi as the rules oracle."""
+"""CSA/KIF -> HCPE conversion on the real records in tests/data/records, with cshogi as the rules oracle."""
 import re
 import shutil
 import warnings
