@@ -26,8 +26,9 @@ from .storage import ShardError, atomic_path, read_json, read_yaml, write_json
 
 # %% auto #0
 __all__ = ['STAGE_MARK', 'INJECTED_MARK', 'STEPS', 'TOP_LEVEL_KEYS', 'PATH_PARAMS', 'stage_params', 'Step', 'mark_done',
-           'stages_dir', 'notebook_parameters', 'load_params', 'run_pipeline', 'write_summary', 'markdown_table',
-           'main']
+           'kit_folder', 'bundled_params', 'find_params', 'stages_dir', 'notebook_parameters', 'load_params',
+           'notebook_sha256', 'run_metadata', 'record_step', 'run_pipeline', 'write_summary', 'markdown_table', 'init',
+           'init_command', 'main']
 
 # %% ../nbs/22_pipeline.ipynb #549d0410
 STAGE_MARK, INJECTED_MARK = "# Stage parameters", "# Parameters"
@@ -93,16 +94,48 @@ STEPS: dict[str, Step] = {s.name: s for s in [
     Step("evaluate", "evaluate.ipynb", "eval", lambda run: {"model": str(run / "models/model.onnx")}),
 ]}
 
+# %% ../nbs/22_pipeline.ipynb #f11b86cd
+_KIT_FOLDERS = {"stages": "nbs/stages", "params": "params"}  # package data -> where it lives in a checkout
+
+def kit_folder(name: str) -> Path:
+    """The kit's `stages` (stage notebooks) or `params` (example params) folder: the installed copy, or the checkout's."""
+    if name not in _KIT_FOLDERS:
+        raise ValueError(f"unknown kit folder {name!r}; known: {sorted(_KIT_FOLDERS)}")
+    import maou_nb
+    package = Path(maou_nb.__file__).resolve().parent
+    candidates = (package / name, package.parent / _KIT_FOLDERS[name])  # a wheel's package data; an editable checkout
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    raise FileNotFoundError(f"the kit's {name} folder is missing (looked in {', '.join(map(str, candidates))}). "
+                            "Reinstall maou_nb: pip install maou_nb, or pip install -e . in a checkout.")
+
+def bundled_params() -> list[str]:
+    """The names of the bundled params files, as `maou-nb run NAME` takes them."""
+    root = kit_folder("params")
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+def find_params(source: str | os.PathLike) -> Path:
+    """The params file `source` names: the file itself when it exists (a path wins), else the bundled one of that name."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    name = path.as_posix().removesuffix(".yaml")
+    if not path.is_absolute() and name in bundled_params():
+        return kit_folder("params") / f"{name}.yaml"
+    raise FileNotFoundError(f"{source}: params file not found. Give the path of a YAML file or the name of a bundled "
+                            f"one ({', '.join(bundled_params())}); `maou-nb init` copies those into a folder to edit.")
+
 # %% ../nbs/22_pipeline.ipynb #3af9c167
 TOP_LEVEL_KEYS = {"name", "run_id", "steps", "stages_dir", "runs_root", "data_root", "device", "description"}
 
 def stages_dir(params: dict | None = None) -> Path:
-    """The folder of stage notebooks: params `stages_dir`, `$MAOU_NB_STAGES`, or this checkout's `nbs/stages`."""
+    """The folder of stage notebooks: params `stages_dir`, `$MAOU_NB_STAGES`, or the kit's own (`kit_folder`)."""
     explicit = (params or {}).get("stages_dir") or os.environ.get("MAOU_NB_STAGES")
-    folder = Path(explicit) if explicit else Path(__file__).resolve().parents[1] / "nbs" / "stages"
+    folder = Path(explicit) if explicit else kit_folder("stages")
     if not folder.is_dir():
-        raise FileNotFoundError(f"stage notebooks not found in {folder}. Run from a maou_nb checkout "
-                                "(pip install -e .) or set stages_dir / MAOU_NB_STAGES to its nbs/stages folder.")
+        raise FileNotFoundError(f"stage notebooks not found in {folder} (from stages_dir / MAOU_NB_STAGES). Point it at "
+                                "a folder of stage notebooks (`maou-nb init --notebooks` writes one) or unset it.")
     return folder
 
 def notebook_parameters(path: Path) -> dict[str, object]:
@@ -161,7 +194,7 @@ def load_params(source: str | os.PathLike | dict) -> dict:
     if isinstance(source, dict):
         params, where = dict(source), "params"
     else:
-        path = Path(source)
+        path = find_params(source)
         params, where = read_yaml(path), str(path)
         params.setdefault("name", path.stem)
     if not isinstance(params, dict):
@@ -199,15 +232,53 @@ def load_params(source: str | os.PathLike | dict) -> dict:
         params[name] = _absolute_paths(name, section)
     return params
 
-# %% ../nbs/22_pipeline.ipynb #269eaf4b
-def _git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+# %% ../nbs/22_pipeline.ipynb #d19e3ed9
+import hashlib
+from importlib import metadata as _metadata
 
+def _git_revision() -> dict:
+    """`{"git": commit, "git_dirty": bool}` when the kit runs from a git checkout of maou_nb, else `{}`."""
+    import maou_nb
+    root = Path(maou_nb.__file__).resolve().parents[1]
+    if not (root / "nbs" / "22_pipeline.ipynb").is_file():
+        return {}  # an installed package: no checkout of its own
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    try:
+        top, head = git("rev-parse", "--show-toplevel"), git("rev-parse", "HEAD")
+        if top.returncode or head.returncode or Path(top.stdout.strip()).resolve() != root:
+            return {}
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git": head.stdout.strip(), "git_dirty": dirty}
+
+def _version(dist: str) -> str | None:
+    try:
+        return _metadata.version(dist)
+    except _metadata.PackageNotFoundError:
+        return None
+
+def notebook_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a notebook file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+def run_metadata(run: Path) -> dict:
+    """`run.json` for a new invocation of `run`: versions, command and start, with an earlier invocation's records kept."""
+    meta = {"maou_nb": __version__, "python": platform.python_version(), "torch": _version("torch"),
+            **_git_revision(), "started": _now(), "argv": sys.argv, "steps": {}}
+    if (run / "run.json").is_file():
+        before = read_json(run / "run.json")
+        meta["steps"] = before.get("steps", {})
+        meta["earlier"] = before.get("earlier", []) + [{k: v for k, v in before.items() if k not in ("steps", "earlier")}]
+    return meta
+
+def record_step(run: Path, meta: dict, name: str, notebook: Path) -> None:
+    """Note in `run.json`, before it runs, which stage notebook (path and SHA-256) runs step `name`."""
+    meta["steps"][name] = {"notebook": str(Path(notebook).resolve()), "sha256": notebook_sha256(notebook), "started": _now()}
+    write_json(run / "run.json", meta)
+
+# %% ../nbs/22_pipeline.ipynb #269eaf4b
 def _run_notebook(nb_in: Path, nb_out: Path, parameters: dict, cwd: Path) -> None:
     """Execute a stage notebook; the executed copy (failed cells and all) is kept at `nb_out`."""
     import papermill as pm
@@ -231,8 +302,7 @@ def run_pipeline(params: str | os.PathLike | dict, *, run_id: str | None = None,
     (run / "notebooks").mkdir(parents=True, exist_ok=True)
     with atomic_path(run / "params.yaml") as tmp:
         tmp.write_text(resolved)
-    meta = {"maou_nb": __version__, "git": _git_revision(), "python": platform.python_version(),
-            "started": _now(), "argv": sys.argv}
+    meta = run_metadata(run)
     write_json(run / "run.json", meta)
     steps = [s for s in params["steps"] if not only or s in only]
     folder = stages_dir(params)
@@ -246,6 +316,7 @@ def run_pipeline(params: str | os.PathLike | dict, *, run_id: str | None = None,
             injected["device"] = setting("device", params=params)
         if name == "train" and (run / "checkpoints/last.pt").is_file():
             injected["resume_from"] = str(run / "checkpoints/last.pt")
+        record_step(run, meta, name, folder / step.notebook)
         echo(f"[{k}/{len(steps)}] {name}: running {step.notebook} ...")
         t0 = time.time()
         try:
@@ -305,10 +376,54 @@ def _fmt(value) -> str:
         return "; ".join(_fmt(v) for v in value)
     return str(value)
 
+# %% ../nbs/22_pipeline.ipynb #8f0f832e
+def init(folder: str | os.PathLike = ".", *, notebooks: bool = False, overwrite: bool = False) -> list[Path]:
+    """Copy the kit's params files into `folder/params` (and its stage notebooks into `folder/stages`); the files written."""
+    folder = Path(folder)
+    sources = [(kit_folder("params"), folder / "params", "*.yaml")] + (
+        [(kit_folder("stages"), folder / "stages", "*.ipynb")] if notebooks else [])
+    plan = [(src, dst / src.relative_to(root)) for root, dst, pattern in sources for src in sorted(root.rglob(pattern))]
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file: give a folder to put params/ in.")
+    changed = [dst for src, dst in plan if dst.exists() and (not dst.is_file() or dst.read_bytes() != src.read_bytes())]
+    if changed and not overwrite:
+        raise FileExistsError(f"{len(changed)} file(s) differ from the kit's and would be replaced: "
+                              f"{', '.join(map(str, changed))}. Nothing was written; keep them, or pass --force "
+                              "(overwrite=True) to replace them.")
+    written = []
+    for src, dst in plan:
+        if dst.is_file() and dst.read_bytes() == src.read_bytes():
+            continue
+        with atomic_path(dst) as tmp:
+            tmp.write_bytes(src.read_bytes())
+        written.append(dst)
+    return written
+
+def init_command(argv: list[str] | None = None) -> int:
+    """`maou-nb init [DIR] [--notebooks] [--force]`."""
+    parser = argparse.ArgumentParser(prog="maou-nb init", description="Copy the kit's example params files (and "
+                                     "with --notebooks its stage notebooks) into a working folder to edit.")
+    parser.add_argument("folder", nargs="?", default=".", help="where params/ (and stages/) go; default: here")
+    parser.add_argument("--notebooks", action="store_true", help="also copy the stage notebooks into DIR/stages")
+    parser.add_argument("--force", action="store_true", help="replace files that differ from the kit's")
+    args = parser.parse_args(argv)
+    try:
+        written = init(args.folder, notebooks=args.notebooks, overwrite=args.force)
+    except (FileExistsError, NotADirectoryError, FileNotFoundError) as e:
+        print(f"maou-nb init: error: {e}", file=sys.stderr)
+        return 2
+    where = Path(args.folder).resolve()
+    print(f"{len(written)} file(s) written under {where}" + ("" if written else " (all were already the kit's)"))
+    print(f"next: cd {where} && maou-nb run params/quickstart.yaml" + (
+        "   (MAOU_NB_STAGES=stages to run the copied notebooks)" if args.notebooks else ""))
+    return 0
+
 # %% ../nbs/22_pipeline.ipynb #fba4e7ee
 def main(argv: list[str] | None = None) -> int:
     """The `maou-nb` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "init":
+        return init_command(argv[1:])
     if argv and argv[0] == "usi":
         from maou_nb.usi import main as usi_main
         return usi_main(argv[1:]) or 0
