@@ -21,9 +21,9 @@ from .play import (RESIGN, BaselinePlayer, NetworkPlayer, Player, RandomPlayer, 
 
 # %% auto #0
 __all__ = ['MODEL_FILES', 'AUTO', 'STANDARD_OPTIONS', 'PIECE_LIMITS', 'PIECE_NAMES', 'MAX_PLY', 'GO_INT_ARGS', 'GO_FLAGS',
-           'NO_CLOCK_SECONDS', 'run_finish_time', 'newest_run_model', 'default_model', 'engine_options', 'option_line',
-           'USIError', 'check_sfen', 'parse_position', 'parse_go', 'time_budget', 'Clock', 'score_cp', 'ModelError',
-           'USIEngine', 'main']
+           'NO_CLOCK_SECONDS', 'RESERVE_SECONDS', 'run_finish_time', 'newest_run_model', 'default_model',
+           'engine_options', 'option_line', 'USIError', 'check_sfen', 'parse_position', 'parse_go', 'time_budget',
+           'Clock', 'score_cp', 'ModelError', 'USIEngine', 'main']
 
 # %% ../nbs/31_usi.ipynb #9c1d0a02
 MODEL_FILES = ("best.onnx", "model.onnx", "best.pt")  # a model the user put in models_root, looked for in this order
@@ -288,12 +288,13 @@ def time_budget(limits: dict, turn: int, margin_ms: int = 200) -> float | None:
 
 # %% ../nbs/31_usi.ipynb #9c1d0a09
 NO_CLOCK_SECONDS = 1.0  # how long a time-managed search thinks on a `go` that gives no clock and no nodes
+RESERVE_SECONDS = 0.01  # kept back at least, for the move choice and a simulation slower than the recent ones
 
 
 class Clock:
     """The stop rule of one search, called before each simulation: True once `stopped` is set (`stop`, `quit`,
-    `gameover`) or when the next simulation would end past `deadline` (a monotonic time, None for none; `ponderhit`
-    sets it). The next simulation is predicted to take as long as the slowest recent one."""
+    `gameover`) or when the next simulation could end past `deadline` (a monotonic time, None for none; `ponderhit`
+    sets it): it stops when less than twice the slowest recent simulation (at least RESERVE_SECONDS) is left."""
 
     def __init__(self, deadline: float | None = None):
         self.deadline, self.stopped = deadline, threading.Event()
@@ -303,9 +304,10 @@ class Clock:
     def __call__(self) -> bool:
         now = time.monotonic()
         if self.last is not None:
-            self.step = max(0.9 * self.step, now - self.last)
+            self.step = max(0.99 * self.step, now - self.last)
         self.last = now
-        return self.stopped.is_set() or (self.deadline is not None and now + self.step > self.deadline)
+        return self.stopped.is_set() or (self.deadline is not None
+                                         and now + max(2 * self.step, RESERVE_SECONDS) > self.deadline)
 
 # %% ../nbs/31_usi.ipynb #88e9b663
 def score_cp(win_probability: float) -> int:
@@ -340,7 +342,7 @@ class USIEngine:
             self.set_option(k, str(v))
         self.player: Player | None = None
         self.playing = ""  # what plays, said at isready
-        self.board = cshogi.Board()
+        self.board: cshogi.Board | None = cshogi.Board()  # None after a refused `position`
         self.search: _Search | None = None  # a go infinite/ponder in progress
 
     def write(self, line: str) -> None:
@@ -353,8 +355,8 @@ class USIEngine:
         spec = self.spec.get(name) or STANDARD_OPTIONS.get(name)
         if spec is None:
             close = [k for k in self.spec if k.lower() == name.lower()]
-            raise USIError(f"unknown option {name!r}" + (f"; did you mean {close[0]}?" if close else "")
-                           + f" Options are {', '.join(self.spec)}")
+            raise USIError(f"unknown option {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                           + f"; options are {', '.join(self.spec)}")
         if spec["type"] == "spin":
             if not re.fullmatch(r"-?[0-9]+", value):
                 raise USIError(f"option {name} needs a whole number in [{spec['min']}, {spec['max']}], got {value!r}")
@@ -478,8 +480,13 @@ class USIEngine:
     def go(self, args: list[str]) -> None:
         """Answer `go`: info lines then bestmove. A clocked search runs here and ends by its clock; `go infinite`
         and `go ponder` run in a thread until `stop` (or, pondering, `ponderhit` and then the clock)."""
-        limits = parse_go(args, self.board)
         start = time.monotonic()
+        if self.board is None:  # never think about a position other than the one the GUI sent
+            self.write("info string error: no position to think about: the last position command was refused; "
+                       "send a valid position before go")
+            self.write("bestmove resign")
+            return
+        limits = parse_go(args, self.board)
         if "mate" in limits:
             mate = mate_in_one(self.board)
             self.write(f"checkmate {cshogi.move_to_usi(mate)}" if mate else "checkmate nomate")
@@ -569,6 +576,7 @@ class USIEngine:
                 self.board = cshogi.Board()
                 self.ensure_player().seed(int(self.options["Seed"]))
             elif cmd == "position":
+                self.board = None
                 self.board = parse_position(args)
             elif cmd == "go":
                 self.go(args)
