@@ -556,8 +556,8 @@ class USIEngine:
             if cmd == "usi":
                 self.write(f"id name {self.name}")
                 self.write("id author maou_nb developers")
-                for name, spec in self.spec.items():
-                    self.write(option_line(name, spec))
+                for name, spec in self.spec.items():  # current values as defaults: a GUI that sends every
+                    self.write(option_line(name, {**spec, "default": self.options[name]}))  # option keeps --model
                 self.write("usiok")
             elif cmd == "isready":
                 try:

@@ -567,3 +567,11 @@ def test_time_managed_search_thinks_until_stop_and_ponderhit(small_onnx):
     engine.handle("go ponder byoyomi 600")
     engine.handle("gameover win")  # the opponent resigned: no bestmove
     assert not [l for l in out if l.startswith("bestmove")], out
+
+
+def test_usi_announces_the_values_it_was_started_with(small_onnx):
+    "A GUI sends every option back with the default it was shown: that must be --model's path, not 'find one'."
+    run = engine_process("--model", str(small_onnx), "--simulations", "0", input="usi\nquit\n")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"option name ModelPath type string default {small_onnx}" in run.stdout.splitlines(), run.stdout
+    assert "option name Simulations type spin default 0 min -1 max 100000" in run.stdout.splitlines(), run.stdout
