@@ -64,7 +64,8 @@ def default_model() -> tuple[Path | None, str]:
     newest = newest_run_model(runs)
     if newest is not None:
         return newest, f"the newest finished run under runs_root {runs}{note}"
-    return None, f"no {'/'.join(MODEL_FILES)} in models_root {models}, no registry best, no {runs}/*/models/model.onnx{note}"
+    return None, (f"no {'/'.join(MODEL_FILES)} in models_root {models}, no registry best, "
+                  f"no {runs}/*/models/model.onnx{note}")
 
 # %% ../nbs/31_usi.ipynb #17e4428b
 AUTO = -1  # Simulations -1: search for as long as the clock allows (up to the spin's max)
@@ -127,8 +128,8 @@ def _check_placement(placement: str) -> tuple[dict[str, int], dict[str, int]]:
                         raise USIError(f"{where}: '+' must come before P, L, N, S, B or R (lowercase for white), "
                                        f"got {c or 'nothing'!r}; gold and king do not promote")
                 if c.upper() not in PIECE_NAMES:
-                    raise USIError(f"{where}: unknown piece letter {c!r}; pieces are K R B G S N L P "
-                                   "(uppercase black, lowercase white), '+' before a promoted one, digits for empty squares")
+                    raise USIError(f"{where}: unknown piece letter {c!r}; pieces are K R B G S N L P (uppercase "
+                                   "black, lowercase white), '+' before a promoted one, digits for empty squares")
                 squares, i = squares + 1, i + 1
                 side, kind, file = ("b" if c.isupper() else "w"), c.upper(), 10 - squares
                 if kind == "K":
@@ -196,7 +197,7 @@ def check_sfen(placement: str, turn: str, hand: str, ply: str = "1") -> str:
 
 # %% ../nbs/31_usi.ipynb #660446f6
 def parse_position(args: list[str]) -> cshogi.Board:
-    "A board from `position` arguments: `startpos [moves …]` or `sfen B T H N [moves …]`, checked before cshogi sees it."
+    "A board from `position startpos [moves …]` or `position sfen B T H N [moves …]`, checked before cshogi."
     if not args:
         raise USIError("position needs 'startpos' or 'sfen <sfen>'")
     if "moves" in args:
@@ -270,7 +271,8 @@ def parse_go(args: list[str], board: cshogi.Board | None = None) -> dict:
             limits[key] = int(value)
             i += 2
         else:
-            raise USIError(f"unknown go argument {key!r}; go takes {', '.join([*GO_INT_ARGS, *GO_FLAGS, 'searchmoves'])}")
+            known = ", ".join([*GO_INT_ARGS, *GO_FLAGS, "searchmoves"])
+            raise USIError(f"unknown go argument {key!r}; go takes {known}")
     return limits
 
 
@@ -373,7 +375,8 @@ class USIEngine:
                 if not (math.isfinite(float(value)) and float(value) >= 0):
                     raise ValueError
             except ValueError:
-                raise USIError(f"option Temperature needs a number >= 0 (0: always the top move), got {value!r}") from None
+                raise USIError(f"option Temperature needs a number >= 0 (0: always the top move), "
+                               f"got {value!r}") from None
         elif name == "ModelPath":
             value = "" if value.strip() in ("", "<empty>") else value
         if name in STANDARD_OPTIONS:
@@ -396,7 +399,8 @@ class USIEngine:
                                                "Set ModelPath (or --model) to play a model")
         try:
             player = NetworkPlayer(path, temperature=float(self.options["Temperature"]), seed=seed,
-                                   threads=int(self.options["Threads"]), mate_in_one=self.options["MateInOne"] == "true")
+                                   threads=int(self.options["Threads"]),
+                                   mate_in_one=self.options["MateInOne"] == "true")
             player.policy_value([cshogi.Board()])  # a file with the right name but not a maou_nb model fails here
         except Exception as e:
             reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:400]
@@ -599,7 +603,7 @@ class USIEngine:
 
 # %% ../nbs/31_usi.ipynb #baf8b21a
 def main(argv: list[str] | None = None) -> int:
-    "Run the USI engine on stdin/stdout; 2 (with the reason on stderr) when the model named by --model cannot be loaded."
+    "Run the USI engine on stdin/stdout; 2 (the reason on stderr) when the model named by --model cannot be loaded."
     import warnings
     warnings.filterwarnings("ignore")
     parser = argparse.ArgumentParser(prog="maou-nb-usi", description="maou_nb USI engine (stdin/stdout)")

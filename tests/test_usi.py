@@ -476,7 +476,8 @@ def test_no_argument_engine_plays_the_newest_runs_model(tmp_path, small_onnx):
     newest = make_run(runs, "20250101-renamed", "2026-02-01T12:00:00", small_onnx)  # finished last, sorts first
     make_run(decoy, "zzz", "2027-01-01T00:00:00", small_onnx)
     (tmp_path / "work").mkdir()
-    (tmp_path / "work" / "settings.ini").write_text(f"[maou_nb]\nruns_root = {decoy}\nmodels_root = {tmp_path / 'models'}\n")
+    (tmp_path / "work" / "settings.ini").write_text(
+        f"[maou_nb]\nruns_root = {decoy}\nmodels_root = {tmp_path / 'models'}\n")
     session = "usi\nisready\nposition startpos\ngo byoyomi 300\nquit\n"
     # the environment variable overrides settings.ini
     info = ready_lines(engine_process(input=session, cwd=tmp_path / "work", env={"MAOU_NB_RUNS_ROOT": str(runs)}))
@@ -494,7 +495,8 @@ def test_no_argument_engine_plays_the_newest_runs_model(tmp_path, small_onnx):
 
 
 def test_no_argument_engine_without_a_model_says_it_plays_the_baseline(tmp_path):
-    (tmp_path / "settings.ini").write_text(f"[maou_nb]\nruns_root = {tmp_path / 'runs'}\nmodels_root = {tmp_path / 'm'}\n")
+    (tmp_path / "settings.ini").write_text(
+        f"[maou_nb]\nruns_root = {tmp_path / 'runs'}\nmodels_root = {tmp_path / 'm'}\n")
     run = engine_process(input="usi\nisready\nposition startpos\ngo byoyomi 100\nquit\n", cwd=tmp_path)
     info = ready_lines(run)
     assert any("no model found" in l and "baseline engine" in l and str(tmp_path / "runs") in l for l in info), info
