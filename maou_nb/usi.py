@@ -408,7 +408,7 @@ class USIEngine:
                 raise ModelError(f"cannot load model {path} ({reason}). Set ModelPath (or --model) to a maou_nb "
                                  "checkpoint (.pt) or ONNX export (runs/<run_id>/models/model.onnx), or leave it empty "
                                  "to play the newest run's model") from None
-            return BaselinePlayer(seed=seed), (f"the model found ({path}, {found}) cannot be loaded ({reason}); "
+            return BaselinePlayer(seed=seed), (f"error: the model found ({path}, {found}) cannot be loaded ({reason}); "
                                                "playing the baseline engine. Set ModelPath to play a model")
         search = "policy only" if int(self.options["Simulations"]) == 0 else (
             "search on the clock" if int(self.options["Simulations"]) == AUTO

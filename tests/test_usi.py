@@ -501,6 +501,11 @@ def test_no_argument_engine_without_a_model_says_it_plays_the_baseline(tmp_path)
     info = ready_lines(run)
     assert any("no model found" in l and "baseline engine" in l and str(tmp_path / "runs") in l for l in info), info
     assert run.stdout.splitlines()[-1].split()[1] in {cshogi.move_to_usi(m) for m in cshogi.Board().legal_moves}
+    # a model found (not asked for) that cannot be loaded: said as an error, and the baseline plays
+    broken = make_run(tmp_path / "runs", "broken", "2026-01-01T00:00:00", None)
+    info = ready_lines(engine_process(input="usi\nisready\nquit\n", cwd=tmp_path))
+    assert any(l.startswith(f"info string error: the model found ({broken}") and "baseline engine" in l
+               for l in info), info
 
 
 def go_timed(eng: Engine, **clock) -> tuple[str, int, int, float]:
