@@ -253,13 +253,14 @@ def _terminal_value(board: cshogi.Board) -> float | None:
 
 def puct_search(player: NetworkPlayer, boards: list[cshogi.Board], simulations: int, c_puct: float,
                 temperatures: np.ndarray, rng: np.random.Generator,
-                time_limit: float | None = None) -> tuple[list[int], np.ndarray]:
-    "PUCT from each board (leaves batched across boards): the moves, and each root's value for its mover."
+                time_limit: float | None = None, stop=None) -> tuple[list[int], np.ndarray]:
+    """PUCT from each board (leaves batched across boards): the moves, and each root's value for its mover. It ends
+    after `simulations`, after `time_limit` seconds, or when `stop()` (asked before each simulation) returns True."""
     deadline = None if time_limit is None else time.monotonic() + time_limit
     roots = _expand(player, [b.copy() for b in boards])
     player.last_simulations = 0
     for sim in range(simulations):
-        if deadline is not None and sim > 0 and time.monotonic() > deadline:
+        if sim > 0 and ((deadline is not None and time.monotonic() > deadline) or (stop is not None and stop())):
             break
         player.last_simulations = sim + 1
         paths, leaf_boards, results = [], [], []
