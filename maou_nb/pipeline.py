@@ -271,11 +271,11 @@ def check_split(params: dict, where: str = "params") -> None:
     games, ratio, split_seed = play.get("games"), split.get("test_ratio"), split.get("seed")
     if not all(isinstance(v, (int, float)) for v in (games, ratio, split_seed, play.get("seed"))):
         return
-    ids = np.array([game_id(game_name(play["seed"], i)) for i in range(max(games, 10_000))], np.int64)
+    ids = np.array([game_id(game_name(play["seed"], i)) for i in range(10_000)], np.int64)
     val = split_by_game(ids, ratio, split_seed)
     n_val = int(val[:games].sum())
-    if 0 < n_val < games:
-        return
+    if 0 < n_val < min(games, len(val)) or games > len(val):
+        return  # both sides get games (beyond 10,000 games the step itself checks)
     enough = int(max(np.argmax(val), np.argmax(~val))) + 1 if val.any() and (~val).any() else None
     fix = (f"Set selfplay.games to at least {enough}" if enough else "Play more games")
     raise ValueError(f"{where}: selfplay.games={games} split by preprocess.test_ratio={ratio} (preprocess.seed={split_seed}) "
