@@ -239,7 +239,8 @@ def test_step_inputs_come_from_earlier_steps_or_the_run(tiny):
         check_inputs(params, run.parent / "fresh", ["export"])
 
 
-def test_help_lists_every_subcommand(capsys):
+def test_help_lists_every_subcommand(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")  # argparse wraps to the terminal's width
     with pytest.raises(SystemExit) as exited:
         main(["--help"])
     out = capsys.readouterr().out
