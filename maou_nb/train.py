@@ -198,7 +198,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epoch": (lambda v: v >= 1, ">= 1"), "start_epoch": (lambda v: v >= 0, ">= 0"),
     "max_steps": (lambda v: v >= 1, ">= 1 or null"), "save_every": (lambda v: v >= 0, ">= 0 (0 = epoch ends only)"),
     "log_every": (lambda v: v >= 1, ">= 1"), "trainable_layers": (lambda v: v >= 0, ">= 0 or null"),
-    "tensorboard_histogram_frequency": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "tensorboard_histogram_frequency": (lambda v: v >= 0, ">= 0 (0 = off)"), "seed": (lambda v: v >= 0, ">= 0"),
 }
 
 def scheduler_name(name: str) -> str:
