@@ -123,8 +123,8 @@ def progress_form(show: bool | None = True) -> str:
         raise ValueError(f"progress setting {form!r} (MAOU_NB_PROGRESS or settings.ini) is not one of {PROGRESS_FORMS}.")
     if form != "auto":
         return form
-    if _in_kernel():
-        return "widget"
+    if _in_kernel():     # a front end attached through a Jupyter server (Lab) names the kernel's session
+        return "widget" if os.environ.get("JPY_SESSION_NAME") else "text"
     if getattr(sys.stderr, "isatty", lambda: False)():
         return "bar"
     return "text" if show else "off"
