@@ -330,3 +330,19 @@ def test_a_step_streams_its_lines_and_the_kernel_is_quiet(tmp_path, capfd):
     assert (tmp_path / "out" / "selfplay.done.json").is_file()
     assert "self-play: 2/2 game" in "".join(o.get("text", "") for c in nbformat.read(tmp_path / "selfplay.ipynb", as_version=4).cells
                                             for o in c.get("outputs", []))
+
+
+def test_progress_is_a_widget_only_for_a_notebook_session(monkeypatch):
+    """In a kernel a Jupyter server started for a notebook (JPY_SESSION_NAME set) progress is a live widget; in a
+    kernel run headless (nbclient, papermill) it is text lines that stay readable in the saved notebook."""
+    from nbclient import NotebookClient
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "from maou_nb.settings import progress\nfor _ in progress(range(3), desc='loop', unit='pos'): pass")],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    monkeypatch.delenv("MAOU_NB_PROGRESS", raising=False)
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    headless = NotebookClient(nb, kernel_name="python3").execute().cells[0].outputs
+    assert [o["text"].split(" in ")[0] for o in headless if o["output_type"] == "stream"] == ["loop: 3/3 pos (100%)"]
+    monkeypatch.setenv("JPY_SESSION_NAME", "/home/me/nbs/demo.ipynb")
+    live = NotebookClient(nb, kernel_name="python3").execute().cells[0].outputs
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in live)
