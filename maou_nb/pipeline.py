@@ -29,8 +29,9 @@ from .storage import ShardError, atomic_path, read_json, read_yaml, write_json
 __all__ = ['STAGE_MARK', 'INJECTED_MARK', 'STEPS', 'TOP_LEVEL_KEYS', 'PATH_PARAMS', 'RUN_ID', 'COMMANDS', 'stage_params', 'Need',
            'Step', 'mark_done', 'kit_folder', 'bundled_params', 'find_params', 'stages_dir', 'notebook_parameters',
            'load_params', 'check_step_params', 'check_split', 'notebook_sha256', 'run_metadata', 'record_step',
-           'resolve_run_id', 'steps_to_run', 'check_inputs', 'step_failure', 'run_pipeline', 'write_summary',
-           'markdown_table', 'init', 'init_command', 'command_parser', 'main']
+           'resolve_run_id', 'steps_to_run', 'check_inputs', 'step_failure', 'run_pipeline', 'StepLines',
+           'batch_environment', 'stage_kernel_manager', 'write_summary', 'markdown_table', 'init', 'init_command',
+           'command_parser', 'main']
 
 # %% ../nbs/22_pipeline.ipynb #549d0410
 STAGE_MARK, INJECTED_MARK = "# Stage parameters", "# Parameters"
@@ -418,14 +419,21 @@ def step_failure(name: str, error: Exception, notebook: Path, run_id: str) -> st
             f"  fix the cause and rerun with --run-id {run_id} to continue; completed steps are skipped.")
 
 # %% ../nbs/22_pipeline.ipynb #269eaf4b
-def _run_notebook(nb_in: Path, nb_out: Path, parameters: dict, cwd: Path) -> None:
-    """Execute a stage notebook; the executed copy (failed cells and all) is kept at `nb_out`."""
+def _run_notebook(nb_in: Path, nb_out: Path, parameters: dict, cwd: Path,
+                  echo: Callable[[str], None] | None = print) -> None:
+    """Execute a stage notebook, streaming its output lines to `echo`; the executed copy (failed cells and all) is
+    kept at `nb_out`."""
     import papermill as pm
     partial = nb_out.with_name(f".{nb_out.stem}.running.ipynb")
+    lines = StepLines(echo, f"  {nb_in.stem} | ") if echo else None
     try:
-        pm.execute_notebook(str(nb_in), str(partial), parameters=parameters, kernel_name="python3",
-                            progress_bar=False, cwd=str(cwd))
+        with batch_environment():
+            pm.execute_notebook(str(nb_in), str(partial), parameters=parameters, kernel_name="python3",
+                                progress_bar=False, cwd=str(cwd), stdout_file=lines, stderr_file=lines,
+                                kernel_manager_class=stage_kernel_manager())
     finally:
+        if lines:
+            lines.close()
         if partial.exists():
             os.replace(partial, nb_out)
 
@@ -460,7 +468,7 @@ def run_pipeline(params: str | os.PathLike | dict, *, run_id: str | None = None,
         echo(f"[{k}/{len(steps)}] {name}: running {step.notebook} ...")
         t0 = time.time()
         try:
-            _run_notebook(folder / step.notebook, run / "notebooks" / step.notebook, injected, cwd=run)
+            _run_notebook(folder / step.notebook, run / "notebooks" / step.notebook, injected, cwd=run, echo=echo)
         except Exception as e:
             raise RuntimeError(step_failure(name, e, run / "notebooks" / step.notebook, run_id)) from e
         echo(f"[{k}/{len(steps)}] {name}: done in {time.time() - t0:.1f}s")
@@ -468,6 +476,65 @@ def run_pipeline(params: str | os.PathLike | dict, *, run_id: str | None = None,
     summary = write_summary(run, steps)
     echo(summary.read_text())
     return run
+
+# %% ../nbs/22_pipeline.ipynb #6f52b7eb
+import contextlib
+
+class StepLines:
+    """A file-like sink (papermill's `stdout_file`): each complete line goes to `echo`, after a prefix."""
+    def __init__(self, echo: Callable[[str], None], prefix: str = ""):
+        self.echo, self.prefix, self.pending = echo, prefix, ""
+
+    def write(self, text: str) -> int:
+        """Buffer `text`; pass on every complete line (a carriage return keeps only what follows it)."""
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self._send(line)
+        return len(text)
+
+    def _send(self, line: str) -> None:
+        line = line.rstrip("\r").rsplit("\r", 1)[-1]
+        if line.strip():
+            self.echo(self.prefix + line)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        """Pass on an unfinished last line."""
+        self._send(self.pending)
+        self.pending = ""
+
+@contextlib.contextmanager
+def batch_environment():
+    """Within: `MAOU_NB_PROGRESS=text` for kernels started here (unless already set), so progress is printed as lines."""
+    before = os.environ.get("MAOU_NB_PROGRESS")
+    if before is None:
+        os.environ["MAOU_NB_PROGRESS"] = "text"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MAOU_NB_PROGRESS", None)
+
+def stage_kernel_manager():
+    """The kernel manager class for stage notebooks: CurveZMQ-encrypted sockets, no interrupt at shutdown."""
+    import zmq
+    from jupyter_client import AsyncKernelManager
+    from traitlets import default
+
+    class StageKernelManager(AsyncKernelManager):
+        @default("transport_encryption")
+        def _transport_encryption_default(self) -> str:
+            return "auto" if zmq.has("curve") else "disabled"
+
+        async def _async_interrupt_kernel(self) -> None:
+            if self.shutting_down:      # shutdown_kernel interrupts first; a finished notebook has nothing to stop
+                return
+            await super()._async_interrupt_kernel()
+
+    return StageKernelManager
 
 # %% ../nbs/22_pipeline.ipynb #2571a2dc
 def write_summary(run: Path, steps: list[str]) -> Path:

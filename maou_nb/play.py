@@ -14,7 +14,8 @@ from typing import Iterable, Sequence
 import cshogi
 import cshogi.CSA
 import numpy as np
-from tqdm.auto import tqdm
+
+from .settings import progress as progress_bar
 
 # %% auto #0
 __all__ = ['RESIGN', 'ILLEGAL', 'PLAYER_KINDS', 'BLACK', 'WHITE', 'Z95', 'EVALUATE_RULES', 'DEFAULT_THRESHOLDS', 'Player',
@@ -486,7 +487,7 @@ def play_games(pairs: Sequence[tuple[Player, Player]], openings: Sequence[str], 
         elif b.is_nyugyoku():
             results[i] = (b.turn, "declaration")
     players = {id(p): p for pair in pairs for p in pair}
-    bar = tqdm(total=len(boards), disable=None if progress else True, desc="games")
+    bar = progress_bar(total=len(boards), desc="games", unit="game", show=progress)
     bar.update(sum(r is not None for r in results))
     while any(r is None for r in results):
         for pid, player in players.items():

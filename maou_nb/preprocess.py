@@ -14,11 +14,11 @@ from typing import Callable
 
 import cshogi
 import numpy as np
-from tqdm.auto import tqdm
 
 from .storage import (HCPE_DTYPE, mix64, ShardError, list_shards, load_game_ids, load_hcpe, read_manifest, save_array,
                              save_hcpe, sidecar_path, split_by_game, write_manifest)
 from .encoding import MOVE_LABELS_NUM, encode_hcps, hcp_turns, move16_labels
+from .settings import progress as progress_bar
 
 # %% auto #0
 __all__ = ['POSITION_DTYPE', 'MOVE_DTYPE', 'ROW_DTYPE', 'MERGE_RULES', 'PREPROCESS_RULES', 'STAGE_DATA_RULES', 'STAGE1_PIECES',
@@ -137,7 +137,7 @@ def partition_rows(arrays: list[np.ndarray], names: list[str], bucket_dir: Path,
     paths = [bucket_dir / f"bucket-{b:05d}.bin" for b in range(n_buckets)]
     for p in paths: p.write_bytes(b"")
     total = sum(len(a) for a in arrays)
-    with tqdm(total=total, desc="partition", unit="pos", disable=tqdm_disable(progress), leave=False) as bar:
+    with progress_bar(total=total, desc="partition", unit="pos", show=progress, leave=False) as bar:
         for s, (array, name) in enumerate(zip(arrays, names)):
             for start in range(0, len(array), chunk_rows):
                 rows = hcpe_rows(np.asarray(array[start:start + chunk_rows]), s, start, name, moves=moves)
@@ -317,14 +317,14 @@ def _merged_buckets(shards: list[Path], out_dir: Path, memory_bytes: int, moves:
         n_buckets = max(n_buckets, 4 * workers)
     if n_buckets == 1:
         rows = [hcpe_rows(np.asarray(a), s, 0, names[s], moves=moves)
-                for s, a in enumerate(tqdm(arrays, desc="read", unit="shard", disable=tqdm_disable(progress), leave=False))]
+                for s, a in enumerate(progress_bar(arrays, desc="read", unit="shard", show=progress, leave=False))]
         yield merge(np.concatenate(rows) if rows else np.zeros(0, ROW_DTYPE), names)
         return
     bucket_dir = Path(tempfile.mkdtemp(prefix=".buckets-", dir=out_dir))
     try:
         paths = partition_rows(arrays, names, bucket_dir, n_buckets, moves=moves, progress=progress)
         results = _in_order(partial(_merge_bucket_file, names=names, merge=merge), paths, workers)
-        yield from tqdm(results, total=len(paths), desc="merge", unit="bucket", disable=tqdm_disable(progress), leave=False)
+        yield from progress_bar(results, total=len(paths), desc="merge", unit="bucket", show=progress, leave=False)
     finally:
         shutil.rmtree(bucket_dir, ignore_errors=True)
 

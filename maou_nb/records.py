@@ -24,10 +24,10 @@ import cshogi
 import cshogi.CSA
 import cshogi.KIF
 import numpy as np
-from tqdm.auto import tqdm
 
 from . import storage
 from .storage import ParamError, Rule, check_params
+from .settings import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -389,7 +389,7 @@ def _convert_into(files, folder: Path, game_filter: GameFilter, errors: str, wor
         buf, ids = ([rows[start:]], [gids[start:]]) if rows is not None and start < len(rows) else ([], [])
         buffered = sum(len(b) for b in buf)
 
-    bar = tqdm(total=len(tasks), desc="records", unit="file", disable=(not progress) if progress is not None else None)
+    bar = progress_bar(total=len(tasks), desc="records", unit="file", show=progress)
     results = run_isolated(convert_file, tasks, workers)
     try:
         for i, res in results:

@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 
 import cshogi
 import numpy as np
-from tqdm.auto import tqdm
 
+from .settings import progress as progress_bar
 from .storage import HCPE_DTYPE, atomic_path, game_id, save_hcpe, write_manifest
 
 # %% auto #0
@@ -351,7 +351,7 @@ def play_games(n: int, out_dir: str | os.PathLike, *, seed: int = 0, depth: int 
         ids = np.repeat([game_id(game_name(seed, first + k)) for k in range(len(pending))], [len(h) for h in pending])
         shards.append(save_hcpe(hcpe_dir / f"selfplay-{seed}-{first // games_per_shard:05d}.npy", hcpe, ids))
         pending.clear()
-    with tqdm(total=n, desc="self-play", unit="game", disable=not progress) as bar:
+    with progress_bar(total=n, desc="self-play", unit="game", show=progress) as bar:
         with (ProcessPoolExecutor(workers) if workers > 1 else _InlineExecutor()) as pool:
             for index, hcpe in pool.map(_play_selfplay_game, jobs, chunksize=max(1, min(16, n // (workers * 8)))):
                 pending.append(hcpe); rows += len(hcpe); bar.update()
