@@ -1,7 +1,7 @@
-"""Throughput of CSA -> HCPE conversion (maou_nb.records) on copies of the real records in ../shared.
+"""Throughput of CSA -> HCPE conversion (maou_nb.records) on copies of the real records in tests/data/records.
 
 Synthetic input: each file is a multi-game CSA file holding every single-game CSA record with moves from
-../shared/data/records, repeated; `--files` such files go into a temporary folder. Prints JSON:
+tests/data/records (the repository's own copy), repeated; `--files` such files go into a temporary folder. Prints JSON:
 positions/s for the per-file core on one core in this process (read + parse + check every move + HCPE rows),
 and for `convert_records` end to end (worker processes, shards written) with 1 worker and with all cores.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from maou_nb.records import convert_file, convert_records, find_record_files
 
-RECORDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "records"
+RECORDS = Path(__file__).resolve().parents[1] / "tests" / "data" / "records"
 
 
 def make_input(folder: Path, n_files: int, repeat: int) -> list[Path]:

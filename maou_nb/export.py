@@ -25,11 +25,12 @@ from .model import load_model, unwrap_model
 from .storage import load_checkpoint, atomic_path, read_json, sha256_file, write_json
 
 # %% auto #0
-__all__ = ['ONNX_INPUTS', 'ONNX_OUTPUTS', 'FP32_TOLERANCE', 'FP16_TOLERANCE', 'ONNX_HAND_TYPES', 'position_arrays',
-           'playout_boards', 'scrambled_inputs', 'PolicyValueGraph', 'write_graph', 'float16_model', 'is_float16_model',
-           'open_session', 'OnnxVerificationError', 'torch_outputs', 'graph_outputs', 'session_outputs',
-           'compare_outputs', 'sidecar_path', 'fp16_path', 'export_onnx', 'OnnxModelError', 'legal_move_probabilities',
-           'PolicyNetwork', 'OnnxPolicy', 'TorchPolicy', 'load_onnx', 'load_policy', 'onnx_beside']
+__all__ = ['ONNX_INPUTS', 'ONNX_OUTPUTS', 'FP32_TOLERANCE', 'FP16_TOLERANCE', 'EXPORT_RULES', 'TOLERANCE_RULES',
+           'ONNX_HAND_TYPES', 'position_arrays', 'playout_boards', 'scrambled_inputs', 'PolicyValueGraph',
+           'write_graph', 'float16_model', 'is_float16_model', 'open_session', 'OnnxVerificationError', 'torch_outputs',
+           'graph_outputs', 'session_outputs', 'compare_outputs', 'sidecar_path', 'fp16_path', 'export_onnx',
+           'check_export_params', 'OnnxModelError', 'legal_move_probabilities', 'PolicyNetwork', 'OnnxPolicy',
+           'TorchPolicy', 'load_onnx', 'load_policy', 'onnx_beside']
 
 # %% ../nbs/20_export.ipynb #aa262f12
 def position_arrays(positions) -> tuple[np.ndarray, np.ndarray]:
@@ -297,6 +298,31 @@ def export_onnx(model_or_checkpoint, out_path: str | Path, *, positions=None, op
     return {"path": str(out_path), "fp16_path": str(half_path) if fp16 else None, "opset": used_opset,
             "positions": {name: len(arrays[0]) for name, arrays in inputs.items()},
             "source": source, **figures, "seconds": round(time.perf_counter() - started, 3)}
+
+# %% ../nbs/20_export.ipynb #e36eb2fc
+from .storage import ParamError, Rule, check_params
+
+EXPORT_RULES = {
+    "checkpoint": Rule(str), "positions_data": Rule(str),
+    "verify_positions": Rule(int, min=1),
+    "opset": Rule(int, min=17, max=onnx.defs.onnx_opset_version()),
+    "fp16": Rule(bool), "ema": Rule(bool),
+    "tolerance": Rule(dict, optional=True), "fp16_tolerance": Rule(dict, optional=True),  # {"atol": .., "rtol": ..}
+    "seed": Rule(int, min=0),
+    "batch_size": Rule(int, min=1),
+}
+TOLERANCE_RULES = {"atol": Rule(float, min=0), "rtol": Rule(float, min=0)}
+
+def check_export_params(params: dict) -> dict:
+    """Check the export step's parameters (those of `export_onnx`) before the checkpoint is loaded."""
+    check_params(params, EXPORT_RULES, "export")
+    for key in ("tolerance", "fp16_tolerance"):
+        tol = params.get(key)
+        if tol is not None:
+            if set(tol) != set(TOLERANCE_RULES):
+                raise ParamError(f"export.{key}={tol!r}: give exactly atol and rtol, e.g. {FP32_TOLERANCE}, or null for the default.")
+            check_params(tol, TOLERANCE_RULES, f"export.{key}")
+    return params
 
 # %% ../nbs/20_export.ipynb #74c35745
 class OnnxModelError(ValueError):

@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -25,9 +26,12 @@ from .settings import setting
 from .storage import ShardError, atomic_path, read_json, read_yaml, write_json
 
 # %% auto #0
-__all__ = ['STAGE_MARK', 'INJECTED_MARK', 'STEPS', 'TOP_LEVEL_KEYS', 'PATH_PARAMS', 'stage_params', 'Step', 'mark_done',
-           'stages_dir', 'notebook_parameters', 'load_params', 'run_pipeline', 'write_summary', 'markdown_table',
-           'main']
+__all__ = ['STAGE_MARK', 'INJECTED_MARK', 'STEPS', 'TOP_LEVEL_KEYS', 'PATH_PARAMS', 'RUN_ID', 'COMMANDS', 'stage_params', 'Need',
+           'Step', 'mark_done', 'kit_folder', 'bundled_params', 'find_params', 'stages_dir', 'notebook_parameters',
+           'load_params', 'check_step_params', 'check_split', 'notebook_sha256', 'run_metadata', 'record_step',
+           'resolve_run_id', 'steps_to_run', 'check_inputs', 'step_failure', 'run_pipeline', 'StepLines',
+           'batch_environment', 'stage_kernel_manager', 'write_summary', 'markdown_table', 'init', 'init_command',
+           'command_parser', 'main']
 
 # %% ../nbs/22_pipeline.ipynb #549d0410
 STAGE_MARK, INJECTED_MARK = "# Stage parameters", "# Parameters"
@@ -56,15 +60,37 @@ def stage_params(ns: dict) -> dict:
 
 # %% ../nbs/22_pipeline.ipynb #432a9817
 @dataclass(frozen=True)
+class Need:
+    """A file or folder a step reads: the parameter it fills, its place in the run folder, the step that makes it."""
+    param: str
+    path: str                                            # relative to the run folder
+    made_by: str
+    when: Callable[[dict], bool] = lambda section: True  # read only when the step's parameters say so
+
+    def present(self, run: Path) -> bool:
+        """Whether the run holds it: a file, or a folder complete with its manifest."""
+        p = run / self.path
+        return p.is_file() or (p / "manifest.json").is_file()
+
+@dataclass(frozen=True)
 class Step:
     name: str
     notebook: str
     out_dir: str
-    wire: Callable[[Path], dict]  # run_dir -> parameters from earlier steps
+    needs: tuple[Need, ...] = ()                     # several needs of one parameter: a list of those present
+    check: Callable[[dict], object] | None = None    # the step's own checker, given all its parameters
 
     def done_file(self, run_dir: Path) -> Path:
         """The file whose presence marks this step complete."""
         return run_dir / self.out_dir / f"{self.name}.done.json"
+
+    def wire(self, run: Path) -> dict:
+        """The parameters this step is given from earlier steps of `run`."""
+        out = {}
+        for param in dict.fromkeys(n.param for n in self.needs):
+            group = [n for n in self.needs if n.param == param]
+            out[param] = str(run / group[0].path) if len(group) == 1 else [str(run / n.path) for n in group if n.present(run)]
+        return out
 
 def mark_done(out_dir: str | os.PathLike, step: str, summary: dict) -> Path:
     """Called by a stage notebook's last cell: record its headline figures and mark its outputs complete."""
@@ -73,36 +99,85 @@ def mark_done(out_dir: str | os.PathLike, step: str, summary: dict) -> Path:
 def _now() -> str:
     return _dt.datetime.now().isoformat(timespec="seconds")
 
-def _hcpe_source(run: Path) -> list[str]:
-    """HCPE produced earlier in this run: self-play games and/or converted records."""
-    found = [str(p) for p in (run / "data/selfplay/hcpe", run / "data/hcpe") if (p / "manifest.json").is_file()]
-    return found
+def _checker(module: str, name: str, **kwargs) -> Callable[[dict], object]:
+    """The checker `maou_nb.<module>.<name>`, imported when first used (torch loads only for steps that need it)."""
+    def check(params: dict):
+        import importlib
+        return getattr(importlib.import_module(f"maou_nb.{module}"), name)(params, **kwargs)
+    return check
+
+def _check_train(params: dict):
+    """The train step's checker is TrainConfig's own; data folders are checked where they are made or given."""
+    from maou_nb.train import TrainConfig
+    return TrainConfig.from_dict(params, check_files=False)
+
+def _trains(stage: str) -> Callable[[dict], bool]:
+    return lambda section: str(section.get("stage", "all")).lower() in (stage, "all")
 
 STEPS: dict[str, Step] = {s.name: s for s in [
-    Step("selfplay", "selfplay.ipynb", "data/selfplay", lambda run: {}),
-    Step("convert", "convert.ipynb", "data/hcpe", lambda run: {}),
-    Step("preprocess", "preprocess.ipynb", "data", lambda run: {"hcpe_inputs": _hcpe_source(run)}),
-    Step("stage_data", "stage_data.ipynb", "data", lambda run: {
-        "hcpe_train": str(run / "data/split/train"), "hcpe_val": str(run / "data/split/val")}),
-    Step("train", "train.ipynb", ".", lambda run: {
-        "stage1_data": str(run / "data/stage1"),
-        "stage2_data": str(run / "data/stage2/train"), "stage2_val_data": str(run / "data/stage2/val"),
-        "stage3_data": str(run / "data/preprocessed/train"), "stage3_val_data": str(run / "data/preprocessed/val")}),
-    Step("export", "export.ipynb", "models", lambda run: {
-        "checkpoint": str(run / "checkpoints/best.pt"), "positions_data": str(run / "data/preprocessed/val")}),
-    Step("evaluate", "evaluate.ipynb", "eval", lambda run: {"model": str(run / "models/model.onnx")}),
+    Step("selfplay", "selfplay.ipynb", "data/selfplay", check=_checker("selfplay", "check_selfplay_params")),
+    Step("convert", "convert.ipynb", "data/hcpe", check=_checker("records", "check_convert_params")),
+    Step("preprocess", "preprocess.ipynb", "data", (Need("hcpe_inputs", "data/selfplay/hcpe", "selfplay"),
+                                                    Need("hcpe_inputs", "data/hcpe", "convert")),
+         check=_checker("preprocess", "check_preprocess_params")),
+    Step("stage_data", "stage_data.ipynb", "data", (Need("hcpe_train", "data/split/train", "preprocess"),
+                                                    Need("hcpe_val", "data/split/val", "preprocess")),
+         check=_checker("preprocess", "check_stage_data_params")),
+    Step("train", "train.ipynb", ".", (
+        Need("stage1_data", "data/stage1", "stage_data", _trains("1")),
+        Need("stage2_data", "data/stage2/train", "stage_data", _trains("2")),
+        Need("stage2_val_data", "data/stage2/val", "stage_data", _trains("2")),
+        Need("stage3_data", "data/preprocessed/train", "preprocess", _trains("3")),
+        Need("stage3_val_data", "data/preprocessed/val", "preprocess", _trains("3"))), check=_check_train),
+    Step("export", "export.ipynb", "models", (Need("checkpoint", "checkpoints/best.pt", "train"),
+                                              Need("positions_data", "data/preprocessed/val", "preprocess")),
+         check=_checker("export", "check_export_params")),
+    Step("evaluate", "evaluate.ipynb", "eval", (Need("model", "models/model.onnx", "export"),),
+         check=_checker("play", "check_evaluate_params", check_files=False)),
 ]}
+
+# %% ../nbs/22_pipeline.ipynb #f11b86cd
+_KIT_FOLDERS = {"stages": "nbs/stages", "params": "params"}  # package data -> where it lives in a checkout
+
+def kit_folder(name: str) -> Path:
+    """The kit's `stages` (stage notebooks) or `params` (example params) folder: the installed copy, or the checkout's."""
+    if name not in _KIT_FOLDERS:
+        raise ValueError(f"unknown kit folder {name!r}; known: {sorted(_KIT_FOLDERS)}")
+    import maou_nb
+    package = Path(maou_nb.__file__).resolve().parent
+    candidates = (package / name, package.parent / _KIT_FOLDERS[name])  # a wheel's package data; an editable checkout
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    raise FileNotFoundError(f"the kit's {name} folder is missing (looked in {', '.join(map(str, candidates))}). "
+                            "Reinstall maou_nb: pip install maou_nb, or pip install -e . in a checkout.")
+
+def bundled_params() -> list[str]:
+    """The names of the bundled params files, as `maou-nb run NAME` takes them."""
+    root = kit_folder("params")
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+def find_params(source: str | os.PathLike) -> Path:
+    """The params file `source` names: the file itself when it exists (a path wins), else the bundled one of that name."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    name = path.as_posix().removesuffix(".yaml")
+    if not path.is_absolute() and name in bundled_params():
+        return kit_folder("params") / f"{name}.yaml"
+    raise FileNotFoundError(f"{source}: params file not found. Give the path of a YAML file or the name of a bundled "
+                            f"one ({', '.join(bundled_params())}); `maou-nb init` copies those into a folder to edit.")
 
 # %% ../nbs/22_pipeline.ipynb #3af9c167
 TOP_LEVEL_KEYS = {"name", "run_id", "steps", "stages_dir", "runs_root", "data_root", "device", "description"}
 
 def stages_dir(params: dict | None = None) -> Path:
-    """The folder of stage notebooks: params `stages_dir`, `$MAOU_NB_STAGES`, or this checkout's `nbs/stages`."""
+    """The folder of stage notebooks: params `stages_dir`, `$MAOU_NB_STAGES`, or the kit's own (`kit_folder`)."""
     explicit = (params or {}).get("stages_dir") or os.environ.get("MAOU_NB_STAGES")
-    folder = Path(explicit) if explicit else Path(__file__).resolve().parents[1] / "nbs" / "stages"
+    folder = Path(explicit) if explicit else kit_folder("stages")
     if not folder.is_dir():
-        raise FileNotFoundError(f"stage notebooks not found in {folder}. Run from a maou_nb checkout "
-                                "(pip install -e .) or set stages_dir / MAOU_NB_STAGES to its nbs/stages folder.")
+        raise FileNotFoundError(f"stage notebooks not found in {folder} (from stages_dir / MAOU_NB_STAGES). Point it at "
+                                "a folder of stage notebooks (`maou-nb init --notebooks` writes one) or unset it.")
     return folder
 
 def notebook_parameters(path: Path) -> dict[str, object]:
@@ -140,7 +215,8 @@ PATH_PARAMS: dict[str, tuple[str, ...]] = {
     "convert": ("inputs",),
     "preprocess": ("hcpe_inputs",),
     "stage_data": ("hcpe_train", "hcpe_val"),
-    "train": ("resume_from", "resume_backbone_from", "resume_policy_head_from", "resume_value_head_from",
+    "train": ("stage1_data", "stage2_data", "stage3_data", "stage1_val_data", "stage2_val_data", "stage3_val_data",
+              "resume_from", "resume_backbone_from", "resume_policy_head_from", "resume_value_head_from",
               "resume_reachable_head_from", "resume_legal_moves_head_from"),
     "export": ("checkpoint", "positions_data"),
 }
@@ -161,7 +237,7 @@ def load_params(source: str | os.PathLike | dict) -> dict:
     if isinstance(source, dict):
         params, where = dict(source), "params"
     else:
-        path = Path(source)
+        path = find_params(source)
         params, where = read_yaml(path), str(path)
         params.setdefault("name", path.stem)
     if not isinstance(params, dict):
@@ -178,8 +254,10 @@ def load_params(source: str | os.PathLike | dict) -> dict:
     folder = stages_dir(params)
     for name in STEPS:
         section = params.get(name)
-        if section is None:
+        if section is None and name not in steps:
             continue
+        if section is None:
+            section = {}
         if not isinstance(section, dict):
             raise ValueError(f"{where}: section {name!r} must be a mapping of parameters.")
         nb_path = folder / STEPS[name].notebook
@@ -196,26 +274,166 @@ def load_params(source: str | os.PathLike | dict) -> dict:
                 for p in (value if isinstance(value, list) else [value]):
                     if not Path(p).exists():
                         raise FileNotFoundError(f"{where}: {name}.{key}: {p} does not exist. Fix the path.")
-        params[name] = _absolute_paths(name, section)
+        check_step_params(name, {**declared, **section}, where)
+        if name in params:
+            params[name] = _absolute_paths(name, section)
+    check_split(params, where)
     return params
 
-# %% ../nbs/22_pipeline.ipynb #269eaf4b
-def _git_revision() -> str:
+def check_step_params(name: str, values: dict, where: str = "params") -> None:
+    """Run step `name`'s own checker on all its parameters (the notebook's defaults overridden by the params file)."""
+    check = STEPS[name].check
+    if check is None:
+        return
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        check(values)
+    except ValueError as e:
+        message = str(e) if str(e).startswith(f"{name}.") else f"{name}.{e}"
+        raise ValueError(f"{where}: {message}") from None
 
-def _run_notebook(nb_in: Path, nb_out: Path, parameters: dict, cwd: Path) -> None:
-    """Execute a stage notebook; the executed copy (failed cells and all) is kept at `nb_out`."""
+def check_split(params: dict, where: str = "params") -> None:
+    """Refuse self-play games that the preprocess step's split would leave without a training or validation game."""
+    steps, pre = params.get("steps", []), params.get("preprocess") or {}
+    if not {"selfplay", "preprocess"} <= set(steps) or "convert" in steps or "hcpe_inputs" in pre:
+        return  # other HCPE feeds the split: the preprocess step checks it before writing
+    import numpy as np
+    from maou_nb.selfplay import game_name
+    from maou_nb.storage import game_id, split_by_game
+    folder = stages_dir(params)
+    play = {**notebook_parameters(folder / STEPS["selfplay"].notebook), **(params.get("selfplay") or {})}
+    split = {**notebook_parameters(folder / STEPS["preprocess"].notebook), **pre}
+    games, ratio, split_seed = play.get("games"), split.get("test_ratio"), split.get("seed")
+    if not all(isinstance(v, (int, float)) for v in (games, ratio, split_seed, play.get("seed"))):
+        return
+    ids = np.array([game_id(game_name(play["seed"], i)) for i in range(10_000)], np.int64)
+    val = split_by_game(ids, ratio, split_seed)
+    n_val = int(val[:games].sum())
+    if 0 < n_val < min(games, len(val)) or games > len(val):
+        return  # both sides get games (beyond 10,000 games the step itself checks)
+    enough = int(max(np.argmax(val), np.argmax(~val))) + 1 if val.any() and (~val).any() else None
+    fix = (f"Set selfplay.games to at least {enough}" if enough else "Play more games")
+    raise ValueError(f"{where}: selfplay.games={games} split by preprocess.test_ratio={ratio} (preprocess.seed={split_seed}) "
+                     f"puts {games - n_val} game(s) in training and {n_val} in validation, leaving "
+                     f"{'validation' if n_val == 0 else 'training'} empty. {fix}, or change preprocess.test_ratio.")
+
+# %% ../nbs/22_pipeline.ipynb #d19e3ed9
+import hashlib
+from importlib import metadata as _metadata
+
+def _git_revision() -> dict:
+    """`{"git": commit, "git_dirty": bool}` when the kit runs from a git checkout of maou_nb, else `{}`."""
+    import maou_nb
+    root = Path(maou_nb.__file__).resolve().parents[1]
+    if not (root / "nbs" / "22_pipeline.ipynb").is_file():
+        return {}  # an installed package: no checkout of its own
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    try:
+        top, head = git("rev-parse", "--show-toplevel"), git("rev-parse", "HEAD")
+        if top.returncode or head.returncode or Path(top.stdout.strip()).resolve() != root:
+            return {}
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git": head.stdout.strip(), "git_dirty": dirty}
+
+def _version(dist: str) -> str | None:
+    try:
+        return _metadata.version(dist)
+    except _metadata.PackageNotFoundError:
+        return None
+
+def notebook_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a notebook file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+def run_metadata(run: Path) -> dict:
+    """`run.json` for a new invocation of `run`: versions, command and start, with an earlier invocation's records kept."""
+    meta = {"maou_nb": __version__, "python": platform.python_version(), "torch": _version("torch"),
+            **_git_revision(), "started": _now(), "argv": sys.argv, "steps": {}}
+    if (run / "run.json").is_file():
+        before = read_json(run / "run.json")
+        meta["steps"] = before.get("steps", {})
+        meta["earlier"] = before.get("earlier", []) + [{k: v for k, v in before.items() if k not in ("steps", "earlier")}]
+    return meta
+
+def record_step(run: Path, meta: dict, name: str, notebook: Path) -> None:
+    """Note in `run.json`, before it runs, which stage notebook (path and SHA-256) runs step `name`."""
+    meta["steps"][name] = {"notebook": str(Path(notebook).resolve()), "sha256": notebook_sha256(notebook), "started": _now()}
+    write_json(run / "run.json", meta)
+
+# %% ../nbs/22_pipeline.ipynb #4eca4f00
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+def resolve_run_id(run_id, params: dict) -> str:
+    """The run's id: given, from the params file, or timestamp + name; refused if it could leave the runs root."""
+    if run_id is None and params.get("run_id") is not None:
+        run_id = params["run_id"]
+    if run_id is None:
+        return f"{time.strftime('%Y%m%d-%H%M%S')}-{re.sub(r'[^A-Za-z0-9._-]', '_', str(params.get('name', 'run')))}"
+    if isinstance(run_id, int) and not isinstance(run_id, bool):
+        run_id = str(run_id)
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise ValueError(f"run id {run_id!r}: use only letters, digits, '.', '_' and '-', starting with a letter or digit "
+                         "(no '/', no '..', no absolute path), so that the run stays inside the runs root.")
+    return run_id
+
+def steps_to_run(params: dict, only: list[str] | None = None) -> list[str]:
+    """The params file's steps, or those of them that `--only` names; an unknown or absent name is refused."""
+    if only is None:
+        return list(params["steps"])
+    unknown = [s for s in only if s not in STEPS]
+    if unknown or not only:
+        raise ValueError(f"--only: unknown step(s) {unknown}; known steps: {list(STEPS)}")
+    absent = [s for s in only if s not in params["steps"]]
+    if absent:
+        raise ValueError(f"--only: step(s) {absent} are not among this params file's steps {params['steps']}. "
+                         "Add them to steps, or leave them out of --only.")
+    return [s for s in params["steps"] if s in only]
+
+def check_inputs(params: dict, run: Path, steps: list[str]) -> None:
+    """Refuse a step to run whose input neither `run` holds nor an earlier step to run will make."""
+    for k, name in enumerate(steps):
+        step, given = STEPS[name], params.get(name) or {}
+        if step.done_file(run).is_file():
+            continue
+        for param in dict.fromkeys(n.param for n in step.needs):
+            group = [n for n in step.needs if n.param == param and n.when(given)]
+            if param in given or not group:
+                continue  # the user's own path (checked by load_params), or not read with these parameters
+            if any(n.present(run) or (n.made_by in steps[:k] and not STEPS[n.made_by].done_file(run).is_file())
+                   for n in group):
+                continue
+            what = " or ".join(f"{n.path} (made by step {n.made_by!r})" for n in group)
+            makers = " or ".join(repr(n.made_by) for n in group)
+            raise FileNotFoundError(
+                f"step {name!r} needs {what} for its parameter {param}, but {run} does not hold it and no step that "
+                f"makes it runs before {name!r} (steps to run: {steps}). Run {makers} first (add it to steps or "
+                f"--only), or set {name}.{param} in the params file to an existing path.")
+
+def step_failure(name: str, error: Exception, notebook: Path, run_id: str) -> str:
+    """What a user needs when a step fails: the exception's type and message, the executed notebook, how to go on."""
+    ename, evalue = getattr(error, "ename", None), getattr(error, "evalue", None)  # papermill's, from the kernel
+    what = f"{ename}: {evalue}" if ename else f"{type(error).__name__}: {error}"
+    return (f"step {name!r} failed: {what}\n  executed notebook (with the failing cell): {notebook}\n"
+            f"  fix the cause and rerun with --run-id {run_id} to continue; completed steps are skipped.")
+
+# %% ../nbs/22_pipeline.ipynb #269eaf4b
+def _run_notebook(nb_in: Path, nb_out: Path, parameters: dict, cwd: Path,
+                  echo: Callable[[str], None] | None = print) -> None:
+    """Execute a stage notebook, streaming its output lines to `echo`; the executed copy (failed cells and all) is
+    kept at `nb_out`."""
     import papermill as pm
     partial = nb_out.with_name(f".{nb_out.stem}.running.ipynb")
+    lines = StepLines(echo, f"  {nb_in.stem} | ") if echo else None
     try:
-        pm.execute_notebook(str(nb_in), str(partial), parameters=parameters, kernel_name="python3",
-                            progress_bar=False, cwd=str(cwd))
+        with batch_environment():
+            pm.execute_notebook(str(nb_in), str(partial), parameters=parameters, kernel_name="python3",
+                                progress_bar=False, cwd=str(cwd), stdout_file=lines, stderr_file=lines,
+                                kernel_manager_class=stage_kernel_manager())
     finally:
+        if lines:
+            lines.close()
         if partial.exists():
             os.replace(partial, nb_out)
 
@@ -223,8 +441,10 @@ def run_pipeline(params: str | os.PathLike | dict, *, run_id: str | None = None,
                  only: list[str] | None = None, echo: Callable[[str], None] = print) -> Path:
     """Run the steps of a params file; return the run directory."""
     params = load_params(params)
-    run_id = run_id or params.get("run_id") or f"{time.strftime('%Y%m%d-%H%M%S')}-{params.get('name', 'run')}"
+    steps = steps_to_run(params, only)
+    run_id = resolve_run_id(run_id, params)
     run = Path(setting("runs_root", explicit=runs_root, params=params)).resolve() / run_id
+    check_inputs(params, run, steps)
     resolved = yaml.safe_dump({**params, "run_id": run_id}, sort_keys=False)
     if (run / "params.yaml").is_file() and (run / "params.yaml").read_text() != resolved:
         raise ValueError(f"{run} already holds a run with other params. Use a new run_id, or the same params to resume it.")
@@ -233,12 +453,8 @@ def run_pipeline(params: str | os.PathLike | dict, *, run_id: str | None = None,
     remove_stale_temps(run)  # temporaries of writes that a kill of an earlier attempt cut short
     with atomic_path(run / "params.yaml") as tmp:
         tmp.write_text(resolved)
-    meta = {"maou_nb": __version__, "git": _git_revision(), "python": platform.python_version(),
-            "started": _now(), "argv": sys.argv}
-    if (run / "run.json").is_file():  # a rerun continues the run: keep when it started
-        meta["started"] = read_json(run / "run.json").get("started", meta["started"])
+    meta = run_metadata(run)
     write_json(run / "run.json", meta)
-    steps = [s for s in params["steps"] if not only or s in only]
     folder = stages_dir(params)
     for k, name in enumerate(steps, 1):
         step = STEPS[name]
@@ -250,18 +466,77 @@ def run_pipeline(params: str | os.PathLike | dict, *, run_id: str | None = None,
             injected["device"] = setting("device", params=params)
         if name == "train" and (run / "checkpoints/last.pt").is_file():
             injected["resume_from"] = str(run / "checkpoints/last.pt")
+        record_step(run, meta, name, folder / step.notebook)
         echo(f"[{k}/{len(steps)}] {name}: running {step.notebook} ...")
         t0 = time.time()
         try:
-            _run_notebook(folder / step.notebook, run / "notebooks" / step.notebook, injected, cwd=run)
+            _run_notebook(folder / step.notebook, run / "notebooks" / step.notebook, injected, cwd=run, echo=echo)
         except Exception as e:
-            raise RuntimeError(f"step {name!r} failed ({type(e).__name__}); the executed notebook with the error is "
-                               f"{run / 'notebooks' / step.notebook}. Fix and rerun with --run-id {run_id} to continue.") from e
+            raise RuntimeError(step_failure(name, e, run / "notebooks" / step.notebook, run_id)) from e
         echo(f"[{k}/{len(steps)}] {name}: done in {time.time() - t0:.1f}s")
     write_json(run / "run.json", {**meta, "finished": _now()})
     summary = write_summary(run, steps)
     echo(summary.read_text())
     return run
+
+# %% ../nbs/22_pipeline.ipynb #6f52b7eb
+import contextlib
+
+class StepLines:
+    """A file-like sink (papermill's `stdout_file`): each complete line goes to `echo`, after a prefix."""
+    def __init__(self, echo: Callable[[str], None], prefix: str = ""):
+        self.echo, self.prefix, self.pending = echo, prefix, ""
+
+    def write(self, text: str) -> int:
+        """Buffer `text`; pass on every complete line (a carriage return keeps only what follows it)."""
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self._send(line)
+        return len(text)
+
+    def _send(self, line: str) -> None:
+        line = line.rstrip("\r").rsplit("\r", 1)[-1]
+        if line.strip():
+            self.echo(self.prefix + line)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        """Pass on an unfinished last line."""
+        self._send(self.pending)
+        self.pending = ""
+
+@contextlib.contextmanager
+def batch_environment():
+    """Within: `MAOU_NB_PROGRESS=text` for kernels started here (unless already set), so progress is printed as lines."""
+    before = os.environ.get("MAOU_NB_PROGRESS")
+    if before is None:
+        os.environ["MAOU_NB_PROGRESS"] = "text"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MAOU_NB_PROGRESS", None)
+
+def stage_kernel_manager():
+    """The kernel manager class for stage notebooks: CurveZMQ-encrypted sockets, no interrupt at shutdown."""
+    import zmq
+    from jupyter_client import AsyncKernelManager
+    from traitlets import default
+
+    class StageKernelManager(AsyncKernelManager):
+        @default("transport_encryption")
+        def _transport_encryption_default(self) -> str:
+            return "auto" if zmq.has("curve") else "disabled"
+
+        async def _async_interrupt_kernel(self) -> None:
+            if self.shutting_down:      # shutdown_kernel interrupts first; a finished notebook has nothing to stop
+                return
+            await super()._async_interrupt_kernel()
+
+    return StageKernelManager
 
 # %% ../nbs/22_pipeline.ipynb #2571a2dc
 def write_summary(run: Path, steps: list[str]) -> Path:
@@ -309,24 +584,83 @@ def _fmt(value) -> str:
         return "; ".join(_fmt(v) for v in value)
     return str(value)
 
+# %% ../nbs/22_pipeline.ipynb #8f0f832e
+def init(folder: str | os.PathLike = ".", *, notebooks: bool = False, overwrite: bool = False) -> list[Path]:
+    """Copy the kit's params files into `folder/params` (and its stage notebooks into `folder/stages`); the files written."""
+    folder = Path(folder)
+    sources = [(kit_folder("params"), folder / "params", "*.yaml")] + (
+        [(kit_folder("stages"), folder / "stages", "*.ipynb")] if notebooks else [])
+    plan = [(src, dst / src.relative_to(root)) for root, dst, pattern in sources for src in sorted(root.rglob(pattern))]
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file: give a folder to put params/ in.")
+    changed = [dst for src, dst in plan if dst.exists() and (not dst.is_file() or dst.read_bytes() != src.read_bytes())]
+    if changed and not overwrite:
+        raise FileExistsError(f"{len(changed)} file(s) differ from the kit's and would be replaced: "
+                              f"{', '.join(map(str, changed))}. Nothing was written; keep them, or pass --force "
+                              "(overwrite=True) to replace them.")
+    written = []
+    for src, dst in plan:
+        if dst.is_file() and dst.read_bytes() == src.read_bytes():
+            continue
+        with atomic_path(dst) as tmp:
+            tmp.write_bytes(src.read_bytes())
+        written.append(dst)
+    return written
+
+def init_command(argv: list[str] | None = None) -> int:
+    """`maou-nb init [DIR] [--notebooks] [--force]`."""
+    parser = argparse.ArgumentParser(prog="maou-nb init", description="Copy the kit's example params files (and "
+                                     "with --notebooks its stage notebooks) into a working folder to edit.")
+    parser.add_argument("folder", nargs="?", default=".", help="where params/ (and stages/) go; default: here")
+    parser.add_argument("--notebooks", action="store_true", help="also copy the stage notebooks into DIR/stages")
+    parser.add_argument("--force", action="store_true", help="replace files that differ from the kit's")
+    args = parser.parse_args(argv)
+    try:
+        written = init(args.folder, notebooks=args.notebooks, overwrite=args.force)
+    except (FileExistsError, NotADirectoryError, FileNotFoundError) as e:
+        print(f"maou-nb init: error: {e}", file=sys.stderr)
+        return 2
+    where = Path(args.folder).resolve()
+    print(f"{len(written)} file(s) written under {where}" + ("" if written else " (all were already the kit's)"))
+    print(f"next: cd {where} && maou-nb run params/quickstart.yaml" + (
+        "   (MAOU_NB_STAGES=stages to run the copied notebooks)" if args.notebooks else ""))
+    return 0
+
 # %% ../nbs/22_pipeline.ipynb #fba4e7ee
+COMMANDS = ("run", "init", "usi")
+
+def command_parser() -> argparse.ArgumentParser:
+    """The `maou-nb` parser: one subcommand per job, each listed with one line in `maou-nb --help`."""
+    parser = argparse.ArgumentParser(prog="maou-nb", description="maou_nb: train shogi networks from notebooks.")
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    run = commands.add_parser("run", help="run a pipeline from a params file (rerun with the same --run-id to resume)",
+                              description="Run a maou_nb pipeline from a params file.")
+    run.add_argument("params", help="a params YAML file, or the name of a bundled one (e.g. quickstart, tiny)")
+    run.add_argument("--run-id", help="reuse to resume a run; default: timestamp + params name")
+    run.add_argument("--runs-root", help="overrides settings.ini's runs_root")
+    run.add_argument("--only", help="comma-separated steps to run (others are skipped)")
+    commands.add_parser("init", add_help=False, help="copy the example params (and --notebooks) into a folder to edit")
+    commands.add_parser("usi", add_help=False, help="play as a USI engine on stdin/stdout (maou-nb usi --help)")
+    return parser
+
 def main(argv: list[str] | None = None) -> int:
     """The `maou-nb` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "init":
+        return init_command(argv[1:])
     if argv and argv[0] == "usi":
         from maou_nb.usi import main as usi_main
         return usi_main(argv[1:]) or 0
-    if argv and argv[0] == "run":
-        argv = argv[1:]
-    parser = argparse.ArgumentParser(prog="maou-nb run", description="Run a maou_nb pipeline from a params file.")
-    parser.add_argument("params", help="a params YAML file, e.g. params/quickstart.yaml")
-    parser.add_argument("--run-id", help="reuse to resume a run; default: timestamp + params name")
-    parser.add_argument("--runs-root", help="overrides settings.ini's runs_root")
-    parser.add_argument("--only", help="comma-separated steps to run (others are skipped)")
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv = ["run", *argv]  # `maou-nb params.yaml` is `maou-nb run params.yaml`
+    parser = command_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    only = None if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
     try:
-        run_pipeline(args.params, run_id=args.run_id, runs_root=args.runs_root,
-                     only=args.only.split(",") if args.only else None)
+        run_pipeline(args.params, run_id=args.run_id, runs_root=args.runs_root, only=only)
     except (ValueError, FileNotFoundError, ShardError, RuntimeError) as e:
         print(f"maou-nb: error: {e}", file=sys.stderr)
         return 2

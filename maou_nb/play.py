@@ -14,17 +14,19 @@ from typing import Iterable, Sequence
 import cshogi
 import cshogi.CSA
 import numpy as np
-from tqdm.auto import tqdm
+
+from .settings import progress as progress_bar
 
 # %% auto #0
-__all__ = ['RESIGN', 'ILLEGAL', 'PLAYER_KINDS', 'BLACK', 'WHITE', 'Z95', 'DEFAULT_THRESHOLDS', 'Player', 'RandomPlayer',
-           'BaselinePlayer', 'load_evaluator', 'legal_moves_and_labels', 'encode_boards', 'masked_softmax',
-           'pick_labels', 'sigmoid', 'mate_in_one', 'mate_in_one_or', 'NetworkPlayer', 'puct_search', 'game_root',
-           'usi_position_args', 'parse_engine_move', 'USIPlayer', 'make_player', 'GameRecord', 'play_games',
-           'wilson_interval', 'elo_from_score', 'verdict', 'random_openings', 'record_openings', 'MatchResult',
-           'save_games', 'play_match', 'evaluate', 'format_table', 'plot_evaluation', 'find_engine', 'place_on_ladder',
-           'default_registry_path', 'load_registry', 'save_registry', 'registry_entry', 'model_metadata',
-           'register_model', 'gauntlet', 'fit_ratings', 'rating_table', 'plot_ratings']
+__all__ = ['RESIGN', 'ILLEGAL', 'PLAYER_KINDS', 'BLACK', 'WHITE', 'Z95', 'EVALUATE_RULES', 'DEFAULT_THRESHOLDS', 'Player',
+           'RandomPlayer', 'BaselinePlayer', 'load_evaluator', 'legal_moves_and_labels', 'encode_boards',
+           'masked_softmax', 'pick_labels', 'sigmoid', 'mate_in_one', 'mate_in_one_or', 'NetworkPlayer', 'puct_search',
+           'game_root', 'usi_position_args', 'parse_engine_move', 'USIPlayer', 'make_player', 'GameRecord',
+           'play_games', 'wilson_interval', 'elo_from_score', 'verdict', 'random_openings', 'record_openings',
+           'MatchResult', 'save_games', 'play_match', 'evaluate', 'format_table', 'plot_evaluation', 'find_engine',
+           'place_on_ladder', 'check_evaluate_params', 'default_registry_path', 'load_registry', 'save_registry',
+           'registry_entry', 'model_metadata', 'register_model', 'gauntlet', 'fit_ratings', 'rating_table',
+           'plot_ratings']
 
 # %% ../nbs/30_play.ipynb #a76a3fe4
 RESIGN = 0  # the move value that means "I resign" (no cshogi move is 0)
@@ -253,13 +255,14 @@ def _terminal_value(board: cshogi.Board) -> float | None:
 
 def puct_search(player: NetworkPlayer, boards: list[cshogi.Board], simulations: int, c_puct: float,
                 temperatures: np.ndarray, rng: np.random.Generator,
-                time_limit: float | None = None) -> tuple[list[int], np.ndarray]:
-    "PUCT from each board (leaves batched across boards): the moves, and each root's value for its mover."
+                time_limit: float | None = None, stop=None) -> tuple[list[int], np.ndarray]:
+    """PUCT from each board (leaves batched across boards): the moves, and each root's value for its mover. It ends
+    after `simulations`, after `time_limit` seconds, or when `stop()` (asked before each simulation) returns True."""
     deadline = None if time_limit is None else time.monotonic() + time_limit
     roots = _expand(player, [b.copy() for b in boards])
     player.last_simulations = 0
     for sim in range(simulations):
-        if deadline is not None and sim > 0 and time.monotonic() > deadline:
+        if sim > 0 and ((deadline is not None and time.monotonic() > deadline) or (stop is not None and stop())):
             break
         player.last_simulations = sim + 1
         paths, leaf_boards, results = [], [], []
@@ -484,7 +487,7 @@ def play_games(pairs: Sequence[tuple[Player, Player]], openings: Sequence[str], 
         elif b.is_nyugyoku():
             results[i] = (b.turn, "declaration")
     players = {id(p): p for pair in pairs for p in pair}
-    bar = tqdm(total=len(boards), disable=None if progress else True, desc="games")
+    bar = progress_bar(total=len(boards), desc="games", unit="game", show=progress)
     bar.update(sum(r is not None for r in results))
     while any(r is None for r in results):
         for pid, player in players.items():
@@ -772,6 +775,52 @@ def place_on_ladder(model, engine: str | None = None, levels: Sequence[int] = (-
         elif stop_early:
             break
     return {"engine": engine, "option": option, "highest_beaten": best, "rows": rows}
+
+# %% ../nbs/30_play.ipynb #777fa2db
+from .storage import ParamError, Rule, check_params
+
+EVALUATE_RULES = {
+    "model": Rule(str),                            # an ONNX file, a checkpoint, or a player spec
+    "opponents": Rule(list),                       # specs of make_player
+    "games": Rule(int, min=1), "opening_plies": Rule(int, min=0), "max_moves": Rule(int, min=1),
+    "temperature": Rule(float, min=0), "seed": Rule(int, min=0),
+    "usi_options": Rule(dict, optional=True),
+    "simulations": Rule(int, min=0), "mate_in_one": Rule(bool),
+    "ladder_levels": Rule(list, optional=True),    # fairy-stockfish Skill Levels
+}
+
+def _spec_problem(spec) -> str | None:
+    """Why a player spec cannot make a player, or None."""
+    if not isinstance(spec, str):
+        return "not a string"
+    kind, _, rest = spec.partition(":")
+    if kind not in PLAYER_KINDS:
+        return f"unknown kind {kind!r}; use 'random', 'baseline', 'usi:<engine path>' or 'model:<file>'"
+    if kind in ("usi", "model") and not Path(rest).is_file():
+        return f"{rest or '(empty path)'} does not exist"
+    if kind == "baseline":
+        try:
+            BaselinePlayer(**_parse_kwargs(rest))
+        except (TypeError, ValueError) as e:
+            return str(e)
+    return None
+
+def check_evaluate_params(params: dict, *, check_files: bool = True) -> dict:
+    """Check the evaluate step's parameters, and that its opponents (and, with `check_files`, the model) exist."""
+    check_params(params, EVALUATE_RULES, "evaluate")
+    if "opponents" in params and not params["opponents"]:
+        raise ParamError("evaluate.opponents=[]: no opponent to play. List some, e.g. ['random', 'baseline'].")
+    for spec in params.get("opponents", []):
+        problem = _spec_problem(spec)
+        if problem:
+            raise ParamError(f"evaluate.opponents: {spec!r}: {problem}. Fix that entry.")
+    bad_levels = [v for v in params.get("ladder_levels") or [] if isinstance(v, bool) or not isinstance(v, int)]
+    if bad_levels:
+        raise ParamError(f"evaluate.ladder_levels: {bad_levels} are not ints. Give Skill Levels such as [-20, -15, -10].")
+    model = params.get("model")
+    if check_files and isinstance(model, str) and model.partition(":")[0] not in PLAYER_KINDS and not Path(model).is_file():
+        raise ParamError(f"evaluate.model={model!r}: no such file. Point it at an ONNX file or a checkpoint.")
+    return params
 
 # %% ../nbs/30_play.ipynb #c145b3c8
 DEFAULT_THRESHOLDS = {"random": 0.85, "baseline": 0.60, "best": 0.55}

@@ -14,18 +14,19 @@ from typing import Callable
 
 import cshogi
 import numpy as np
-from tqdm.auto import tqdm
 
 from .storage import (HCPE_DTYPE, mix64, ShardError, list_shards, load_game_ids, load_hcpe, read_manifest, save_array,
                              save_hcpe, sidecar_path, split_by_game, write_manifest)
 from .encoding import MOVE_LABELS_NUM, encode_hcps, hcp_turns, move16_labels
+from .settings import progress as progress_bar
 
 # %% auto #0
-__all__ = ['POSITION_DTYPE', 'MOVE_DTYPE', 'ROW_DTYPE', 'STAGE1_PIECES', 'STAGE1_HAND_PIECES', 'hcp_keys', 'hcpe_rows',
-           'hcpe_shards', 'tqdm_disable', 'bucket_of', 'n_buckets_for', 'partition_rows', 'check_positions',
-           'merge_rows', 'ShardWriter', 'preprocess', 'split_hcpe', 'labelled_dtype', 'unique_rows',
-           'make_labelled_data', 'make_stage2_data', 'make_stage1_data_from_hcpe', 'reachable_squares_flat',
-           'stage1_sfens', 'make_stage1_data']
+__all__ = ['POSITION_DTYPE', 'MOVE_DTYPE', 'ROW_DTYPE', 'MERGE_RULES', 'PREPROCESS_RULES', 'STAGE_DATA_RULES', 'STAGE1_PIECES',
+           'STAGE1_HAND_PIECES', 'hcp_keys', 'hcpe_rows', 'hcpe_shards', 'tqdm_disable', 'bucket_of', 'n_buckets_for',
+           'partition_rows', 'check_positions', 'merge_rows', 'ShardWriter', 'preprocess', 'split_hcpe',
+           'check_preprocess_params', 'labelled_dtype', 'unique_rows', 'make_labelled_data', 'make_stage2_data',
+           'make_stage1_data_from_hcpe', 'reachable_squares_flat', 'check_stage_data_params', 'stage1_sfens',
+           'make_stage1_data']
 
 # %% ../nbs/05_preprocess.ipynb #927b0aba
 POSITION_DTYPE = np.dtype([
@@ -136,7 +137,7 @@ def partition_rows(arrays: list[np.ndarray], names: list[str], bucket_dir: Path,
     paths = [bucket_dir / f"bucket-{b:05d}.bin" for b in range(n_buckets)]
     for p in paths: p.write_bytes(b"")
     total = sum(len(a) for a in arrays)
-    with tqdm(total=total, desc="partition", unit="pos", disable=tqdm_disable(progress), leave=False) as bar:
+    with progress_bar(total=total, desc="partition", unit="pos", show=progress, leave=False) as bar:
         for s, (array, name) in enumerate(zip(arrays, names)):
             for start in range(0, len(array), chunk_rows):
                 rows = hcpe_rows(np.asarray(array[start:start + chunk_rows]), s, start, name, moves=moves)
@@ -316,14 +317,14 @@ def _merged_buckets(shards: list[Path], out_dir: Path, memory_bytes: int, moves:
         n_buckets = max(n_buckets, 4 * workers)
     if n_buckets == 1:
         rows = [hcpe_rows(np.asarray(a), s, 0, names[s], moves=moves)
-                for s, a in enumerate(tqdm(arrays, desc="read", unit="shard", disable=tqdm_disable(progress), leave=False))]
+                for s, a in enumerate(progress_bar(arrays, desc="read", unit="shard", show=progress, leave=False))]
         yield merge(np.concatenate(rows) if rows else np.zeros(0, ROW_DTYPE), names)
         return
     bucket_dir = Path(tempfile.mkdtemp(prefix=".buckets-", dir=out_dir))
     try:
         paths = partition_rows(arrays, names, bucket_dir, n_buckets, moves=moves, progress=progress)
         results = _in_order(partial(_merge_bucket_file, names=names, merge=merge), paths, workers)
-        yield from tqdm(results, total=len(paths), desc="merge", unit="bucket", disable=tqdm_disable(progress), leave=False)
+        yield from progress_bar(results, total=len(paths), desc="merge", unit="bucket", show=progress, leave=False)
     finally:
         shutil.rmtree(bucket_dir, ignore_errors=True)
 
@@ -347,10 +348,27 @@ def preprocess(hcpe_inputs, out_dir, *, rows_per_shard: int = 1 << 20, memory_by
     return writer.shards
 
 # %% ../nbs/05_preprocess.ipynb #cc622a77
+def _check_split(ids: list[np.ndarray], masks: list[np.ndarray], test_ratio: float, seed: int) -> None:
+    """Refuse a split that leaves training or validation without a game, with the numbers and the fix."""
+    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    val_ids = np.concatenate([i[m] for i, m in zip(ids, masks)]) if ids else all_ids
+    games, val_games = len(np.unique(all_ids)), len(np.unique(val_ids))
+    if games == 0:
+        raise ValueError("the HCPE inputs hold no positions, so there is nothing to split. Give the step games "
+                         "(more self-play games, or records with moves).")
+    if val_games in (0, games):
+        side = "validation" if val_games == 0 else "training"
+        raise ValueError(f"split by game with test_ratio={test_ratio} (seed {seed}) puts {games - val_games} of {games} "
+                         f"game(s) in training and {val_games} in validation, leaving {side} empty. Give more games "
+                         f"(e.g. more self-play games) or change test_ratio so both sides get at least one game.")
+
 def split_hcpe(hcpe_inputs, out_dir, test_ratio: float = 0.1, seed: int = 0) -> tuple[Path, Path]:
     """Split HCPE shards by game into `out_dir/train` and `out_dir/val` (each kind "hcpe"); returns both folders."""
     shards = hcpe_shards(hcpe_inputs)
     arrays = _read_hcpe_shards(shards)
+    ids = [load_game_ids(path, len(hcpe)) for path, hcpe in zip(shards, arrays)]
+    masks = [split_by_game(i, test_ratio, seed) for i in ids]
+    _check_split(ids, masks, test_ratio, seed)  # before anything is written
     out_dir = Path(out_dir)
     train_dir, val_dir = out_dir / "train", out_dir / "val"
     for d in (train_dir, val_dir):
@@ -358,16 +376,36 @@ def split_hcpe(hcpe_inputs, out_dir, test_ratio: float = 0.1, seed: int = 0) -> 
     written = {train_dir: [], val_dir: []}
     rows = {train_dir: 0, val_dir: 0}
     for i, (path, hcpe) in enumerate(zip(shards, arrays)):
-        ids = load_game_ids(path, len(hcpe))
-        is_val = split_by_game(ids, test_ratio, seed)
-        for d, mask in ((train_dir, ~is_val), (val_dir, is_val)):
+        for d, mask in ((train_dir, ~masks[i]), (val_dir, masks[i])):
             if mask.any():
-                written[d].append(save_hcpe(d / f"{i:05d}-{path.name}", np.asarray(hcpe)[mask], ids[mask]))
+                written[d].append(save_hcpe(d / f"{i:05d}-{path.name}", np.asarray(hcpe)[mask], ids[i][mask]))
                 rows[d] += int(mask.sum())
     for d in (train_dir, val_dir):
         write_manifest(d, "hcpe", written[d], rows=rows[d], test_ratio=test_ratio, seed=seed,
                        side=d.name, sources=[str(p) for p in shards])
     return train_dir, val_dir
+
+# %% ../nbs/05_preprocess.ipynb #9351b0a6
+from .storage import Rule, check_params
+
+MERGE_RULES = {
+    "rows_per_shard": Rule(int, min=1),
+    "memory_bytes": Rule(int, min=1 << 20),        # at least 1 MiB; larger inputs go through disk buckets
+    "check": Rule(bool),
+}
+PREPROCESS_RULES = {
+    "hcpe_inputs": Rule(list),                     # HCPE files or folders
+    "test_ratio": Rule(float, above=0, below=1),   # share of games held out for validation
+    "seed": Rule(int, min=0),
+    **MERGE_RULES,
+}
+
+def check_preprocess_params(params: dict) -> dict:
+    """Check the preprocess step's parameters before any shard is read."""
+    params = dict(params)
+    if isinstance(params.get("hcpe_inputs"), str):
+        params["hcpe_inputs"] = [params["hcpe_inputs"]]
+    return check_params(params, PREPROCESS_RULES, "preprocess")
 
 # %% ../nbs/05_preprocess.ipynb #16a226af
 def labelled_dtype(n_labels: int) -> np.dtype:
@@ -427,6 +465,13 @@ def reachable_squares_flat(hcps: np.ndarray) -> np.ndarray:
     """bool[N, 81] reachable squares ([rank][file] flattened) of HCP positions."""
     from maou_nb.encoding import reachable_squares_labels
     return np.asarray(reachable_squares_labels(hcps)).reshape(len(hcps), 81)
+
+# %% ../nbs/05_preprocess.ipynb #972dcf74
+STAGE_DATA_RULES = {"hcpe_train": Rule(str), "hcpe_val": Rule(str), **MERGE_RULES}
+
+def check_stage_data_params(params: dict) -> dict:
+    """Check the stage-data step's parameters before any shard is read."""
+    return check_params(params, STAGE_DATA_RULES, "stage_data")
 
 # %% ../nbs/05_preprocess.ipynb #46ed1090
 STAGE1_PIECES = ["P", "L", "N", "S", "G", "B", "R", "K", "+P", "+L", "+N", "+S", "+B", "+R"]  # FU..OU, TO..RY

@@ -24,16 +24,17 @@ import cshogi
 import cshogi.CSA
 import cshogi.KIF
 import numpy as np
-from tqdm.auto import tqdm
 
 from . import storage
+from .storage import ParamError, Rule, check_params
+from .settings import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'RECORD_SUFFIXES', 'ENDGAME_STATUSES', 'Game', 'read_text', 'read_games', 'RecordError', 'game_hcpe',
-           'GameFilter', 'normalise_endgames', 'FileResult', 'convert_file', 'run_isolated', 'find_record_files',
-           'ConversionResult', 'convert_records']
+__all__ = ['logger', 'RECORD_SUFFIXES', 'ENDGAME_STATUSES', 'CONVERT_RULES', 'Game', 'read_text', 'read_games', 'RecordError',
+           'game_hcpe', 'GameFilter', 'normalise_endgames', 'FileResult', 'convert_file', 'run_isolated',
+           'find_record_files', 'ConversionResult', 'convert_records', 'check_convert_params']
 
 # %% ../nbs/02_records.ipynb #8327a4ad
 RECORD_SUFFIXES = (".csa", ".kif", ".kifu")
@@ -100,8 +101,19 @@ def _kif_unread_ply(text: str) -> int | None:
                 return int(m.group(1))
     return None
 
+def _check_kif_handicap(path: str, text: str) -> None:
+    """Refuse a 手合割 (handicap) value cshogi cannot set up, naming the field, the value and the accepted ones."""
+    for line in text.split("\n"):
+        if line[:1] != "*" and "：" in line:
+            key, value = line.split("：", 1)  # as cshogi splits a header line
+            if key == "手合割" and cshogi.KIF.Parser.HANDYCAP_SFENS.get(value) is None:
+                accepted = [k for k, v in cshogi.KIF.Parser.HANDYCAP_SFENS.items() if v is not None]
+                raise ValueError(f"{path}: 手合割 (handicap) {value!r} is not a starting position cshogi knows; "
+                                 f"accepted: {accepted}. Fix the 手合割 line or remove the file.")
+
 def _kif_games(path: str, text: str) -> list[Game]:
     """The one game of a KIF text (no evaluations or ratings in KIF)."""
+    _check_kif_handicap(path, text)
     p = cshogi.KIF.Parser.parse_str(text)
     moves = list(p.moves)
     bad = _kif_unread_ply(text)
@@ -204,15 +216,21 @@ class FileResult:
     kept: int = 0
     filtered: dict[str, int] = field(default_factory=dict)
     problems: list[RecordError] = field(default_factory=list)
+    empty: str | None = None       # why a readable file gave no moves: "0 bytes", "no games" or "no moves"
 
 def convert_file(path: str, key: str, game_filter: GameFilter = GameFilter()) -> FileResult:
     """Convert one record file; bad records come back in `.problems`, never raised."""
     parts, ids, res = [], [], FileResult(key, np.zeros(0, storage.HCPE_DTYPE), np.zeros(0, np.int64))
+    if os.path.getsize(path) == 0:
+        res.empty = "0 bytes"
+        return res
     try:
         games = read_games(path)
     except Exception as e:  # cshogi raises IndexError, UnicodeDecodeError, ... on some bad input
         res.problems.append(RecordError(path, f"not readable: {type(e).__name__}: {e}"))
         return res
+    if not any(len(game) for game in games):
+        res.empty = "no moves" if games else "no games"
     for game in games:
         res.games += 1
         reason = game_filter.reason_to_drop(game)
@@ -358,7 +376,7 @@ def _convert_into(files, folder: Path, game_filter: GameFilter, errors: str, wor
     tasks = [(str(p), key, game_filter) for p, key in files]
     done, next_i, buf, ids, buffered = {}, 0, [], [], 0
     shards, problems = [], []
-    stats = dict(files=len(files), games=0, games_kept=0, rows=0, filtered={}, bad_records=0)
+    stats = dict(files=len(files), games=0, games_kept=0, rows=0, filtered={}, bad_records=0, empty_files={})
 
     def flush(final: bool):
         nonlocal buf, ids, buffered
@@ -371,7 +389,7 @@ def _convert_into(files, folder: Path, game_filter: GameFilter, errors: str, wor
         buf, ids = ([rows[start:]], [gids[start:]]) if rows is not None and start < len(rows) else ([], [])
         buffered = sum(len(b) for b in buf)
 
-    bar = tqdm(total=len(tasks), desc="records", unit="file", disable=(not progress) if progress is not None else None)
+    bar = progress_bar(total=len(tasks), desc="records", unit="file", show=progress)
     results = run_isolated(convert_file, tasks, workers)
     try:
         for i, res in results:
@@ -386,6 +404,8 @@ def _convert_into(files, folder: Path, game_filter: GameFilter, errors: str, wor
                     warnings.warn(f"skipped bad record: {e}", stacklevel=3)
                     logger.info("skipped bad record: %s", e)
                 problems += res.problems
+                if res.empty:
+                    stats["empty_files"][res.key] = res.empty
                 stats["games"] += res.games; stats["games_kept"] += res.kept; stats["bad_records"] += len(res.problems)
                 for k, v in res.filtered.items():
                     stats["filtered"][k] = stats["filtered"].get(k, 0) + v
@@ -399,3 +419,33 @@ def _convert_into(files, folder: Path, game_filter: GameFilter, errors: str, wor
         results.close()
         bar.close()
     return shards, problems, stats
+
+# %% ../nbs/02_records.ipynb #5f9ccfe7
+CONVERT_RULES = {
+    "inputs": Rule(list),                           # record files and/or folders
+    "min_rating": Rule(float, optional=True),
+    "min_moves": Rule(int, min=0, optional=True),
+    "max_moves": Rule(int, min=1, optional=True),
+    "allowed_endgame_status": Rule(list, optional=True),
+    "errors": Rule(str, choices=("raise", "skip")),
+    "workers": Rule(int, min=1, optional=True),     # None: one per CPU core
+    "rows_per_shard": Rule(int, min=1),
+    "overwrite": Rule(bool),
+}
+
+def check_convert_params(params: dict) -> dict:
+    """Check the convert step's parameters (those of `convert_records`) before any record is read."""
+    params = dict(params)
+    if isinstance(params.get("inputs"), str):
+        params["inputs"] = [params["inputs"]]
+    check_params(params, CONVERT_RULES, "convert")
+    if "inputs" in params and not params["inputs"]:
+        raise ParamError("convert.inputs=[]: no game records given. List record files or folders under convert.inputs.")
+    low, high = params.get("min_moves"), params.get("max_moves")
+    if low is not None and high is not None and low > high:
+        raise ParamError(f"convert.min_moves={low} > convert.max_moves={high}: no game could pass. Lower min_moves or raise max_moves.")
+    try:
+        normalise_endgames(params.get("allowed_endgame_status"))
+    except ValueError as e:
+        raise ParamError(f"convert.{e}") from None
+    return params

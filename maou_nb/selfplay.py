@@ -15,16 +15,16 @@ from typing import Callable, Sequence
 
 import cshogi
 import numpy as np
-from tqdm.auto import tqdm
 
+from .settings import progress as progress_bar
 from .storage import HCPE_DTYPE, atomic_path, game_id, save_hcpe, write_manifest
 
 # %% auto #0
 __all__ = ['MATE', 'PIECE_VALUES', 'UNPROMOTED', 'HAND_VALUES', 'CAPTURE_SWING', 'FEATURES1', 'FEATURES2', 'OPPONENT',
            'ATTACK_COUNTS', 'HAND_PLANE_TYPES', 'HAND_PLANE_VALUES', 'KING_GUARDS', 'KING_ZONES', 'CONTROL_WEIGHT',
-           'GUARD_WEIGHT', 'DANGER_WEIGHT', 'REPLY_THREAT_WEIGHT', 'king_zones', 'feature_planes', 'static_evals',
-           'static_eval', 'decode_moves', 'legal_moves', 'BaselineEngine', 'Game', 'play_game', 'game_csa', 'write_csa',
-           'game_seed', 'game_name', 'available_cpus', 'play_games']
+           'GUARD_WEIGHT', 'DANGER_WEIGHT', 'REPLY_THREAT_WEIGHT', 'SELFPLAY_RULES', 'king_zones', 'feature_planes',
+           'static_evals', 'static_eval', 'decode_moves', 'legal_moves', 'BaselineEngine', 'Game', 'play_game',
+           'game_csa', 'write_csa', 'game_seed', 'game_name', 'available_cpus', 'play_games', 'check_selfplay_params']
 
 # %% ../nbs/03_selfplay.ipynb #701e180e
 MATE = 30_000   # the score of a won position; mate in one scores MATE - 1, allowing mate in one -(MATE - 2)
@@ -351,7 +351,7 @@ def play_games(n: int, out_dir: str | os.PathLike, *, seed: int = 0, depth: int 
         ids = np.repeat([game_id(game_name(seed, first + k)) for k in range(len(pending))], [len(h) for h in pending])
         shards.append(save_hcpe(hcpe_dir / f"selfplay-{seed}-{first // games_per_shard:05d}.npy", hcpe, ids))
         pending.clear()
-    with tqdm(total=n, desc="self-play", unit="game", disable=not progress) as bar:
+    with progress_bar(total=n, desc="self-play", unit="game", show=progress) as bar:
         with (ProcessPoolExecutor(workers) if workers > 1 else _InlineExecutor()) as pool:
             for index, hcpe in pool.map(_play_selfplay_game, jobs, chunksize=max(1, min(16, n // (workers * 8)))):
                 pending.append(hcpe); rows += len(hcpe); bar.update()
@@ -360,3 +360,20 @@ def play_games(n: int, out_dir: str | os.PathLike, *, seed: int = 0, depth: int 
     write_manifest(hcpe_dir, "hcpe", shards, rows=rows, games=n, source="selfplay", seed=seed, depth=depth,
                    temperature=temperature, max_moves=max_moves)
     return shards
+
+# %% ../nbs/03_selfplay.ipynb #98f32b57
+from .storage import Rule, check_params
+
+SELFPLAY_RULES = {
+    "games": Rule(int, min=1),                     # a run needs at least one game
+    "seed": Rule(int, min=0),
+    "depth": Rule(int, choices=(1, 2)),            # the baseline searches 1 or 2 plies
+    "temperature": Rule(float, min=0),             # centipawns; 0 plays the best move
+    "max_moves": Rule(int, min=1),
+    "workers": Rule(int, min=1, optional=True),    # None: one per CPU core
+    "games_per_shard": Rule(int, min=1),
+}
+
+def check_selfplay_params(params: dict) -> dict:
+    """Check the self-play step's parameters (as `play_games` takes them, `games` for `n`) before any game is played."""
+    return check_params(params, SELFPLAY_RULES, "selfplay")

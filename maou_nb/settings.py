@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import configparser
 import os
+import sys
+import time
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['DEFAULTS', 'PATH_SETTINGS', 'find_settings_file', 'read_settings_file', 'setting', 'get_settings', 'resolve_device']
+__all__ = ['DEFAULTS', 'PATH_SETTINGS', 'PROGRESS_FORMS', 'find_settings_file', 'read_settings_file', 'setting', 'get_settings',
+           'resolve_device', 'progress_form', 'TextProgress', 'progress']
 
 # %% ../nbs/00_settings.ipynb #e1f79cdd
 DEFAULTS: dict[str, str] = {
@@ -19,6 +22,8 @@ DEFAULTS: dict[str, str] = {
     "models_root": "models",  # exported models and the model registry
     "device": "auto",         # auto | cpu | cuda | cuda:N | mps
     "cloud_bucket": "",       # e.g. gs://my-bucket/maou (empty: no upload)
+    "progress": "auto",       # auto | text | widget | bar | off: how long loops show progress (see `progress`)
+    "pieces": "auto",         # auto | kanji | latin: board pictures' piece labels (auto: kanji if a Japanese font is here)
 }
 PATH_SETTINGS = ("data_root", "runs_root", "models_root")
 
@@ -100,3 +105,113 @@ def resolve_device(device: str | None = None) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available here; use 'auto' or 'cpu'.")
     return device
+
+# %% ../nbs/00_settings.ipynb #ebc3ab5b
+PROGRESS_FORMS = ("auto", "text", "widget", "bar", "off")
+
+def _in_kernel() -> bool:
+    """Whether this process is a Jupyter kernel (IPython's ZMQ shell)."""
+    shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+def progress_form(show: bool | None = True) -> str:
+    """The form `progress` takes here: 'widget', 'bar', 'text' or 'off' (from `show` and the `progress` setting)."""
+    if show is False:
+        return "off"
+    form = setting("progress")
+    if form not in PROGRESS_FORMS:
+        raise ValueError(f"progress setting {form!r} (MAOU_NB_PROGRESS or settings.ini) is not one of {PROGRESS_FORMS}.")
+    if form != "auto":
+        return form
+    if _in_kernel():     # a front end attached through a Jupyter server (Lab) names the kernel's session
+        return "widget" if os.environ.get("JPY_SESSION_NAME") else "text"
+    if getattr(sys.stderr, "isatty", lambda: False)():
+        return "bar"
+    return "text" if show else "off"
+
+# %% ../nbs/00_settings.ipynb #540f35d7
+def _duration(seconds: float) -> str:
+    """A short duration: 42s, 3m05s, 1h02m."""
+    s = int(round(seconds))
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+class TextProgress:
+    """Progress as plain lines: at the end, and for a long loop every `every_pct` percent or `every_s` seconds."""
+    def __init__(self, iterable=None, total: int | None = None, desc: str = "", unit: str = "it", initial: int = 0,
+                 every_pct: float = 10, every_s: float = 30, min_s: float = 1.0, file=None):
+        self.iterable, self.desc, self.unit = iterable, desc, unit
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total, self.n, self.initial = total, initial, initial
+        self.every_pct, self.every_s, self.min_s, self.file = every_pct, every_s, min_s, file or sys.stdout
+        self.t0 = self.last_t = time.monotonic()
+        self.last_pct, self.closed = 0.0, False
+
+    def line(self) -> str:
+        """The progress line of this moment."""
+        elapsed = time.monotonic() - self.t0
+        rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
+        head = f"{self.desc}: " if self.desc else ""
+        count = f"{self.n}/{self.total} {self.unit}" if self.total else f"{self.n} {self.unit}"
+        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        if self.closed:
+            return f"{head}{count}{pct} in {_duration(elapsed)}, {rate:.3g} {self.unit}/s"
+        eta = f", ETA {_duration((self.total - self.n) / rate)}" if self.total and rate > 0 else ""
+        return f"{head}{count}{pct}, {rate:.3g} {self.unit}/s{eta}"
+
+    def _print(self) -> None:
+        print(self.line(), file=self.file, flush=True)
+        self.last_t = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        """Count `n` more; print a line when a step of `every_pct` percent or `every_s` seconds has passed."""
+        self.n += n
+        now = time.monotonic()
+        pct = 100 * self.n / self.total if self.total else 0.0
+        due_pct = self.total and pct - self.last_pct >= self.every_pct and now - self.last_t >= self.min_s
+        if (due_pct or now - self.last_t >= self.every_s) and (not self.total or self.n < self.total):
+            self.last_pct = pct - pct % self.every_pct if self.every_pct else pct
+            self._print()
+
+    def close(self) -> None:
+        """Print the final line (once)."""
+        if not self.closed:
+            self.closed = True
+            self._print()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+# %% ../nbs/00_settings.ipynb #9b59993f
+class _Silent:
+    """A progress object that shows nothing."""
+    def __init__(self, iterable=None):
+        self.iterable = iterable
+    def update(self, n: int = 1) -> None: pass
+    def close(self) -> None: pass
+    def __iter__(self): return iter(self.iterable)
+    def __enter__(self): return self
+    def __exit__(self, *exc) -> None: pass
+
+def progress(iterable=None, *, total: int | None = None, desc: str = "", unit: str = "it", initial: int = 0,
+             leave: bool = True, show: bool | None = True, text: bool = True, **text_kw):
+    """A progress bar in the form that suits where output goes (`progress_form`); iterate over it or `update` it."""
+    form = progress_form(show)
+    if form == "off" or (form == "text" and not text):
+        return _Silent(iterable)
+    if form == "text":
+        return TextProgress(iterable, total=total, desc=desc, unit=unit, initial=initial, **text_kw)
+    if form == "widget":
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave)

@@ -24,8 +24,8 @@ import numpy as np
 __all__ = ['HCPE_DTYPE', 'SIDECAR_SUFFIXES', 'DATA_KINDS', 'CHECKPOINT_FORMAT', 'ShardError', 'StorageError', 'disk_error',
            'atomic_path', 'remove_stale_temps', 'write_json', 'read_json', 'read_yaml', 'save_array', 'load_array',
            'sidecar_path', 'game_id', 'save_hcpe', 'load_hcpe', 'load_game_ids', 'list_shards', 'mix64',
-           'split_by_game', 'write_manifest', 'read_manifest', 'manifest_shards', 'sha256_file', 'save_checkpoint',
-           'load_checkpoint', 'LocalStorage', 'get_storage']
+           'split_by_game', 'write_manifest', 'read_manifest', 'manifest_shards', 'ParamError', 'Rule', 'check_params',
+           'sha256_file', 'save_checkpoint', 'load_checkpoint', 'LocalStorage', 'get_storage']
 
 # %% ../nbs/04_storage.ipynb #285ca7a1
 HCPE_DTYPE = np.dtype(cshogi.HuffmanCodedPosAndEval)
@@ -119,9 +119,13 @@ def read_json(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ShardError(f"{path}: file not found. Check the path, or run the step that writes it.")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: not valid JSON ({e}). Delete it and rerun the step that writes it.") from None
+    if not isinstance(obj, dict):
+        raise ShardError(f"{path}: holds a JSON {type(obj).__name__}, not an object of keys and values. "
+                         "Delete it and rerun the step that writes it.")
+    return obj
 
 def read_yaml(path: str | os.PathLike, what: str = "params file") -> dict:
     """Read a YAML mapping (safe loader), naming the file if it is missing or not valid YAML."""
@@ -130,9 +134,15 @@ def read_yaml(path: str | os.PathLike, what: str = "params file") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: {what} not found. See params/ for examples.")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        obj = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e}).") from None
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: the {what} holds a YAML {type(obj).__name__}, not a mapping of `key: value` lines. "
+                         "Write it as one key per line (see params/ for examples).")
+    return obj
 
 
 # %% ../nbs/04_storage.ipynb #6bfc9ebf
@@ -274,11 +284,15 @@ def read_manifest(folder: str | os.PathLike, expect_kind: str | None = None) -> 
         raise ShardError(f"{folder}: no manifest.json, so the folder is incomplete or not made by maou_nb. "
                          "Rerun the step that writes it.")
     manifest = read_json(path)
+    shards = manifest.get("shards", [])
+    if not isinstance(shards, list) or not all(isinstance(s, str) for s in shards):
+        raise ShardError(f"{path}: 'shards' must be a list of shard file names, but it is {shards!r}. "
+                         "Rerun the step that writes this folder.")
     kind = manifest.get("kind")
     if expect_kind is not None and kind != expect_kind:
         raise ShardError(f"{folder}: holds {kind!r} data but {expect_kind!r} data is needed here. "
                          f"Point this parameter at a folder made for {expect_kind!r}.")
-    missing = [s for s in manifest.get("shards", []) if not (folder / s).is_file()]
+    missing = [s for s in shards if not (folder / s).is_file()]
     if missing:
         raise ShardError(f"{folder}: manifest lists {len(missing)} missing shard(s), e.g. {missing[0]}. Rerun the step that writes it.")
     return manifest
@@ -287,6 +301,61 @@ def manifest_shards(folder: str | os.PathLike, expect_kind: str | None = None) -
     """The shard paths a complete data folder holds, in manifest order."""
     folder = Path(folder)
     return [folder / s for s in read_manifest(folder, expect_kind)["shards"]]
+
+# %% ../nbs/04_storage.ipynb #7076a3bc
+import math
+from dataclasses import dataclass
+
+class ParamError(ValueError):
+    """A step parameter is mistyped, out of range or not one of its choices; names it, its value and what is allowed."""
+
+_KIND_WORDS = {int: "an int", float: "a number", bool: "true or false", str: "a string", list: "a list", dict: "a mapping"}
+
+@dataclass(frozen=True)
+class Rule:
+    """What one parameter may be: `kind` (int, float, bool, str, list, dict), bounds, choices, or None if `optional`."""
+    kind: type = int
+    min: float | None = None
+    max: float | None = None
+    above: float | None = None          # strictly greater than
+    below: float | None = None          # strictly less than
+    choices: tuple | None = None
+    optional: bool = False
+
+    def allowed(self) -> str:
+        """What the rule allows, in words."""
+        if self.choices is not None:
+            text = f"one of {list(self.choices)}"
+        else:
+            bounds = [f">= {self.min}" if self.min is not None else "", f"> {self.above}" if self.above is not None else "",
+                      f"<= {self.max}" if self.max is not None else "", f"< {self.below}" if self.below is not None else ""]
+            text = " ".join([_KIND_WORDS.get(self.kind, self.kind.__name__), " and ".join(b for b in bounds if b)]).strip()
+        return text + (" or null" if self.optional else "")
+
+    def ok(self, value) -> bool:
+        """Whether `value` satisfies the rule."""
+        if value is None:
+            return self.optional
+        if self.choices is not None:
+            return isinstance(value, bool) == (self.kind is bool) and value in self.choices
+        if self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return False
+        elif self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                return False
+        elif not isinstance(value, self.kind):
+            return False
+        return ((self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+                and (self.above is None or value > self.above) and (self.below is None or value < self.below))
+
+def check_params(params: dict, rules: dict[str, Rule], step: str = "") -> dict:
+    """Check each parameter that has a rule; raise ParamError naming the first bad one and its fix. Returns `params`."""
+    for name, rule in rules.items():
+        if name in params and not rule.ok(params[name]):
+            where = f"{step}.{name}" if step else name
+            raise ParamError(f"{where}={params[name]!r}: allowed {rule.allowed()}. Set {where} to such a value.")
+    return params
 
 # %% ../nbs/04_storage.ipynb #6a0d3569
 CHECKPOINT_FORMAT = "maou_nb checkpoint 2"

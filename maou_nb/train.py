@@ -200,7 +200,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epoch": (lambda v: v >= 1, ">= 1"), "start_epoch": (lambda v: v >= 0, ">= 0"),
     "max_steps": (lambda v: v >= 1, ">= 1 or null"), "save_every": (lambda v: v >= 0, ">= 0 (0 = epoch ends only)"),
     "log_every": (lambda v: v >= 1, ">= 1"), "trainable_layers": (lambda v: v >= 0, ">= 0 or null"),
-    "tensorboard_histogram_frequency": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "tensorboard_histogram_frequency": (lambda v: v >= 0, ">= 0 (0 = off)"), "seed": (lambda v: v >= 0, ">= 0"),
 }
 
 def scheduler_name(name: str) -> str:
@@ -570,15 +570,17 @@ def seed_everything(seed: int) -> None:
 
 # %% ../nbs/11_train.ipynb #772d251d
 class RunLog:
-    """stats.json, metrics.jsonl and TensorBoard for one run folder."""
-    def __init__(self, out_dir: Path, config: TrainConfig):
+    """stats.json, metrics.jsonl and TensorBoard for one run folder, and a compact line per record on stdout."""
+    def __init__(self, out_dir: Path, config: TrainConfig, echo: Callable[[str], None] | None = print,
+                 echo_every_s: float = 10.0):
         from torch.utils.tensorboard import SummaryWriter
         self.dir, self.config, self.t0 = Path(out_dir), config, time.time()
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(self.dir / "logs"))
+        self.writer = SummaryWriter(log_dir=str(self.dir / "logs" / self.dir.resolve().name))
         self.latest_val: dict = {}
         self.latest_train: dict = {"eta_s": None}
         self.records = 0                                 # lines in metrics.jsonl, kept in checkpoints
+        self.echo, self.echo_every_s, self._echoed = echo, echo_every_s, {}   # stage -> time of its last train line
 
     def rewind(self, records: int) -> None:
         """Keep the first `records` lines of metrics.jsonl (a resumed run rewrites what came after its checkpoint)."""
@@ -590,7 +592,7 @@ class RunLog:
         self.records = records
 
     def record(self, kind: str, info: dict, global_step: int, eta_s: float | None = None) -> None:
-        """Append one record to metrics.jsonl, rewrite stats.json, add TensorBoard scalars."""
+        """Append one record to metrics.jsonl, rewrite stats.json, add TensorBoard scalars, print its line."""
         rec = {"kind": kind, **info, "elapsed_s": round(time.time() - self.t0, 3), "timestamp": time.time()}
         if kind == "val":
             self.latest_val = {k: v for k, v in info.items() if isinstance(v, float)}
@@ -607,6 +609,39 @@ class RunLog:
         for k, v in info.items():
             if isinstance(v, (int, float)) and k not in ("step", "epoch", "global_step"):
                 self.writer.add_scalar(f"stage{info['stage']}/{kind}/{k}", v, global_step)
+        self._echo(kind, info, eta_s)
+
+    def _echo(self, kind: str, info: dict, eta_s: float | None) -> None:
+        """Print the record's line: every validation; a train line at most every `echo_every_s` per stage."""
+        from maou_nb.settings import progress_form
+        if self.echo is None or progress_form(True) == "off":
+            return
+        stage, now = info.get("stage"), time.time()
+        if kind == "train":
+            if stage in self._echoed and now - self._echoed[stage] < self.echo_every_s:
+                return
+            self._echoed[stage] = now
+        self.echo(self.line(kind, info, eta_s))
+
+    @staticmethod
+    def line(kind: str, info: dict, eta_s: float | None = None) -> str:
+        """One record as a short line: `stage 1 epoch 0 step 20: loss 0.41, 1830 samples/s, ETA 1m05s`."""
+        from maou_nb.settings import _duration
+        head = f"stage {info.get('stage')} epoch {info.get('epoch')} step {info.get('step')}"
+        if kind == "train":
+            parts = [f"loss {info['loss']:.4g}"] if isinstance(info.get("loss"), float) else []
+            if isinstance(info.get("samples_per_s"), (int, float)):
+                parts.append(f"{info['samples_per_s']:.0f} samples/s")
+            if eta_s is not None:
+                parts.append(f"ETA {_duration(eta_s)}")
+            return f"{head}: " + ", ".join(parts)
+        shown = [k for k in ("loss", "accuracy", "f1", "exact", "top1", "value_accuracy") if isinstance(info.get(k), float)]
+        parts = [f"{k} {info[k]:.4g}" for k in shown]
+        gate, threshold = info.get("gate"), info.get("threshold")
+        if isinstance(gate, float) and threshold is not None:
+            parts.append(f"gate {gate:.4f} {'>=' if gate >= threshold else '<'} {threshold:g}"
+                         f" ({'reached' if gate >= threshold else 'not reached'})")
+        return f"{head} validation: " + ", ".join(parts)
 
     def histograms(self, model: nn.Module, global_step: int) -> None:
         """Weight histograms of the parameters matching `tensorboard_histogram_module`."""
@@ -626,6 +661,8 @@ class StageTrainer:
                  data: tuple, progress: bool):
         from maou_nb.datasets import make_loader
         self.spec, self.model, self.c, self.log, self.device, self.progress = spec, model, c, log, device, progress
+        if not progress:
+            log.echo = None                                   # progress=False: no bars and no log lines
         self.train_ds, self.val_ds = data
         bs = c.batch_size_of(spec.stage)
         kw = dict(workers=c.dataloader_workers, pin_memory=c.pin_memory, prefetch_factor=c.prefetch_factor)
@@ -664,9 +701,9 @@ class StageTrainer:
         state = torch.get_rng_state()
         batches = iter(self.loader)
         torch.set_rng_state(state)
-        from tqdm.auto import tqdm
-        bar = tqdm(batches, total=self.batches_per_epoch, initial=self.batch, leave=False,
-                   desc=f"stage {self.spec.stage} epoch {epoch}", disable=not self.progress)
+        from maou_nb.settings import progress  # a live bar; in batch runs RunLog's lines are the record (text=False)
+        bar = progress(batches, total=self.batches_per_epoch, initial=self.batch, leave=False, unit="batch",
+                       desc=f"stage {self.spec.stage} epoch {epoch}", show=self.progress, text=False)
         for batch in bar:
             self.batch += 1                       # batches of this epoch consumed, this one included
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

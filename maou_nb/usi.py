@@ -4,45 +4,82 @@
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import json
 import math
+import re
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 import cshogi
 
-from .play import RESIGN, BaselinePlayer, NetworkPlayer, Player, RandomPlayer
+from .play import (RESIGN, BaselinePlayer, NetworkPlayer, Player, RandomPlayer, legal_moves_and_labels,
+                          mate_in_one, puct_search)
 
 # %% auto #0
-__all__ = ['GO_INT_ARGS', 'default_model_path', 'engine_options', 'option_line', 'USIError', 'parse_position', 'parse_go',
-           'time_budget', 'score_cp', 'USIEngine', 'main']
+__all__ = ['MODEL_FILES', 'AUTO', 'STANDARD_OPTIONS', 'PIECE_LIMITS', 'PIECE_NAMES', 'MAX_PLY', 'GO_INT_ARGS', 'GO_FLAGS',
+           'NO_CLOCK_SECONDS', 'RESERVE_SECONDS', 'run_finish_time', 'newest_run_model', 'default_model',
+           'engine_options', 'option_line', 'USIError', 'check_sfen', 'parse_position', 'parse_go', 'time_budget',
+           'Clock', 'score_cp', 'ModelError', 'USIEngine', 'main']
 
-# %% ../nbs/31_usi.ipynb #17e4428b
-def default_model_path() -> str:
-    "The model loaded unless told otherwise: the registry's best, else models_root/best.onnx, model.onnx, best.pt."
+# %% ../nbs/31_usi.ipynb #9c1d0a02
+MODEL_FILES = ("best.onnx", "model.onnx", "best.pt")  # a model the user put in models_root, looked for in this order
+
+
+def run_finish_time(run_dir: Path) -> float:
+    "When a run finished: `finished` in its run.json (as a timestamp), else its exported model's modification time."
+    try:
+        return _dt.datetime.fromisoformat(json.loads((run_dir / "run.json").read_text())["finished"]).timestamp()
+    except (OSError, ValueError, KeyError, TypeError):  # no run.json, unreadable, or the run has not finished
+        return (run_dir / "models" / "model.onnx").stat().st_mtime
+
+
+def newest_run_model(runs_root: str | Path) -> Path | None:
+    "The exported model of the run that finished last: `runs_root/*/models/model.onnx` (None when there is none)."
+    found = [p for p in Path(runs_root).glob("*/models/model.onnx") if p.is_file()]
+    return max(found, key=lambda p: (run_finish_time(p.parents[1]), p.stat().st_mtime), default=None)
+
+
+def default_model() -> tuple[Path | None, str]:
+    """The model the engine plays when none is named, and where it was found: a model the user put in `models_root`
+    (`best.onnx`, `model.onnx`, `best.pt`), else the best of `models_root/registry.json`, else the newest run's
+    `models/model.onnx` under `runs_root`. (None, what was searched) when there is none."""
     from maou_nb.play import load_registry, registry_entry
     from maou_nb.settings import setting
-    root = Path(setting("models_root"))
-    try:
-        reg = load_registry(root / "registry.json")
-        if reg["best"] and Path(registry_entry(reg, reg["best"])["path"]).is_file():
-            return registry_entry(reg, reg["best"])["path"]
-    except Exception:
-        pass  # an unreadable registry must not stop the engine from starting
-    for name in ("best.onnx", "model.onnx", "best.pt"):
-        if (root / name).is_file():
-            return str(root / name)
-    return str(root / "best.onnx")
+    models, runs = Path(setting("models_root")), Path(setting("runs_root"))
+    for name in MODEL_FILES:
+        if (models / name).is_file():
+            return models / name, f"put in models_root {models}"
+    note = ""
+    if (models / "registry.json").is_file():
+        try:
+            reg = load_registry(models / "registry.json")
+            if reg["best"] and Path(registry_entry(reg, reg["best"])["path"]).is_file():
+                return Path(registry_entry(reg, reg["best"])["path"]), f"the best of {models / 'registry.json'}"
+        except Exception as e:  # an unreadable registry must not stop the engine: say so and look further
+            note = f"; {models / 'registry.json'} is unreadable ({e})"
+    newest = newest_run_model(runs)
+    if newest is not None:
+        return newest, f"the newest finished run under runs_root {runs}{note}"
+    return None, (f"no {'/'.join(MODEL_FILES)} in models_root {models}, no registry best, "
+                  f"no {runs}/*/models/model.onnx{note}")
+
+# %% ../nbs/31_usi.ipynb #17e4428b
+AUTO = -1  # Simulations -1: search for as long as the clock allows (up to the spin's max)
+STANDARD_OPTIONS = {"USI_Hash": {"type": "spin", "default": 16, "min": 1, "max": 2**31 - 1},
+                    "USI_Ponder": {"type": "check", "default": "false"}}  # sent by GUIs unasked; accepted, no effect
 
 
 def engine_options() -> dict[str, dict]:
     "The USI options: name -> {type, default, and min/max or the combo's vars}."
     return {
-        "ModelPath": {"type": "string", "default": default_model_path()},
+        "ModelPath": {"type": "string", "default": ""},  # empty: default_model()
         "Player": {"type": "combo", "default": "network", "vars": ["network", "baseline", "random"]},
         "Temperature": {"type": "string", "default": "0"},
-        "Simulations": {"type": "spin", "default": 0, "min": 0, "max": 100000},
+        "Simulations": {"type": "spin", "default": AUTO, "min": AUTO, "max": 100000},
         "Threads": {"type": "spin", "default": 1, "min": 1, "max": 256},
         "Seed": {"type": "spin", "default": 0, "min": 0, "max": 2**31 - 1},
         "MateInOne": {"type": "check", "default": "false"},
@@ -59,13 +96,108 @@ def option_line(name: str, spec: dict) -> str:
         line += "".join(f" var {v}" for v in spec["vars"])
     return line
 
-# %% ../nbs/31_usi.ipynb #660446f6
+# %% ../nbs/31_usi.ipynb #9c1d0a06
 class USIError(ValueError):
     "A command the engine cannot follow (answered with `info string error …`)."
 
 
+PIECE_LIMITS = {"P": 18, "L": 4, "N": 4, "S": 4, "G": 4, "B": 2, "R": 2}  # each kind in a game: board + both hands
+PIECE_NAMES = {"P": "pawn", "L": "lance", "N": "knight", "S": "silver", "G": "gold", "B": "bishop", "R": "rook",
+               "K": "king"}
+MAX_PLY = 2**31 - 1  # cshogi keeps the move number in 32 bits (and clamps larger ones without a word)
+
+
+def _check_placement(placement: str) -> tuple[dict[str, int], dict[str, int]]:
+    "Piece counts (promoted ones under their base kind) and kings per side of an SFEN board; USIError on a bad one."
+    counts, kings, pawn_files = dict.fromkeys(PIECE_LIMITS, 0), {"b": 0, "w": 0}, {"b": set(), "w": set()}
+    ranks = placement.split("/")
+    if len(ranks) != 9:
+        raise USIError(f"sfen board {placement!r} has {len(ranks)} ranks; it needs 9, separated by '/'")
+    for r, rank in enumerate(ranks, 1):
+        where = f"sfen rank {r} ({'abcdefghi'[r - 1]}) {rank!r}"
+        squares, i = 0, 0
+        while i < len(rank):
+            c, promoted = rank[i], rank[i] == "+"
+            if c in "123456789":
+                squares, i = squares + int(c), i + 1
+            else:
+                if promoted:
+                    i += 1
+                    c = rank[i] if i < len(rank) else ""
+                    if c.upper() not in "PLNSBR" or not c:
+                        raise USIError(f"{where}: '+' must come before P, L, N, S, B or R (lowercase for white), "
+                                       f"got {c or 'nothing'!r}; gold and king do not promote")
+                if c.upper() not in PIECE_NAMES:
+                    raise USIError(f"{where}: unknown piece letter {c!r}; pieces are K R B G S N L P (uppercase "
+                                   "black, lowercase white), '+' before a promoted one, digits for empty squares")
+                squares, i = squares + 1, i + 1
+                side, kind, file = ("b" if c.isupper() else "w"), c.upper(), 10 - squares
+                if kind == "K":
+                    kings[side] += 1
+                else:
+                    counts[kind] += 1
+                far = r if side == "b" else 10 - r  # 1: the side's last rank
+                if not promoted and (kind in "PL" and far == 1 or kind == "N" and far <= 2):
+                    raise USIError(f"{where}: an unpromoted {'black' if side == 'b' else 'white'} {PIECE_NAMES[kind]} "
+                                   f"on file {file} could never move; it must be promoted there ('+{c}')")
+                if not promoted and kind == "P":
+                    if file in pawn_files[side]:
+                        raise USIError(f"sfen board {placement!r}: two unpromoted {'black' if side == 'b' else 'white'}"
+                                       f" pawns on file {file} (nifu)")
+                    pawn_files[side].add(file)
+            if squares > 9:
+                break
+        if squares != 9:
+            raise USIError(f"{where} covers {squares} squares; each rank needs exactly 9 (pieces plus digits 1-9)")
+    return counts, kings
+
+
+def _check_hand(hand: str, counts: dict[str, int]) -> dict[str, dict[str, int]]:
+    "Adds an SFEN hand's pieces to `counts`; the hands as {side: {kind: n}}; USIError on a bad one."
+    hands = {"b": {}, "w": {}}
+    if hand == "-":
+        return hands
+    tokens = re.findall(r"(\d*)(\D)", hand)
+    if not tokens or "".join(n + c for n, c in tokens) != hand:
+        raise USIError(f"sfen hand {hand!r}: write '-' or counts and pieces, e.g. 'R2Pb3p'")
+    for n, c in tokens:
+        side, kind = ("b" if c.isupper() else "w"), c.upper()
+        if kind not in PIECE_LIMITS:
+            raise USIError(f"sfen hand {hand!r}: {c!r} cannot be held; pieces in hand are R B G S N L P "
+                           "(uppercase black, lowercase white), unpromoted, never a king")
+        if n and (n.startswith("0") or not n.isascii()):
+            raise USIError(f"sfen hand {hand!r}: the count {n!r} of {c!r} must be a positive whole number")
+        if kind in hands[side]:
+            raise USIError(f"sfen hand {hand!r}: {c!r} appears twice; give each piece once with its count")
+        hands[side][kind] = int(n or 1)
+        counts[kind] += hands[side][kind]
+    return hands
+
+
+def check_sfen(placement: str, turn: str, hand: str, ply: str = "1") -> str:
+    """The SFEN `placement turn hand ply` once it describes a position that can arise in a game: 9 ranks of 9
+    squares, known pieces, promotions only of P L N S B R, no unpromoted P/L/N where it could never move, no two
+    unpromoted pawns of a side on a file, one king a side, at most 18 P, 4 L N S G, 2 B R in all (board and hands),
+    side b or w, a positive move number. USIError naming the first rule broken."""
+    counts, kings = _check_placement(placement)
+    for side, n in kings.items():
+        if n != 1:
+            raise USIError(f"sfen board {placement!r} has {n} {'black (K)' if side == 'b' else 'white (k)'} kings; "
+                           "each side needs exactly one")
+    if turn not in ("b", "w"):
+        raise USIError(f"sfen side to move {turn!r}: must be b (black) or w (white)")
+    _check_hand(hand, counts)
+    for kind, limit in PIECE_LIMITS.items():
+        if counts[kind] > limit:
+            raise USIError(f"sfen has {counts[kind]} {PIECE_NAMES[kind]}s on the board and in hand; a game has "
+                           f"{limit}, so the hand {hand!r} or the board is wrong")
+    if not re.fullmatch(r"[1-9][0-9]*", ply) or int(ply) > MAX_PLY:
+        raise USIError(f"sfen move number {ply!r}: must be a whole number from 1 to {MAX_PLY}")
+    return f"{placement} {turn} {hand} {ply}"
+
+# %% ../nbs/31_usi.ipynb #660446f6
 def parse_position(args: list[str]) -> cshogi.Board:
-    "A board from `position` arguments: `startpos [moves …]` or `sfen B T H N [moves …]`."
+    "A board from `position startpos [moves …]` or `position sfen B T H N [moves …]`, checked before cshogi."
     if not args:
         raise USIError("position needs 'startpos' or 'sfen <sfen>'")
     if "moves" in args:
@@ -75,15 +207,16 @@ def parse_position(args: list[str]) -> cshogi.Board:
         head, moves = args, []
     if head == ["startpos"]:
         board = cshogi.Board()
-    elif head[0] == "sfen" and len(head) in (4, 5):
-        sfen = " ".join(head[1:] + (["1"] if len(head) == 4 else []))
-        placement = head[1]
-        if placement.count("K") != 1 or placement.count("k") != 1:
-            raise USIError(f"sfen {sfen!r} must have exactly one king per side")
-        try:
-            board = cshogi.Board(sfen)
-        except RuntimeError:
-            raise USIError(f"incorrect sfen {sfen!r}") from None
+    elif head and head[0] == "sfen" and len(head) in (4, 5):
+        sfen = check_sfen(*head[1:])
+        board = cshogi.Board(sfen)
+        hands = _check_hand(head[3], dict.fromkeys(PIECE_LIMITS, 0))
+        if [[hands[s].get(k, 0) for k in "PLNSGBR"] for s in "bw"] != [list(h) for h in board.pieces_in_hand]:
+            raise USIError(f"cshogi read the hand {head[3]!r} as {board.pieces_in_hand}; refusing the position")
+        placement, turn, hand, ply = sfen.split()
+        if cshogi.Board(f"{placement} {'w' if turn == 'b' else 'b'} {hand} {ply}").is_check():
+            raise USIError(f"in sfen {sfen!r} the side not to move is in check: its king could be captured, "
+                           "so the position cannot arise")
     else:
         raise USIError(f"position needs 'startpos' or 'sfen <board> <turn> <hand> [<ply>]', got {' '.join(head)!r}")
     for i, usi in enumerate(moves):
@@ -94,29 +227,52 @@ def parse_position(args: list[str]) -> cshogi.Board:
     return board
 
 
-GO_INT_ARGS = ("btime", "wtime", "byoyomi", "binc", "winc", "nodes", "movetime", "depth", "mate")
+GO_INT_ARGS = {"btime": 0, "wtime": 0, "byoyomi": 0, "binc": 0, "winc": 0, "movetime": 0, "nodes": 1, "depth": 1,
+               "mate": 1}  # name -> smallest value
+GO_FLAGS = ("infinite", "ponder")
 
 
-def parse_go(args: list[str]) -> dict:
-    "The limits of a `go` command: integers for clocks/limits, True for `infinite`/`ponder`."
+def parse_go(args: list[str], board: cshogi.Board | None = None) -> dict:
+    """The limits of a `go` command: whole numbers for clocks (ms) and limits, True for `infinite`/`ponder`, the
+    USI moves of `searchmoves` (each legal in `board`). USIError for anything else."""
     limits, i = {}, 0
     while i < len(args):
         key = args[i]
-        if key in ("infinite", "ponder"):
+        if key in limits:
+            raise USIError(f"go {key} is given twice")
+        if key in GO_FLAGS:
             limits[key] = True
             i += 1
+        elif key == "searchmoves":
+            j = i + 1
+            while j < len(args) and args[j] not in GO_INT_ARGS and args[j] not in GO_FLAGS:
+                j += 1
+            moves = args[i + 1:j]
+            if not moves:
+                raise USIError("go searchmoves needs at least one move")
+            if board is not None:
+                legal = {cshogi.move_to_usi(m) for m in board.legal_moves}
+                bad = [m for m in moves if m not in legal]
+                if bad:
+                    raise USIError(f"go searchmoves {' '.join(bad)}: not legal in {board.sfen()}")
+            limits[key] = list(dict.fromkeys(moves))
+            i = j
         elif key in GO_INT_ARGS:
-            if key == "mate" and (i + 1 >= len(args) or args[i + 1] == "infinite"):
+            value = args[i + 1] if i + 1 < len(args) else None
+            if key == "mate" and value in (None, "infinite"):
                 limits["mate"] = 0
                 i += 2
                 continue
-            try:
-                limits[key] = int(args[i + 1])
-            except (IndexError, ValueError):
-                raise USIError(f"go {key} needs an integer (milliseconds or a count)") from None
+            if value is None or not re.fullmatch(r"-?[0-9]+", value):
+                unit = "a count" if key in ("nodes", "depth") else "milliseconds"
+                raise USIError(f"go {key} needs a whole number ({unit}), got {value or 'nothing'!r}")
+            if int(value) < GO_INT_ARGS[key]:
+                raise USIError(f"go {key} must be at least {GO_INT_ARGS[key]}, got {value}")
+            limits[key] = int(value)
             i += 2
         else:
-            raise USIError(f"unknown go argument {key!r}")
+            known = ", ".join([*GO_INT_ARGS, *GO_FLAGS, "searchmoves"])
+            raise USIError(f"unknown go argument {key!r}; go takes {known}")
     return limits
 
 
@@ -132,6 +288,29 @@ def time_budget(limits: dict, turn: int, margin_ms: int = 200) -> float | None:
     budget = (mine or 0) / 40 + inc + byoyomi
     return max(0.01, (min(budget, (mine or 0) + byoyomi + inc) - margin_ms) / 1000)
 
+# %% ../nbs/31_usi.ipynb #9c1d0a09
+NO_CLOCK_SECONDS = 1.0  # how long a time-managed search thinks on a `go` that gives no clock and no nodes
+RESERVE_SECONDS = 0.01  # kept back at least, for the move choice and a simulation slower than the recent ones
+
+
+class Clock:
+    """The stop rule of one search, called before each simulation: True once `stopped` is set (`stop`, `quit`,
+    `gameover`) or when the next simulation could end past `deadline` (a monotonic time, None for none; `ponderhit`
+    sets it): it stops when less than twice the slowest recent simulation (at least RESERVE_SECONDS) is left."""
+
+    def __init__(self, deadline: float | None = None):
+        self.deadline, self.stopped = deadline, threading.Event()
+        self.last: float | None = None
+        self.step = 0.0  # a cautious estimate of one simulation's time
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if self.last is not None:
+            self.step = max(0.99 * self.step, now - self.last)
+        self.last = now
+        return self.stopped.is_set() or (self.deadline is not None
+                                         and now + max(2 * self.step, RESERVE_SECONDS) > self.deadline)
+
 # %% ../nbs/31_usi.ipynb #88e9b663
 def score_cp(win_probability: float) -> int:
     "A centipawn score from a win probability (the common 600-scaled logistic)."
@@ -139,32 +318,51 @@ def score_cp(win_probability: float) -> int:
     return int(round(600 * math.log(p / (1 - p))))
 
 
+class ModelError(USIError):
+    "A model that was asked for (`--model`, `setoption name ModelPath`) and cannot be loaded: the engine will not play."
+
+
+class _Search:
+    "A `go infinite` / `go ponder` running in a thread: its clock, and whether its bestmove may be sent yet."
+
+    def __init__(self, limits: dict, start: float, clock: Clock, budget: float | None):
+        self.limits, self.start, self.clock, self.budget = limits, start, clock, budget
+        self.released, self.discard = threading.Event(), False
+        self.thread: threading.Thread | None = None
+
+
 class USIEngine:
     "A USI protocol engine over a `maou_nb.play` player."
     name = "maou_nb"
 
     def __init__(self, write: Callable[[str], None] | None = None, **options):
-        self.write = write or (lambda line: print(line, flush=True))
+        self._out = write or (lambda line: print(line, flush=True))
+        self._lock = threading.Lock()
         self.spec = engine_options()
         self.options = {k: v["default"] for k, v in self.spec.items()}
         for k, v in options.items():
             self.set_option(k, str(v))
         self.player: Player | None = None
-        self.board = cshogi.Board()
-        self.pending: str | None = None  # bestmove held back until stop/ponderhit
+        self.playing = ""  # what plays, said at isready
+        self.board: cshogi.Board | None = cshogi.Board()  # None after a refused `position`
+        self.search: _Search | None = None  # a go infinite/ponder in progress
+
+    def write(self, line: str) -> None:
+        "Send one line to the GUI (one at a time: a search thread writes too)."
+        with self._lock:
+            self._out(line)
 
     def set_option(self, name: str, value: str) -> None:
         "Set one option (checked against its type); the player is rebuilt at the next isready/go."
-        spec = self.spec.get(name)
+        spec = self.spec.get(name) or STANDARD_OPTIONS.get(name)
         if spec is None:
-            if name.startswith("USI_"):
-                return  # USI_Hash, USI_Ponder: GUIs send them; nothing to do
-            raise USIError(f"unknown option {name!r}; options are {', '.join(self.spec)}")
+            close = [k for k in self.spec if k.lower() == name.lower()]
+            raise USIError(f"unknown option {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                           + f"; options are {', '.join(self.spec)}")
         if spec["type"] == "spin":
-            try:
-                v = int(value)
-            except ValueError:
-                raise USIError(f"option {name} needs an integer, got {value!r}") from None
+            if not re.fullmatch(r"-?[0-9]+", value):
+                raise USIError(f"option {name} needs a whole number in [{spec['min']}, {spec['max']}], got {value!r}")
+            v = int(value)
             if not spec["min"] <= v <= spec["max"]:
                 raise USIError(f"option {name} must be in [{spec['min']}, {spec['max']}], got {v}")
             value = v
@@ -174,41 +372,69 @@ class USIEngine:
             raise USIError(f"option {name} must be one of {spec['vars']}, got {value!r}")
         elif name == "Temperature":
             try:
-                if float(value) < 0:
+                if not (math.isfinite(float(value)) and float(value) >= 0):
                     raise ValueError
             except ValueError:
-                raise USIError(f"option Temperature needs a number >= 0, got {value!r}") from None
+                raise USIError(f"option Temperature needs a number >= 0 (0: always the top move), "
+                               f"got {value!r}") from None
+        elif name == "ModelPath":
+            value = "" if value.strip() in ("", "<empty>") else value
+        if name in STANDARD_OPTIONS:
+            return
         self.options[name] = value
         self.player = None
 
-    def build_player(self) -> Player:
-        "The player the options ask for (the baseline engine if the model cannot be loaded)."
+    def build_player(self) -> tuple[Player, str]:
+        """The player the options ask for, and a line saying what plays. A named model that cannot be loaded raises
+        ModelError; the baseline engine stands in only when no model was named and none is found."""
         kind, seed = self.options["Player"], int(self.options["Seed"])
         if kind == "random":
-            return RandomPlayer(seed=seed)
-        if kind == "network":
-            path = Path(self.options["ModelPath"])
-            try:
-                return NetworkPlayer(path, temperature=float(self.options["Temperature"]), seed=seed,
-                                     threads=int(self.options["Threads"]),
-                                     simulations=int(self.options["Simulations"]),
-                                     mate_in_one=self.options["MateInOne"] == "true")
-            except Exception as e:
-                self.write(f"info string error loading model {path}: {e}; set option ModelPath "
-                           "to a checkpoint or ONNX file. Playing the baseline engine instead.")
-        return BaselinePlayer(seed=seed)
+            return RandomPlayer(seed=seed), "playing random legal moves (Player random)"
+        if kind == "baseline":
+            return BaselinePlayer(seed=seed), "playing the baseline engine (Player baseline)"
+        named = self.options["ModelPath"]
+        path, found = (Path(named), "ModelPath") if named else default_model()
+        if path is None:
+            return BaselinePlayer(seed=seed), (f"no model found ({found}); playing the baseline engine. "
+                                               "Set ModelPath (or --model) to play a model")
+        try:
+            player = NetworkPlayer(path, temperature=float(self.options["Temperature"]), seed=seed,
+                                   threads=int(self.options["Threads"]),
+                                   mate_in_one=self.options["MateInOne"] == "true")
+            player.policy_value([cshogi.Board()])  # a file with the right name but not a maou_nb model fails here
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:400]
+            if named:
+                raise ModelError(f"cannot load model {path} ({reason}). Set ModelPath (or --model) to a maou_nb "
+                                 "checkpoint (.pt) or ONNX export (runs/<run_id>/models/model.onnx), or leave it empty "
+                                 "to play the newest run's model") from None
+            return BaselinePlayer(seed=seed), (f"error: the model found ({path}, {found}) cannot be loaded ({reason}); "
+                                               "playing the baseline engine. Set ModelPath to play a model")
+        search = "policy only" if int(self.options["Simulations"]) == 0 else (
+            "search on the clock" if int(self.options["Simulations"]) == AUTO
+            else f"search of at most {self.options['Simulations']} simulations")
+        return player, f"playing model {path} ({found}; {search})"
 
     def ensure_player(self) -> Player:
-        "The current player, built if needed (a random mover if even the baseline cannot be built)."
+        "The current player, built if needed (ModelError when the model asked for cannot be loaded)."
         if self.player is None:
-            try:
-                self.player = self.build_player()
-            except Exception as e:
-                self.write(f"info string error building the player: {e}; playing random legal moves")
-                self.player = RandomPlayer(seed=int(self.options["Seed"]))
+            self.player, self.playing = self.build_player()
         return self.player
 
-    def think(self, limits: dict) -> tuple[str, list[str]]:
+    def choose_among(self, player: Player, board: cshogi.Board, allowed: list[str]) -> int:
+        "The player's pick among `go searchmoves`: the policy's favourite, the baseline's best score, or a random one."
+        legal = {cshogi.move_to_usi(m): m for m in board.legal_moves}
+        moves = [legal[u] for u in allowed]
+        if isinstance(player, NetworkPlayer):
+            probs, player.last_values = player.policy_value([board])
+            label = dict(zip(*legal_moves_and_labels([board])[0]))
+            return max(moves, key=lambda m: probs[0, label[m]])
+        if isinstance(player, BaselinePlayer):
+            scored = dict(zip(*player.engine.score_moves(board)))
+            return max(moves, key=lambda m: scored[m])
+        return moves[int(player.rng.integers(len(moves)))]
+
+    def think(self, limits: dict, clock: Clock, start: float) -> tuple[str, list[str]]:
         "The bestmove answer for the current position, and the info lines that go before it."
         board = self.board
         if board.is_nyugyoku():
@@ -216,13 +442,19 @@ class USIEngine:
         if board.is_game_over():
             return "resign", ["info string no legal move"]
         player = self.ensure_player()
-        if isinstance(player, NetworkPlayer):
-            player.time_limit = None if limits.get("infinite") else time_budget(
-                limits, board.turn, int(self.options["ByoyomiMargin"]))
-            configured = int(self.options["Simulations"])
-            player.simulations = min(configured, limits["nodes"]) if "nodes" in limits and configured else configured
-        start = time.monotonic()
-        move = player.choose(board)
+        sims = int(self.options["Simulations"])
+        cap = self.spec["Simulations"]["max"] if sims == AUTO else sims
+        if "nodes" in limits and cap:
+            cap = min(cap, limits["nodes"])
+        nodes = 1
+        if limits.get("searchmoves"):
+            move = self.choose_among(player, board, limits["searchmoves"])
+        elif isinstance(player, NetworkPlayer) and cap > 0:
+            moves, player.last_values = puct_search(player, [board], cap, player.c_puct, player.temperatures([board]),
+                                                    player.rng, stop=clock)
+            move, nodes = moves[0], max(1, player.last_simulations)
+        else:
+            move = player.choose(board)
         if move == RESIGN or not board.is_legal(move):
             return "resign", [f"info string player {player.name} resigned"]
         usi = cshogi.move_to_usi(move)
@@ -233,28 +465,75 @@ class USIEngine:
             cp = int(player.engine.evaluate(board))
         else:
             cp = 0
-        nodes = max(1, player.last_simulations if getattr(player, "simulations", 0) else 1)
         return usi, [f"info depth 1 time {elapsed} nodes {nodes} score cp {cp} pv {usi}"]
 
-    def go(self, args: list[str]) -> None:
-        "Answer `go`: info lines then bestmove (held back for infinite/ponder until stop/ponderhit)."
-        limits = parse_go(args)
-        if "mate" in limits:
-            mate = self.board.mate_move_in_1ply()
-            self.write(f"checkmate {cshogi.move_to_usi(mate)}" if mate else "checkmate nomate")
-            return
+    def answer(self, s: _Search) -> None:
+        "Think under `s`, write the info lines, and the bestmove once `s` is released (never when discarded)."
         try:
-            bestmove, info = self.think(limits)
+            bestmove, info = self.think(s.limits, s.clock, s.start)
         except Exception as e:
             moves = list(self.board.legal_moves)
             bestmove = cshogi.move_to_usi(moves[0]) if moves else "resign"
             info = [f"info string error while thinking: {e}; playing a legal move"]
         for line in info:
             self.write(line)
-        if limits.get("infinite") or limits.get("ponder"):
-            self.pending = bestmove
-        else:
+        s.released.wait()
+        if not s.discard:
             self.write(f"bestmove {bestmove}")
+
+    def go(self, args: list[str]) -> None:
+        """Answer `go`: info lines then bestmove. A clocked search runs here and ends by its clock; `go infinite`
+        and `go ponder` run in a thread until `stop` (or, pondering, `ponderhit` and then the clock)."""
+        start = time.monotonic()
+        if self.board is None:  # never think about a position other than the one the GUI sent
+            self.write("info string error: no position to think about: the last position command was refused; "
+                       "send a valid position before go")
+            self.write("bestmove resign")
+            return
+        limits = parse_go(args, self.board)
+        if "mate" in limits:
+            mate = mate_in_one(self.board)
+            self.write(f"checkmate {cshogi.move_to_usi(mate)}" if mate else "checkmate nomate")
+            return
+        try:
+            self.ensure_player()
+        except ModelError as e:  # never play something other than the model asked for
+            self.refuse(e)
+            self.write("bestmove resign")
+            return
+        budget = time_budget(limits, self.board.turn, int(self.options["ByoyomiMargin"]))
+        if budget is None and "nodes" not in limits:
+            budget = NO_CLOCK_SECONDS
+        held = bool(limits.get("infinite") or limits.get("ponder"))
+        s = _Search(limits, start, Clock(None if held or budget is None else start + budget), budget)
+        if not held:
+            s.released.set()
+            return self.answer(s)
+        s.thread = threading.Thread(target=self.answer, args=(s,), daemon=True)
+        self.search = s
+        s.thread.start()
+
+    def end_search(self, discard: bool = False) -> None:
+        "Stop a `go infinite`/`go ponder` in progress and wait for it (its bestmove is sent unless `discard`)."
+        s, self.search = self.search, None
+        if s is not None:
+            s.discard = discard
+            s.clock.stopped.set()
+            s.released.set()
+            s.thread.join()
+
+    def ponderhit(self) -> None:
+        "The opponent played the move pondered on: think on from now, by the clock `go ponder` gave."
+        s = self.search
+        if s is not None:
+            s.clock.deadline = time.monotonic() + (s.budget if s.budget is not None else NO_CLOCK_SECONDS)
+            s.start = time.monotonic()
+            s.released.set()
+
+    def refuse(self, e: Exception) -> None:
+        "Report a model that cannot be loaded, to the GUI and on stderr."
+        self.write(f"info string error: {e}")
+        print(f"maou-nb-usi: error: {e}", file=sys.stderr, flush=True)
 
     def handle(self, line: str) -> bool:
         "Follow one command line; False after quit."
@@ -263,35 +542,48 @@ class USIEngine:
             return True
         cmd, args = tokens[0], tokens[1:]
         try:
-            if cmd == "quit":
-                return False
-            elif cmd == "usi":
+            if cmd in ("stop", "quit"):
+                self.end_search()
+                return cmd != "quit"
+            if cmd == "ponderhit":
+                return self.ponderhit() or True
+            if cmd == "gameover":
+                self.end_search(discard=True)
+                return True
+            if cmd == "isready" and self.search is not None:
+                self.write("readyok")  # a search in progress: its player is ready
+                return True
+            if self.search is not None and self.search.released.is_set():
+                self.search.thread.join()  # ponderhit: the search ends by its clock
+                self.search = None
+            self.end_search()  # any other command ends a search still waiting for stop
+            if cmd == "usi":
                 self.write(f"id name {self.name}")
                 self.write("id author maou_nb developers")
-                for name, spec in self.spec.items():
-                    self.write(option_line(name, spec))
+                for name, spec in self.spec.items():  # current values as defaults: a GUI that sends every
+                    self.write(option_line(name, {**spec, "default": self.options[name]}))  # option keeps --model
                 self.write("usiok")
             elif cmd == "isready":
-                self.ensure_player()
+                try:
+                    self.ensure_player()
+                except ModelError as e:  # no readyok until ModelPath names a loadable model (or is emptied)
+                    self.refuse(e)
+                    return True
+                self.write(f"info string {self.playing}")
                 self.write("readyok")
             elif cmd == "setoption":
-                if len(args) < 2 or args[0] != "name":
+                if len(args) < 2 or args[0] != "name" or args[1] == "value":
                     raise USIError("setoption needs 'name <name> [value <value>]'")
                 k = args.index("value") if "value" in args else len(args)
                 self.set_option(" ".join(args[1:k]), " ".join(args[k + 1:]))
             elif cmd == "usinewgame":
-                self.ensure_player().seed(int(self.options["Seed"]))
                 self.board = cshogi.Board()
+                self.ensure_player().seed(int(self.options["Seed"]))
             elif cmd == "position":
+                self.board = None
                 self.board = parse_position(args)
             elif cmd == "go":
                 self.go(args)
-            elif cmd in ("stop", "ponderhit"):
-                if self.pending is not None:
-                    self.write(f"bestmove {self.pending}")
-                    self.pending = None
-            elif cmd == "gameover":
-                self.pending = None
             else:
                 raise USIError(f"unknown command {cmd!r}")
         except Exception as e:  # never crash: report and keep serving
@@ -300,32 +592,45 @@ class USIEngine:
 
     def run(self, stdin=None) -> None:
         "Serve commands from `stdin` (bytes or text lines; default the process's stdin) until quit or EOF."
-        for line in (stdin if stdin is not None else sys.stdin.buffer):
-            if isinstance(line, bytes):  # GUIs may send Shift_JIS paths: never die on a decoding error
-                line = line.decode("utf-8", errors="replace")
-            if not self.handle(line):
-                break
+        try:
+            for line in (stdin if stdin is not None else sys.stdin.buffer):
+                if isinstance(line, bytes):  # GUIs may send Shift_JIS paths: never die on a decoding error
+                    line = line.decode("utf-8", errors="replace")
+                if not self.handle(line):
+                    break
+        finally:
+            self.end_search()
 
 # %% ../nbs/31_usi.ipynb #baf8b21a
-def main(argv: list[str] | None = None) -> None:
-    "Run the USI engine on stdin/stdout."
+def main(argv: list[str] | None = None) -> int:
+    "Run the USI engine on stdin/stdout; 2 (the reason on stderr) when the model named by --model cannot be loaded."
     import warnings
     warnings.filterwarnings("ignore")
     parser = argparse.ArgumentParser(prog="maou-nb-usi", description="maou_nb USI engine (stdin/stdout)")
-    parser.add_argument("--model", help="checkpoint (.pt) or ONNX file (default: models_root/best.onnx)")
+    parser.add_argument("--model", help="checkpoint (.pt) or ONNX file (default: models_root/best.onnx if there, "
+                        "else the registry's best, else the newest run's models/model.onnx)")
     parser.add_argument("--player", choices=["network", "baseline", "random"], default=None)
     parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--simulations", type=int, default=None)
+    parser.add_argument("--simulations", type=int, default=None,
+                        help="-1 (default): search as long as the clock allows; 0: the policy's top move; N: at most N")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     a = parser.parse_args(argv)
     given = {"ModelPath": a.model, "Player": a.player, "Temperature": a.temperature,
              "Simulations": a.simulations, "Threads": a.threads, "Seed": a.seed}
     try:
-        USIEngine(**{k: v for k, v in given.items() if v is not None}).run()
+        engine = USIEngine(**{k: v for k, v in given.items() if v is not None})
+        if a.model is not None:
+            engine.ensure_player()  # a named model is loaded before the handshake: failing is fatal
+    except USIError as e:
+        print(f"maou-nb-usi: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        engine.run()
     except (BrokenPipeError, KeyboardInterrupt):  # the GUI went away
         pass
+    return 0
 
 # %% ../nbs/31_usi.ipynb #70f3ae70
 if __name__ == "__main__" and "__file__" in globals():
-    main()
+    sys.exit(main())

@@ -22,15 +22,15 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .encoding import MOVE_LABELS_NUM, move_label, mover_square, reachable_squares_label
-from .export import PolicyNetwork, load_policy
 from .storage import atomic_path, load_hcpe
 
 # %% auto #0
-__all__ = ['CELL', 'BOARD_ORIGIN', 'VIEWBOX', 'square_corner', 'BoardSvg', 'save_svg', 'destination_weights',
-           'label_probabilities', 'mover_grid_squares', 'legal_destination_counts', 'board_svg', 'Position',
-           'game_positions', 'hcpe_positions', 'board_from_arrays', 'dataset_positions', 'PositionExplorer', 'explore',
-           'parse_position', 'ModelViewer', 'metrics_path', 'read_metrics', 'plot_stage', 'plot_run', 'save_run_plots',
-           'LiveCurves']
+__all__ = ['CELL', 'BOARD_ORIGIN', 'VIEWBOX', 'PIECE_STYLES', 'square_corner', 'BoardSvg', 'save_svg', 'destination_weights',
+           'label_probabilities', 'mover_grid_squares', 'legal_destination_counts', 'japanese_font_installed',
+           'piece_style', 'latin_pieces', 'board_svg', 'Position', 'game_positions', 'hcpe_positions',
+           'board_from_arrays', 'dataset_positions', 'PositionExplorer', 'explore', 'parse_position', 'ModelViewer',
+           'figure_png', 'PlotFigure', 'show_figure', 'metrics_path', 'read_metrics', 'plot_stage', 'plot_run',
+           'save_run_plots', 'LiveCurves']
 
 # %% ../nbs/21_viz.ipynb #47faf691
 CELL = 20.0                       # side of one square in cshogi's viewBox units
@@ -124,6 +124,80 @@ def legal_destination_counts(board: cshogi.Board, legal: np.ndarray | None = Non
             counts[cshogi.move_to(move)] += 1
     return counts
 
+# %% ../nbs/21_viz.ipynb #b74479ec
+PIECE_STYLES = ("auto", "kanji", "latin")
+
+def japanese_font_installed() -> bool:
+    """Whether a real font on this machine (as matplotlib finds them) has the piece glyphs (歩, 香, 龍)."""
+    global _JAPANESE_FONT
+    if _JAPANESE_FONT is None:
+        from matplotlib import font_manager, ft2font
+        _JAPANESE_FONT = False
+        for entry in font_manager.fontManager.ttflist:
+            if "LastResort" in entry.fname:     # matplotlib's fallback: a box for every character
+                continue
+            try:
+                font = ft2font.FT2Font(entry.fname)
+            except (OSError, RuntimeError):
+                continue
+            if all(font.get_char_index(ord(c)) for c in "歩香龍"):
+                _JAPANESE_FONT = True
+                break
+    return _JAPANESE_FONT
+
+_JAPANESE_FONT: bool | None = None
+
+def piece_style(pieces: str | None = None) -> str:
+    """'kanji' or 'latin': the `pieces` argument, else the `pieces` setting; `auto` asks `japanese_font_installed`."""
+    from maou_nb.settings import setting
+    style = pieces or setting("pieces")
+    if style not in PIECE_STYLES:
+        raise ValueError(f"pieces={style!r} (argument, MAOU_NB_PIECES or settings.ini): use one of {PIECE_STYLES}.")
+    if style == "auto":
+        return "kanji" if japanese_font_installed() else "latin"
+    return style
+
+# %% ../nbs/21_viz.ipynb #ecd891f4
+_SFEN_OF = {"pawn": "P", "lance": "L", "knight": "N", "silver": "S", "gold": "G", "bishop": "B", "rook": "R",
+            "king": "K", "pro-pawn": "+P", "pro-lance": "+L", "pro-knight": "+N", "pro-silver": "+S",
+            "horse": "+B", "dragon": "+R"}
+_LATIN_FONT = 'font-family="DejaVu Sans, Verdana, Arial, sans-serif" font-weight="bold" text-anchor="middle"'
+
+def _latin_piece(match: re.Match) -> str:
+    """One of cshogi's piece definitions, re-drawn as its SFEN letter."""
+    side, kind = match.group(1), match.group(2)
+    letter = _SFEN_OF[kind] if side == "black" else _SFEN_OF[kind].lower()
+    size, fill = (10, "#c00000") if letter.startswith("+") else (13, "black")
+    return (f'<g id="{side}-{kind}"><text {_LATIN_FONT} font-size="{size}" fill="{fill}" x="10" y="{10 + size * 0.37:.1f}">'
+            f'{letter}</text></g>')
+
+def _hand_marker(x: float, y: float, filled: bool) -> str:
+    """A small shogi-piece pentagon with its tip up, at (x, y) = its top."""
+    points = f"{x},{y} {x + 5},{y + 2.5} {x + 6},{y + 11} {x - 6},{y + 11} {x - 5},{y + 2.5}"
+    return (f'<polygon class="hand-marker" points="{points}" fill="{"black" if filled else "white"}" '
+            'stroke="black" stroke-width="0.8" />')
+
+def _latin_hand(board: cshogi.Board, color: int) -> str:
+    """A side's hand as a marker and SFEN letters with counts, stacked down the margin beside the board."""
+    x, y = (216.5, 104.0) if color == cshogi.BLACK else (10.0, 12.0)
+    parts = [_hand_marker(x, y, color == cshogi.BLACK)]
+    counts = board.pieces_in_hand[color]        # P L N S G B R
+    for k, (name, n) in enumerate((name, counts[i]) for i, name in reversed(list(enumerate("PLNSGBR"))) if counts[i]):
+        letter = name if color == cshogi.BLACK else name.lower()
+        parts.append(f'<text class="hand" {_LATIN_FONT} font-size="9" x="{x}" y="{y + 23 + 11 * k}">'
+                     f'{letter}{n if n > 1 else ""}</text>')
+    return "".join(parts)
+
+def latin_pieces(svg: str, board: cshogi.Board) -> str:
+    """cshogi's board SVG with its kanji (pieces, rank numerals, hands) replaced by letters any font has."""
+    svg = re.sub(r'<g id="(black|white)-([a-z-]+)"[^>]*>.*?</g>', _latin_piece, svg)
+    ranks = {f"&#{ord(k)};": r for k, r in zip("一二三四五六七八九", "abcdefghi")}
+    svg = re.sub(r'(<text font-family="serif" font-size="9" [^>]*>)(&#\d+;)(</text>)',
+                 lambda m: m.group(1) + ranks.get(m.group(2), m.group(2)) + m.group(3), svg)
+    svg = re.sub(r'<text font-family="serif" font-size="14"[^>]*>[^<]*</text>', "", svg)
+    hands = f'<g class="maou-hands">{_latin_hand(board, cshogi.BLACK)}{_latin_hand(board, cshogi.WHITE)}</g>'
+    return svg.replace("</svg>", hands + "</svg>")
+
 # %% ../nbs/21_viz.ipynb #5864aefe
 def _as_squares(board: cshogi.Board, mask) -> np.ndarray | None:
     """81 booleans by cshogi square from True (the board's own reachable squares), a 9×9 mover grid or 81 values."""
@@ -136,9 +210,12 @@ def _as_squares(board: cshogi.Board, mask) -> np.ndarray | None:
 
 def board_svg(board: cshogi.Board, *, probs=None, reachable=None, legal=None, lastmove: int | None = None,
               caption: str | None = None, scale: float = 1.5, color: str = "#d62728",
-              percent: bool = True) -> BoardSvg:
-    """cshogi's SVG of `board` with a destination heat map, reachable/legal markers, last move and caption."""
+              percent: bool = True, pieces: str | None = None) -> BoardSvg:
+    """cshogi's SVG of `board` with a destination heat map, reachable/legal markers, last move and caption;
+    `pieces` "kanji" or "latin" (SFEN letters), default the `pieces` setting (auto: kanji where a Japanese font is)."""
     svg = str(board.to_svg(lastmove=lastmove or None, scale=scale))
+    if piece_style(pieces) == "latin":
+        svg = latin_pieces(svg, board)
     under, over = "", ""
     if probs is not None:
         moves = probs if isinstance(probs, dict) else label_probabilities(board, probs)
@@ -256,7 +333,7 @@ def _top_moves_html(probs: dict[int, float], k: int = 5, title: str = "top moves
 
 class PositionExplorer:
     """Widgets stepping through positions: board with heat map and overlays, value, model's top moves."""
-    def __init__(self, positions: Sequence[Position], policy: PolicyNetwork | None = None, *, scale: float = 1.6):
+    def __init__(self, positions: Sequence[Position], policy: "PolicyNetwork | None" = None, *, scale: float = 1.6):
         if not positions:
             raise ValueError("PositionExplorer needs at least one position")
         self.positions, self.policy, self.scale = list(positions), policy, scale
@@ -312,6 +389,7 @@ class PositionExplorer:
 def explore(source, policy=None, rows: Sequence[int] | None = None, **kw) -> PositionExplorer:
     """A `PositionExplorer` over a record file, an HCPE shard (.npy), a dataset or positions; `policy` a path or network."""
     if isinstance(policy, (str, Path)):
+        from maou_nb.export import load_policy      # torch and onnx load only when a model is shown
         policy = load_policy(policy)
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -343,6 +421,7 @@ def parse_position(text: str) -> cshogi.Board:
 class ModelViewer:
     """A model's top moves, value and policy heat map for a position you type or play into."""
     def __init__(self, model, position: str = "startpos", *, k: int = 5, scale: float = 1.6):
+        from maou_nb.export import load_policy
         self.policy = load_policy(model) if isinstance(model, (str, Path)) else model
         self.k, self.scale = k, scale
         self.text = widgets.Text(position, description="position", layout=widgets.Layout(width="600px"),
@@ -350,19 +429,25 @@ class ModelViewer:
         self.moves = widgets.Dropdown(options=[], description="move")
         self.play = widgets.Button(description="play")
         self.board_view, self.info = widgets.HTML(), widgets.HTML()
+        self.error = widgets.HTML()
         self.text.observe(lambda _: self.refresh(), names="value")
         self.play.on_click(lambda _: self.play_selected())
-        self.widget = widgets.VBox([self.text, widgets.HBox([self.moves, self.play]),
+        self.widget = widgets.VBox([self.text, self.error, widgets.HBox([self.moves, self.play]),
                                     widgets.HBox([self.board_view, self.info])])
+        self.position: str | None = None       # the last position text that parsed: what the board shows
         self.refresh()
 
     def refresh(self) -> None:
-        """Evaluate the typed position and redraw."""
+        """Evaluate the typed position and redraw; an unreadable one is reported and disables play until fixed."""
         try:
             self.board = parse_position(self.text.value)
         except (ValueError, RuntimeError) as error:
-            self.info.value = f"<b style='color:#c00'>cannot read the position: {escape(str(error))}</b>"
+            shown = f" The board still shows {escape(self.position)!s}." if self.position else ""
+            self.error.value = (f"<b style='color:#c00'>cannot read the position: {escape(str(error))}.</b> "
+                                f"Fix the text to go on.{shown}")
+            self.moves.options, self.play.disabled = [], True
             return
+        self.position, self.error.value, self.play.disabled = self.text.value.strip(), "", False
         self.probs, self.value = self.policy.evaluate(self.board)
         best = sorted(self.probs.items(), key=lambda item: -item[1])[: self.k]
         self.moves.options = [(f"{cshogi.move_to_usi(m)} ({p:.1%})", cshogi.move_to_usi(m)) for m, p in best]
@@ -375,14 +460,34 @@ class ModelViewer:
                            f"{self.value:.3f}<br>" + _top_moves_html(self.probs, self.k))
 
     def play_selected(self) -> None:
-        """Append the selected move to the position."""
-        if self.moves.value:
-            text = self.text.value.strip()
+        """Append the selected move to the position shown (never to text that does not parse)."""
+        if self.moves.value and not self.play.disabled and self.position is not None:
+            text = self.position
             self.text.value = f"{text} {self.moves.value}" if " moves " in f" {text} " else f"{text} moves {self.moves.value}"
 
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget)
+
+# %% ../nbs/21_viz.ipynb #daf7c9a9
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+    """The PNG bytes of a matplotlib figure."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+class PlotFigure(Figure):
+    """A matplotlib figure that shows as a PNG in any notebook, whatever the backend."""
+    def _repr_png_(self) -> bytes:
+        return figure_png(self)
+
+def show_figure(fig: Figure, dpi: int = 100) -> None:
+    """Display `fig` as a PNG output (Lab, papermill, CI alike), and close it if pyplot made it."""
+    import sys
+    from IPython.display import Image, display
+    display(Image(figure_png(fig, dpi)))
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close(fig)
 
 # %% ../nbs/21_viz.ipynb #539bd5bc
 _NOT_METRICS = {"kind", "stage", "epoch", "step", "global_step", "lr", "samples_per_s", "elapsed_s",
@@ -414,7 +519,7 @@ def _series(records: list[dict], kind: str, key: str) -> tuple[list, list]:
 
 def plot_stage(records: list[dict], stage: str, fig: Figure | None = None) -> Figure:
     """One stage's curves: losses, validation metrics with the threshold, learning rate."""
-    fig = fig or Figure(figsize=(12, 3.4), layout="constrained")
+    fig = fig or PlotFigure(figsize=(12, 3.4), layout="constrained")
     fig.clear()
     ax_loss, ax_metric, ax_lr = fig.subplots(1, 3)
     keys = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k not in _NOT_METRICS})

@@ -241,3 +241,31 @@ def test_interrupted_write_leaves_no_partial_output(hcpe_dir, tmp_path, monkeypa
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files, no bucket folder
     for shard in out.glob("*.npy"):  # whatever shards exist are whole files
         load_array(shard, mmap=False)
+
+
+def test_split_leaving_a_side_empty_is_refused_before_writing(tmp_path):
+    """Two self-play games with test_ratio 0.1 both land in training: refused with the numbers, nothing written."""
+    from maou_nb.selfplay import play_games
+    play_games(2, tmp_path / "selfplay", seed=0, max_moves=20, progress=False, workers=1)
+    with pytest.raises(ValueError) as err:
+        pp.split_hcpe(tmp_path / "selfplay" / "hcpe", tmp_path / "split", test_ratio=0.1, seed=0)
+    assert ("puts 2 of 2 game(s) in training and 0 in validation, leaving validation empty" in str(err.value)
+            and "change test_ratio" in str(err.value))
+    assert not (tmp_path / "split").exists()
+    train, val = pp.split_hcpe(tmp_path / "selfplay" / "hcpe", tmp_path / "split", test_ratio=0.5, seed=2)
+    assert read_manifest(train)["rows"] > 0 and read_manifest(val)["rows"] > 0
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ("[1, 2]", "holds a JSON list, not an object of keys and values"),
+    ('"hcpe"', "holds a JSON str, not an object"),
+    ('{"kind": "hcpe", "shards": "a.npy"}', "'shards' must be a list of shard file names, but it is 'a.npy'"),
+    ('{"kind": "hcpe", "shards": [1, 2]}', "'shards' must be a list of shard file names, but it is [1, 2]"),
+])
+def test_a_manifest_of_the_wrong_shape_is_refused_by_name(manifest, message, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(manifest)
+    with pytest.raises(ShardError) as err:
+        pp.preprocess(folder, tmp_path / "out", progress=False)
+    assert str(folder / "manifest.json") in str(err.value) and message in str(err.value)

@@ -1,4 +1,4 @@
-"""CSA/KIF -> HCPE conversion on the real records in ../shared/data/records, with cshogi as the rules oracle."""
+"""CSA/KIF -> HCPE conversion on the real records in tests/data/records, with cshogi as the rules oracle."""
 import re
 import shutil
 import warnings
@@ -296,3 +296,35 @@ def test_failed_overwrite_keeps_the_earlier_conversion(records_dir, tmp_path):
         convert([records_dir / "test_data_3.csa", tmp_path / "bad.csa"], tmp_path / "out", overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     assert storage.read_manifest(tmp_path / "out")["rows"] == first.stats["rows"]
+
+
+def test_files_without_positions_are_counted_and_named(records_dir, tmp_path):
+    """0-byte files and games without moves are not errors, but the summary (stats and manifest) names each one."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "zero.csa").write_bytes(b"")
+    (folder / "zero.kif").write_bytes(b"")
+    shutil.copy(records_dir / "test_data_no_moves.csa", folder)
+    shutil.copy(records_dir / "test_data_1.csa", folder)
+    out = convert(folder, tmp_path / "out")
+    want = {"test_data_no_moves.csa": "no moves", "zero.csa": "0 bytes", "zero.kif": "0 bytes"}
+    assert out.problems == [] and out.stats["empty_files"] == want
+    assert out.stats["rows"] == len(move_lines(csa_sections(records_dir / "test_data_1.csa")[0]))
+    assert storage.read_manifest(tmp_path / "out", expect_kind="hcpe")["stats"]["empty_files"] == want
+
+
+def test_unknown_kif_handicap_names_field_value_and_accepted(records_dir, tmp_path):
+    text = (records_dir / "test_data_no_date.kifu").read_text(encoding="utf-8")
+    assert "手合割：平手" in text
+    bad = tmp_path / "in" / "nine.kifu"
+    bad.parent.mkdir()
+    bad.write_text(text.replace("手合割：平手", "手合割：九枚落ち"), encoding="utf-8")
+    with pytest.raises(RecordError) as err:
+        convert(bad.parent, tmp_path / "out")
+    message = str(err.value)
+    assert "nine.kifu" in message and "手合割 (handicap) '九枚落ち'" in message
+    assert "accepted: ['平手', '香落ち'" in message and "'十枚落ち']" in message
+    # a known handicap starts from its position (cshogi's), White to move
+    (tmp_path / "in2").mkdir()
+    (tmp_path / "in2" / "lance.kifu").write_text(text.replace("手合割：平手", "手合割：香落ち"), encoding="utf-8")
+    assert read_games(tmp_path / "in2" / "lance.kifu")[0].sfen.split()[1] == "w"

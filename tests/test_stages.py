@@ -2,6 +2,7 @@
 writes when the tiny pipeline runs them with papermill, checked with cshogi and the library's readers."""
 import inspect
 import json
+import re
 from pathlib import Path
 
 import cshogi
@@ -126,6 +127,9 @@ def test_convert(records_dir, tmp_path):
         assert board.is_legal(board.move_from_move16(int(row["bestMove16"])))
     assert info["black_wins"] + info["white_wins"] + info["draws"] == len(np.unique(
         np.concatenate([load_game_ids(p) for p in manifest_shards(out)])))
+    shown = [o.get("data", {}) for c in nbformat.read(tmp_path / "convert.ipynb", as_version=4).cells
+             for o in c.get("outputs", [])]
+    assert sum("image/png" in d for d in shown) == 1 and sum("image/svg+xml" in d for d in shown) == 1
 
 
 def test_selfplay(run, tiny_params):
@@ -257,3 +261,88 @@ def test_summary(run):
     assert "| opponent | wins | draws | losses | score |" in evaluation  # the results as a table
     for row in done(run, "evaluate")["results"]:
         assert f"| {row['opponent']} | {row['wins']} | {row['draws']} | {row['losses']} |" in evaluation
+
+
+# ---- what the executed notebooks show, and what a step prints ------------------------------------------------
+
+def outputs(run, step) -> list[dict]:
+    nb = nbformat.read(run / "notebooks" / STEPS[step].notebook, as_version=4)
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+def mime_count(run, step, mime) -> int:
+    return sum(mime in o.get("data", {}) for o in outputs(run, step))
+
+
+def stream_text(run, step) -> str:
+    return "".join(o["text"] for o in outputs(run, step) if o.get("output_type") == "stream")
+
+
+def test_executed_notebooks_show_their_figures(run, tiny_params):
+    """Every figure a stage makes is a PNG output of its executed notebook (MPLBACKEND=Agg or not), every board an
+    SVG one; no figure is left as `<Figure size ...>` text."""
+    stages = 3 if tiny_params["train"]["stage"] == "all" else 1
+    want_png = {"selfplay": 1, "preprocess": 1, "stage_data": 1, "train": stages, "export": 1, "evaluate": 1}
+    want_svg = {"selfplay": 1, "preprocess": 1, "stage_data": 2, "export": 1, "evaluate": 1}
+    for step in tiny_params["steps"]:
+        assert mime_count(run, step, "image/png") == want_png[step], step
+        assert mime_count(run, step, "image/svg+xml") == want_svg.get(step, 0), step
+        texts = ["".join(o["data"].get("text/plain", "")) for o in outputs(run, step) if "data" in o]
+        assert not [t for t in texts if t.startswith("<Figure")], step
+    for o in outputs(run, "train"):
+        if "image/png" in o.get("data", {}):
+            import base64
+            assert base64.b64decode(o["data"]["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_executed_notebooks_keep_a_readable_progress_record(run, tiny_params):
+    """Batch progress is text lines with counts and rates (no frozen widget), and training logs its steps and its
+    gate metric against the threshold at each validation."""
+    games = tiny_params["selfplay"]["games"]
+    assert f"self-play: {games}/{games} game (100%) in " in stream_text(run, "selfplay")
+    train = stream_text(run, "train")
+    assert re.search(r"^stage 1 epoch 0 step 1: loss [\d.]+, \d+ samples/s, ETA \d", train, re.M), train
+    threshold = tiny_params["train"]["stage1_threshold"]
+    assert re.search(rf"^stage 1 epoch 1 step \d+ validation: loss [\d.e-]+, .*gate [\d.]+ >= {threshold:g} \(reached\)",
+                     train, re.M), train
+    assert "stage 3 epoch 1 step" in train and "validation" in train
+    evaluate = stream_text(run, "evaluate")
+    assert f"games: {tiny_params['evaluate']['games']}/{tiny_params['evaluate']['games']} game (100%)" in evaluate
+    for step in tiny_params["steps"]:
+        assert mime_count(run, step, "application/vnd.jupyter.widget-view+json") == 0, step
+        assert "0%|" not in stream_text(run, step), step
+
+
+def test_tensorboard_names_the_run_by_its_id(run):
+    """The train step's TensorBoard events sit in logs/<run id>, so `tensorboard --logdir <run>/logs` shows the id."""
+    assert [p.parent.name for p in (run / "logs").rglob("events.out.tfevents.*")] == [run.name]
+
+
+def test_a_step_streams_its_lines_and_the_kernel_is_quiet(tmp_path, capfd):
+    """A stage notebook run as the pipeline runs it: its output lines reach the terminal as they are printed,
+    prefixed with the step, and the kernel adds no transport warning or interrupt message."""
+    from maou_nb.pipeline import _run_notebook
+    _run_notebook(STAGES / "selfplay.ipynb", tmp_path / "selfplay.ipynb",
+                  {"games": 2, "max_moves": 16, "workers": 1, "out_dir": str(tmp_path / "out")}, cwd=tmp_path)
+    out, err = capfd.readouterr()
+    assert "  selfplay | self-play: 2/2 game (100%) in " in out, out
+    assert "without encryption" not in err and "KeyboardInterrupt" not in err, err
+    assert (tmp_path / "out" / "selfplay.done.json").is_file()
+    assert "self-play: 2/2 game" in "".join(o.get("text", "") for c in nbformat.read(tmp_path / "selfplay.ipynb", as_version=4).cells
+                                            for o in c.get("outputs", []))
+
+
+def test_progress_is_a_widget_only_for_a_notebook_session(monkeypatch):
+    """In a kernel a Jupyter server started for a notebook (JPY_SESSION_NAME set) progress is a live widget; in a
+    kernel run headless (nbclient, papermill) it is text lines that stay readable in the saved notebook."""
+    from nbclient import NotebookClient
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "from maou_nb.settings import progress\nfor _ in progress(range(3), desc='loop', unit='pos'): pass")],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    monkeypatch.delenv("MAOU_NB_PROGRESS", raising=False)
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    headless = NotebookClient(nb, kernel_name="python3").execute().cells[0].outputs
+    assert [o["text"].split(" in ")[0] for o in headless if o["output_type"] == "stream"] == ["loop: 3/3 pos (100%)"]
+    monkeypatch.setenv("JPY_SESSION_NAME", "/home/me/nbs/demo.ipynb")
+    live = NotebookClient(nb, kernel_name="python3").execute().cells[0].outputs
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in live)

@@ -211,7 +211,7 @@ def test_checkpoint_contents_and_telemetry(data, tmp_path):
     val = [r for r in records if r["kind"] == "val"]
     assert train_records and all(r["step"] % 2 == 0 and r["samples_per_s"] > 0 for r in train_records)
     assert len(val) == 1 and {"policy_loss", "top1", "top5", "value_loss", "value_accuracy", "brier"} <= set(val[0])
-    assert list((run / "logs").glob("events.out.tfevents.*"))
+    assert list((run / "logs" / "run").glob("events.out.tfevents.*"))  # TensorBoard names the run by its folder
     assert json.loads((run / "params.json").read_text())["epoch"] == 1
 
 

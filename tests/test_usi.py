@@ -1,5 +1,6 @@
 """The USI engine driven as a GUI drives it: through cshogi's own USI client and match runner."""
 import json
+import re
 import stat
 import subprocess
 import sys
@@ -176,3 +177,408 @@ def test_full_games_between_two_instances(tmp_path, small_model):
             board.push(m)
         assert game.endgame in ("%TORYO", "%SENNICHITE", "%JISHOGI", "%KACHI", "%+ILLEGAL_ACTION", "%-ILLEGAL_ACTION")
         assert game.endgame != "%ILLEGAL_MOVE"
+
+
+# --- issue 11: the engine never silently plays something other than what was asked -----------------------------
+
+from maou_nb.usi import USIEngine, USIError, parse_go, parse_position  # noqa: E402  (names the old engine had too)
+
+
+def engine_process(*flags: str, input: str, env: dict | None = None, cwd: Path | None = None,
+                   timeout: int = 90) -> subprocess.CompletedProcess:
+    "The engine as a GUI starts it (`python -m maou_nb.usi FLAGS`), fed `input`."
+    import os
+    return subprocess.run([sys.executable, "-m", "maou_nb.usi", *flags], input=input, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def not_models(tmp_path_factory) -> dict[str, Path]:
+    "Files a user might name by mistake: missing, text named .onnx and .pt, an empty file, a checkpoint of a non-model."
+    torch = pytest.importorskip("torch")
+    folder = tmp_path_factory.mktemp("not_models")
+    (folder / "notes.onnx").write_text("these are notes, not a network")
+    (folder / "notes.pt").write_text("these are notes, not a network")
+    (folder / "empty.onnx").write_bytes(b"")
+    torch.save({"weights": torch.zeros(3)}, folder / "tensor.pt")
+    return {"missing": folder / "missing.onnx", "text_onnx": folder / "notes.onnx", "text_pt": folder / "notes.pt",
+            "empty_onnx": folder / "empty.onnx", "not_a_model_pt": folder / "tensor.pt"}
+
+
+@pytest.mark.parametrize("kind", ["missing", "text_onnx", "text_pt", "empty_onnx", "not_a_model_pt"])
+def test_named_model_that_cannot_load_is_fatal(not_models, kind):
+    path = not_models[kind]
+    run = engine_process("--model", str(path), input="usi\nisready\nposition startpos\ngo byoyomi 100\nquit\n")
+    assert run.returncode == 2, (run.returncode, run.stdout, run.stderr[-2000:])
+    assert "usiok" not in run.stdout and "readyok" not in run.stdout and "bestmove" not in run.stdout, run.stdout
+    assert f"cannot load model {path}" in run.stderr and "Set ModelPath (or --model)" in run.stderr, run.stderr[-2000:]
+
+
+def test_maou_nb_usi_subcommand_exits_non_zero(not_models):
+    run = subprocess.run([sys.executable, "-m", "maou_nb.pipeline", "usi", "--model", str(not_models["text_onnx"])],
+                         input="usi\nquit\n", capture_output=True, text=True, timeout=90)
+    assert run.returncode == 2 and "usiok" not in run.stdout and "cannot load model" in run.stderr, run
+
+
+def test_bad_model_set_mid_session_blocks_readyok_until_fixed(small_model, not_models):
+    out = []
+    engine = USIEngine(write=out.append, ModelPath=str(small_model), Simulations=0)
+    engine.handle("isready")
+    assert out[-1] == "readyok" and f"playing model {small_model}" in out[-2], out
+    for bad in ("missing", "text_onnx", "not_a_model_pt"):
+        out.clear()
+        engine.handle(f"setoption name ModelPath value {not_models[bad]}")
+        engine.handle("isready")
+        assert "readyok" not in out and any(f"cannot load model {not_models[bad]}" in l for l in out), out
+        engine.handle("position startpos")
+        engine.handle("go byoyomi 100")
+        assert out[-1] == "bestmove resign", out  # not a move by the previous model or by the baseline engine
+    out.clear()
+    engine.handle(f"setoption name ModelPath value {small_model}")
+    engine.handle("isready")
+    assert out[-1] == "readyok", out
+    engine.handle("go byoyomi 100")
+    assert out[-1].split()[1] in {cshogi.move_to_usi(m) for m in cshogi.Board().legal_moves}, out
+
+
+def random_positions(n_games: int = 40, seed: int = 0) -> list[cshogi.Board]:
+    "Positions of seeded random games that capture when they can (big hands, drops, promotions and checks)."
+    import numpy as np
+    rng, out = np.random.default_rng(seed), []
+    for _ in range(n_games):
+        board = cshogi.Board()
+        for _ in range(int(rng.integers(20, 200))):
+            moves = list(board.legal_moves)
+            if not moves or board.is_draw() == cshogi.REPETITION_DRAW:
+                break
+            captures = [m for m in moves if board.piece(cshogi.move_to(m)) and not cshogi.move_is_drop(m)]
+            pool = captures if captures and rng.random() < 0.8 else moves
+            board.push(pool[int(rng.integers(len(pool)))])
+            out.append(board.copy())
+    return out
+
+
+def test_every_reachable_position_round_trips():
+    from maou_nb.usi import check_sfen
+    boards = random_positions()
+    assert len(boards) > 2000
+    assert any(sum(map(sum, b.pieces_in_hand)) > 10 for b in boards)  # big hands are covered
+    assert any("+" in b.sfen().split()[0] for b in boards) and any(b.is_check() for b in boards)
+    for board in boards:
+        fields = board.sfen().split()
+        assert check_sfen(*fields) == board.sfen()
+        assert parse_position(["sfen", *fields]).sfen() == board.sfen()
+        moves = list(board.legal_moves)
+        if moves:  # and with a move after it, as GUIs send positions
+            after = parse_position(["sfen", *fields, "moves", cshogi.move_to_usi(moves[0])])
+            board.push(moves[0])
+            assert after.sfen() == board.sfen()
+
+
+START = cshogi.STARTING_SFEN.split()[0]
+EMPTY = "4k4/9/9/9/9/9/9/9/4K4"
+BAD_SFENS = [  # (sfen, the reason the engine must name); cshogi reads every one of these without a word
+    (f"{START} b 99P 1", "117 pawns"),
+    (f"{START} b 2B 1", "4 bishops"),
+    (f"{START} b r 1", "3 rooks"),
+    (f"{EMPTY} b 5G 1", "5 golds"),
+    (f"{EMPTY} b 2L3l 1", "5 lances"),
+    (f"{EMPTY} b PP 1", "appears twice"),
+    (f"{EMPTY} b 0P 1", "positive whole number"),
+    (f"{EMPTY} b +P 1", "cannot be held"),
+    (f"{EMPTY} b K 1", "cannot be held"),
+    (f"{EMPTY} b 2x 1", "cannot be held"),
+    (f"{START}/9 b - 1", "10 ranks"),
+    (f"{START.replace('/1r5b1/', '/1r6b1/')} b - 1", "10 squares"),
+    (f"{START.replace('/1r5b1/', '/1r4b1/')} b - 1", "8 squares"),
+    (f"{START.replace('/1r5b1/', '/1r5x1/')} b - 1", "unknown piece letter 'x'"),
+    (f"{START.replace('/1B5R1/', '/1+G4R1/')} b - 1", "'+' must come before"),
+    (f"{START.replace('/1B5R1/', '/1+K4R1/')} b - 1", "'+' must come before"),
+    ("P3k4/9/9/9/9/9/9/9/4K4 b - 1", "could never move"),
+    ("L3k4/9/9/9/9/9/9/9/4K4 b - 1", "could never move"),
+    ("4k4/N8/9/9/9/9/9/9/4K4 b - 1", "could never move"),
+    ("4k4/9/9/9/9/9/9/9/4K3p b - 1", "could never move"),
+    ("4k4/9/9/9/9/9/9/n8/4K4 b - 1", "could never move"),
+    ("4k4/9/9/9/4P4/9/4P4/9/4K4 b - 1", "nifu"),
+    ("4k4/4p4/9/9/9/9/4p4/9/4K4 b - 1", "nifu"),
+    (f"{START.replace('K', 'G')} b - 1", "0 black (K) kings"),
+    ("4k4/9/9/9/9/9/9/9/3KK4 b - 1", "2 black (K) kings"),
+    ("3kk4/9/9/9/9/9/9/9/4K4 b - 1", "2 white (k) kings"),
+    (f"{START} x - 1", "side to move 'x'"),
+    (f"{START} b - 0", "move number '0'"),
+    (f"{START} b - -3", "move number '-3'"),
+    (f"{START} b - 1.5", "move number '1.5'"),
+    (f"{START} b - 99999999999", "move number '99999999999'"),
+    ("4k4/4R4/9/9/9/9/9/9/4K4 b - 1", "side not to move is in check"),
+]
+
+
+@pytest.mark.parametrize("sfen,reason", BAD_SFENS, ids=[r for _, r in BAD_SFENS])
+def test_bad_sfen_is_refused_with_its_reason(sfen, reason):
+    with pytest.raises(USIError, match=re.escape(reason)):
+        parse_position(["sfen", *sfen.split()])
+    out = []
+    engine = USIEngine(write=out.append, Player="random")
+    engine.handle("position startpos moves 7g7f")
+    engine.handle("position sfen " + sfen)
+    assert len(out) == 1 and out[0].startswith("info string error") and reason in out[0], out
+    engine.handle("go byoyomi 100")  # no move for the position before the refused one
+    assert out[-1] == "bestmove resign", out
+
+
+def test_engine_refuses_what_cshogi_alone_would_take():
+    "cshogi (the oracle) builds a board from most bad SFENs without a word: the engine must refuse each of those."
+    taken = []
+    for sfen, reason in BAD_SFENS:
+        try:
+            cshogi.Board(sfen)
+            taken.append((sfen, reason))
+        except Exception:
+            pass
+    assert len(taken) >= len(BAD_SFENS) // 2, taken
+    assert cshogi.Board(f"{START} b 99P 1").sfen().split()[2] == "L3P"  # 99 pawns in hand read as a lance and 3 pawns
+    out = []
+    engine = USIEngine(write=out.append, Player="random")
+    accepted = []
+    for sfen, reason in taken:
+        out.clear()
+        engine.handle("position sfen " + sfen)
+        if not (out and reason in out[0]):
+            accepted.append((sfen, out))
+    assert not accepted, accepted
+
+
+BAD_OPTIONS = [
+    ("setoption name Nope value 1", "unknown option 'Nope'"),
+    ("setoption name simulations value 8", "did you mean Simulations"),
+    ("setoption name USI_Foo value 1", "unknown option 'USI_Foo'"),
+    ("setoption name Simulations value lots", "option Simulations needs a whole number"),
+    ("setoption name Simulations value 2.5", "option Simulations needs a whole number"),
+    ("setoption name Simulations", "option Simulations needs a whole number"),
+    ("setoption name Simulations value -2", "option Simulations must be in [-1, 100000]"),
+    ("setoption name Threads value 0", "option Threads must be in [1, 256]"),
+    ("setoption name Seed value -1", "option Seed must be in"),
+    ("setoption name ByoyomiMargin value 99999999", "option ByoyomiMargin must be in"),
+    ("setoption name MateInOne value yes", "option MateInOne must be true or false"),
+    ("setoption name USI_Ponder value 1", "option USI_Ponder must be true or false"),
+    ("setoption name USI_Hash value big", "option USI_Hash needs a whole number"),
+    ("setoption name USI_Hash value 0", "option USI_Hash must be in"),
+    ("setoption name Player value telepathy", "option Player must be one of"),
+    ("setoption name Temperature value -1", "option Temperature needs a number >= 0"),
+    ("setoption name Temperature value nan", "option Temperature needs a number >= 0"),
+    ("setoption name Temperature value inf", "option Temperature needs a number >= 0"),
+    ("setoption name Temperature value warm", "option Temperature needs a number >= 0"),
+    ("setoption Simulations 4", "setoption needs 'name <name> [value <value>]'"),
+    ("setoption name value 3", "setoption needs 'name <name> [value <value>]'"),
+]
+
+
+def test_bad_setoption_is_refused_and_changes_nothing():
+    wrong = []
+    for line, reason in BAD_OPTIONS:
+        out = []
+        engine = USIEngine(write=out.append, Player="random")
+        before = dict(engine.options)
+        engine.handle(line)
+        if not (len(out) == 1 and out[0].startswith("info string error") and reason in out[0]
+                and engine.options == before):
+            wrong.append((line, out))
+    assert not wrong, wrong
+
+
+def test_standard_options_are_accepted():
+    out = []
+    engine = USIEngine(write=out.append, Player="random")
+    for line in ("setoption name USI_Hash value 256", "setoption name USI_Ponder value true",
+                 "setoption name Simulations value -1", "setoption name ModelPath value <empty>",
+                 "setoption name Temperature value 0.5"):
+        engine.handle(line)
+    assert out == [] and engine.options["Temperature"] == "0.5" and engine.options["ModelPath"] == ""
+
+
+BAD_GO = [
+    ("go btime -1", "go btime must be at least 0"),
+    ("go byoyomi -500", "go byoyomi must be at least 0"),
+    ("go wtime 1000 binc -3", "go binc must be at least 0"),
+    ("go movetime -1", "go movetime must be at least 0"),
+    ("go nodes 0", "go nodes must be at least 1"),
+    ("go btime 1.5", "go btime needs a whole number"),
+    ("go byoyomi 1e3", "go byoyomi needs a whole number"),
+    ("go byoyomi", "go byoyomi needs a whole number (milliseconds), got 'nothing'"),
+    ("go btime 100 btime 200", "go btime is given twice"),
+    ("go sometime 5", "unknown go argument 'sometime'"),
+    ("go byoyomi 100 fast", "unknown go argument 'fast'"),
+    ("go searchmoves", "go searchmoves needs at least one move"),
+    ("go searchmoves 7g7e", "go searchmoves 7g7e: not legal"),
+    ("go searchmoves 7g7f 8h2b+ byoyomi 100", "go searchmoves 8h2b+: not legal"),
+    ("go searchmoves 7g7f xyz", "go searchmoves xyz: not legal"),
+]
+
+
+def test_bad_go_is_refused_before_thinking():
+    wrong = []
+    for line, reason in BAD_GO:
+        out = []
+        engine = USIEngine(write=out.append, Player="random")
+        engine.handle("position startpos")
+        engine.handle(line)
+        if not (len(out) == 1 and out[0].startswith("info string error") and reason in out[0]):
+            wrong.append((line, out))
+    assert not wrong, wrong
+
+
+def test_searchmoves_restricts_the_move(small_model):
+    board = cshogi.Board()
+    allowed = ["1g1f", "9g9f", "5i4h"]
+    for options in ({"Player": "random"}, {"Player": "baseline"}, {"ModelPath": str(small_model)}):
+        engine = USIEngine(write=(out := []).append, **options)
+        engine.handle("position startpos")
+        for seed in range(5):
+            engine.handle(f"setoption name Seed value {seed}")
+            engine.handle(f"go searchmoves {' '.join(allowed)} byoyomi 100")
+            assert out[-1].split()[1] in allowed, (options, out)
+    assert parse_go(["searchmoves", *allowed, "btime", "10"], board) == {"searchmoves": allowed, "btime": 10}
+
+
+# --- issue 12: the no-argument engine finds the latest run's model; a time-managed search --------------------------
+
+@pytest.fixture(scope="module")
+def small_onnx(small_model, tmp_path_factory):
+    "The small model exported to ONNX, as the pipeline's export step writes it."
+    from maou_nb.export import export_onnx
+    out = tmp_path_factory.mktemp("usi_onnx") / "model.onnx"
+    export_onnx(small_model, out, fp16=False, n_default_positions=8)
+    return out
+
+
+def make_run(runs_root: Path, name: str, finished: str | None, model: Path | None) -> Path:
+    "A run folder laid out as the pipeline writes it: run.json (with `finished` when done) and models/model.onnx."
+    import shutil
+    (runs_root / name / "models").mkdir(parents=True)
+    (runs_root / name / "run.json").write_text(json.dumps({"maou_nb": "0", "started": "2026-01-01T00:00:00",
+                                                           **({"finished": finished} if finished else {})}))
+    target = runs_root / name / "models" / "model.onnx"
+    if model is None:
+        target.write_text("a broken export")
+    else:
+        shutil.copy(model, target)
+    return target
+
+
+def ready_lines(run: subprocess.CompletedProcess) -> list[str]:
+    assert run.returncode == 0 and "readyok" in run.stdout, (run.stdout, run.stderr[-2000:])
+    return [l for l in run.stdout.splitlines() if l.startswith("info string")]
+
+
+def test_no_argument_engine_plays_the_newest_runs_model(tmp_path, small_onnx):
+    runs, decoy = tmp_path / "runs", tmp_path / "decoy_runs"
+    make_run(runs, "20260101-quickstart", "2026-01-01T12:00:00", None)  # older: never loaded
+    newest = make_run(runs, "20250101-renamed", "2026-02-01T12:00:00", small_onnx)  # finished last, sorts first
+    make_run(decoy, "zzz", "2027-01-01T00:00:00", small_onnx)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "settings.ini").write_text(
+        f"[maou_nb]\nruns_root = {decoy}\nmodels_root = {tmp_path / 'models'}\n")
+    session = "usi\nisready\nposition startpos\ngo byoyomi 300\nquit\n"
+    # the environment variable overrides settings.ini
+    info = ready_lines(engine_process(input=session, cwd=tmp_path / "work", env={"MAOU_NB_RUNS_ROOT": str(runs)}))
+    assert any(f"playing model {newest}" in l and "newest finished run" in l for l in info), info
+    # without it, settings.ini's runs_root
+    info = ready_lines(engine_process(input=session, cwd=tmp_path / "work"))
+    assert any(f"playing model {decoy / 'zzz' / 'models' / 'model.onnx'}" in l for l in info), info
+    # a model the user put in models_root comes first (here given by its environment variable)
+    import shutil
+    (tmp_path / "promoted").mkdir()
+    shutil.copy(small_onnx, tmp_path / "promoted" / "best.onnx")
+    info = ready_lines(engine_process(input=session, cwd=tmp_path / "work", env={
+        "MAOU_NB_RUNS_ROOT": str(runs), "MAOU_NB_MODELS_ROOT": str(tmp_path / "promoted")}))
+    assert any(f"playing model {tmp_path / 'promoted' / 'best.onnx'}" in l for l in info), info
+
+
+def test_no_argument_engine_without_a_model_says_it_plays_the_baseline(tmp_path):
+    (tmp_path / "settings.ini").write_text(
+        f"[maou_nb]\nruns_root = {tmp_path / 'runs'}\nmodels_root = {tmp_path / 'm'}\n")
+    run = engine_process(input="usi\nisready\nposition startpos\ngo byoyomi 100\nquit\n", cwd=tmp_path)
+    info = ready_lines(run)
+    assert any("no model found" in l and "baseline engine" in l and str(tmp_path / "runs") in l for l in info), info
+    assert run.stdout.splitlines()[-1].split()[1] in {cshogi.move_to_usi(m) for m in cshogi.Board().legal_moves}
+    # a model found (not asked for) that cannot be loaded: said as an error, and the baseline plays
+    broken = make_run(tmp_path / "runs", "broken", "2026-01-01T00:00:00", None)
+    info = ready_lines(engine_process(input="usi\nisready\nquit\n", cwd=tmp_path))
+    assert any(l.startswith(f"info string error: the model found ({broken}") and "baseline engine" in l
+               for l in info), info
+
+
+def go_timed(eng: Engine, **clock) -> tuple[str, int, int, float]:
+    "bestmove, the engine's own time and node count, and the wall time from go to bestmove."
+    lines = []
+    start = time.monotonic()
+    bestmove, _ = eng.go(listener=lines.append, **clock)
+    wall = time.monotonic() - start
+    (info,) = [l for l in lines if l.startswith("info depth")]
+    return bestmove, int(info.split(" time ")[1].split()[0]), int(info.split(" nodes ")[1].split()[0]), wall
+
+
+def test_time_managed_search_uses_the_byoyomi(tmp_path, small_onnx):
+    wrapper = write_wrapper(tmp_path, "maou-clock", "--model", str(small_onnx))  # default: Simulations -1
+    assert_starts(wrapper)
+    eng = Engine(str(wrapper))
+    try:
+        eng.isready()
+        eng.usinewgame()
+        legal = {cshogi.move_to_usi(m) for m in cshogi.Board().legal_moves}
+        for byoyomi in (500, 1000):
+            budget = byoyomi - 200  # ByoyomiMargin
+            for _ in range(2):
+                eng.position()
+                bestmove, used, nodes, wall = go_timed(eng, btime=0, wtime=0, byoyomi=byoyomi)
+                assert bestmove in legal
+                assert 0.7 * budget <= used <= budget, (byoyomi, used)  # a good share, never past the margin
+                assert wall * 1000 < byoyomi, (byoyomi, wall)
+                assert nodes > 16, nodes  # more than the fixed search used to run
+        eng.setoption("Simulations", 0)  # the policy alone
+        eng.isready()
+        eng.position()
+        assert go_timed(eng, byoyomi=1000)[2] == 1
+        eng.setoption("Simulations", 16)  # a cap, ahead of the clock
+        eng.isready()
+        eng.position()
+        _, used, nodes, _ = go_timed(eng, byoyomi=1000)
+        assert nodes == 16 and used < 500
+    finally:
+        eng.quit()
+
+
+def test_time_managed_search_thinks_until_stop_and_ponderhit(small_onnx):
+    out = []
+    engine = USIEngine(write=out.append, ModelPath=str(small_onnx))
+    engine.handle("isready")
+    engine.handle("position startpos")
+    engine.handle("go infinite")
+    time.sleep(0.6)
+    assert not [l for l in out if l.startswith("bestmove")]
+    engine.handle("stop")
+    nodes = int([l for l in out if l.startswith("info depth")][-1].split(" nodes ")[1].split()[0])
+    assert out[-1].startswith("bestmove ") and nodes > 50, out
+    out.clear()
+    engine.handle("go ponder btime 0 wtime 0 byoyomi 600")
+    time.sleep(0.3)
+    assert not [l for l in out if l.startswith("bestmove")]
+    hit = time.monotonic()
+    engine.handle("ponderhit")
+    engine.handle("isready")  # answered at once while the search runs on the clock
+    assert out[-1] == "readyok", out
+    engine.search.thread.join(5)
+    waited = time.monotonic() - hit
+    assert out[-1].startswith("bestmove ") and 0.25 <= waited <= 0.6, (waited, out)
+    out.clear()
+    engine.handle("go ponder byoyomi 600")
+    engine.handle("gameover win")  # the opponent resigned: no bestmove
+    assert not [l for l in out if l.startswith("bestmove")], out
+
+
+def test_usi_announces_the_values_it_was_started_with(small_onnx):
+    "A GUI sends every option back with the default it was shown: that must be --model's path, not 'find one'."
+    run = engine_process("--model", str(small_onnx), "--simulations", "0", input="usi\nquit\n")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"option name ModelPath type string default {small_onnx}" in run.stdout.splitlines(), run.stdout
+    assert "option name Simulations type spin default 0 min -1 max 100000" in run.stdout.splitlines(), run.stdout

@@ -1,6 +1,7 @@
 """Viz: overlays land on the right squares of cshogi's SVG, explorers and viewers driven headless, plot_run on a
 real run's metrics.jsonl."""
 import json
+import re
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -16,6 +17,8 @@ from maou_nb.model import build_model
 from maou_nb.viz import (LiveCurves, ModelViewer, board_from_arrays, board_svg, destination_weights, explore,
                          game_positions, hcpe_positions, parse_position, plot_run, read_metrics, save_run_plots,
                          save_svg, square_corner)
+
+SVG = "{http://www.w3.org/2000/svg}"
 
 
 def layer(svg: str, cls: str) -> list[ET.Element]:
@@ -133,7 +136,7 @@ def test_model_viewer_and_explorer_with_a_model(game_file):
     viewer.play.click()
     assert viewer.board.move_number == 4
     viewer.text.value = "startpos moves 2g2f 2g2f"
-    assert "cannot read the position" in viewer.info.value
+    assert "cannot read the position" in viewer.error.value
     with pytest.raises(ValueError, match="not legal"):
         parse_position("startpos moves 5a5b")
     ex = explore(game_file, policy=policy)
@@ -158,6 +161,88 @@ def run_dir(tmp_path_factory) -> Path:
     return tmp / "run"
 
 
+def test_model_viewer_recovers_from_a_bad_position():
+    """A position that does not parse empties the move list and disables play (no appending to bad text, no stale
+    board); fixing the text clears the error, and play then appends to the position shown."""
+    policy = TorchPolicy(build_model("mlp-mixer", preset="small"))
+    viewer = ModelViewer(policy, "startpos moves 7g7f")
+    viewer.text.value = "startpos moves 7g7f 7g7f"
+    assert "cannot read the position" in viewer.error.value and "7g7f 7g7f" not in viewer.info.value
+    assert viewer.play.disabled and viewer.moves.options == ()
+    viewer.play.click()
+    viewer.play_selected()
+    assert viewer.text.value == "startpos moves 7g7f 7g7f"          # nothing appended to text that does not parse
+    viewer.text.value = "startpos moves 7g7f 3c3d"
+    assert viewer.error.value == "" and not viewer.play.disabled and viewer.board.move_number == 3
+    top = viewer.moves.value
+    viewer.play.click()
+    assert viewer.text.value == f"startpos moves 7g7f 3c3d {top}" and viewer.board.move_number == 4
+    assert "cannot read" not in viewer.error.value
+
+
+@pytest.mark.parametrize("sfen", [
+    "lnsgkg1nl/1r7/pp+Ppppspp/9/3N5/9/PP1PPP1PP/7+p1/L1SGKGSNL b BPrbp 15",    # promoted pieces, both hands
+    "ln1g3+Rl/1ks1g4/1ppp1p2p/p3p1pp1/9/P1P1P1P2/1PSP1P2P/1KG2+b3/LN1G4L w RBSN3Psn2p 60",
+])
+def test_latin_pieces_are_the_board_in_sfen_letters(sfen):
+    """Without kanji, each square cshogi draws a piece on shows that piece's SFEN letter (cshogi is the oracle),
+    the ranks read a-i, each hand lists its pieces with counts, and no CJK character is left."""
+    board = cshogi.Board(sfen)
+    svg = board_svg(board, pieces="latin")
+    assert not re.search(r"[\u3000-\u9fff]|&#(1[2-9]\d{3}|[2-9]\d{4});", svg)
+    root = ET.fromstring(svg)
+    letter = {g.get("id"): g.find(f"{SVG}text").text for g in root.iter(f"{SVG}g") if g.get("id")}
+    shown = {(float(u.get("x")), float(u.get("y"))): letter[u.get("{http://www.w3.org/1999/xlink}href")[1:]]
+             for u in root.iter(f"{SVG}use")}
+    want = {}                                                        # the board part of cshogi's SFEN
+    for rank, row in enumerate(board.sfen().split()[0].split("/")):
+        col = 0
+        for token in re.findall(r"\+?[A-Za-z]|\d", row):
+            if token.isdigit():
+                col += int(token)
+                continue
+            want[square_corner((8 - col) * 9 + rank)] = token
+            col += 1
+    assert shown == want and len(want) == sum(1 for sq in range(81) if board.piece(sq))
+    ranks = [t.text for t in root.iter(f"{SVG}text") if t.get("font-size") == "9" and t.get("x") == "203.5"]
+    assert ranks == list("abcdefghi")
+    hands = [t.text for t in root.iter(f"{SVG}text") if t.get("class") == "hand"]
+    expect = []
+    for color, case in ((cshogi.BLACK, str.upper), (cshogi.WHITE, str.lower)):
+        counts = board.pieces_in_hand[color]
+        expect += [case(n) + (str(counts[i]) if counts[i] > 1 else "") for i, n in reversed(list(enumerate("PLNSGBR"))) if counts[i]]
+    assert hands == expect
+
+
+def test_pieces_setting_and_auto_choice(monkeypatch):
+    """`pieces` argument > MAOU_NB_PIECES; auto draws kanji only where a Japanese font is installed; a bad value
+    is refused naming the setting."""
+    from maou_nb.viz import japanese_font_installed, piece_style
+    board = cshogi.Board()
+    kanji = "&#27497;" in str(board.to_svg())                       # cshogi's pawn, 歩
+    assert kanji
+    monkeypatch.setenv("MAOU_NB_PIECES", "kanji")
+    assert piece_style() == "kanji" and "&#27497;" in board_svg(board)
+    assert "&#27497;" not in board_svg(board, pieces="latin")
+    monkeypatch.setenv("MAOU_NB_PIECES", "auto")
+    assert piece_style() == ("kanji" if japanese_font_installed() else "latin")
+    monkeypatch.setenv("MAOU_NB_PIECES", "letters")
+    with pytest.raises(ValueError, match="MAOU_NB_PIECES"):
+        board_svg(board)
+
+
+def test_no_japanese_font_here_means_letters():
+    """On a machine without a Japanese font (as matplotlib sees its fonts), `auto` draws letters; its fallback
+    font, which has a box for every character, does not count."""
+    import shutil
+    import subprocess
+    from maou_nb.viz import japanese_font_installed
+    if shutil.which("fc-list") is None:
+        pytest.skip("fc-list (fontconfig) is not installed: cannot tell independently whether a Japanese font is here")
+    has_ja = bool(subprocess.run(["fc-list", ":lang=ja"], capture_output=True, text=True).stdout.strip())
+    assert japanese_font_installed() == has_ja
+
+
 def test_plot_run_on_a_real_run(run_dir):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert read_metrics(run_dir) == records
@@ -175,6 +260,15 @@ def test_plot_run_on_a_real_run(run_dir):
     assert list(lr_ax.get_lines()[0].get_ydata()) == [r["lr"] for r in train]
     pngs = save_run_plots(run_dir)
     assert [p.name for p in pngs] == ["stage1.png"] and pngs[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_figures_render_as_png_in_a_notebook(run_dir):
+    """IPython's display formatter (what Lab, papermill and nbclient use) gives plot_run's figures as image/png,
+    without pyplot or an inline backend, not only as `<Figure ...>` text; show_figure does it for pyplot figures."""
+    from IPython.core.interactiveshell import InteractiveShell
+    formatter = InteractiveShell.instance().display_formatter
+    data, _ = formatter.format(plot_run(run_dir)["1"])
+    assert data["image/png"][:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_live_curves_follow_a_growing_file(run_dir, tmp_path):
