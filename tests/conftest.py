@@ -29,3 +29,10 @@ def shared_dir() -> Path:
             pytest.fail(f"MAOU_NB_REQUIRE_SHARED is set but the {reason}")
         pytest.skip(reason)
     return SHARED_DIR
+
+
+def pytest_collection_modifyitems(items):
+    """Mark `shared` every test that reads ../shared (itself or through a fixture), so CI can run those alone beside it."""
+    for item in items:
+        if "shared_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared)
