@@ -373,17 +373,25 @@ BAD_OPTIONS = [
 ]
 
 
-def test_bad_setoption_is_refused_and_changes_nothing():
+def refusals(cases, setup=()) -> list:
+    """The (line, output) of each case the engine does not refuse with one `info string error` naming `reason`,
+    leaving its options as they were."""
     wrong = []
-    for line, reason in BAD_OPTIONS:
+    for line, reason in cases:
         out = []
         engine = USIEngine(write=out.append, Player="random")
+        for command in setup:
+            engine.handle(command)
         before = dict(engine.options)
         engine.handle(line)
         if not (len(out) == 1 and out[0].startswith("info string error") and reason in out[0]
                 and engine.options == before):
             wrong.append((line, out))
-    assert not wrong, wrong
+    return wrong
+
+
+def test_bad_setoption_is_refused_and_changes_nothing():
+    assert not refusals(BAD_OPTIONS)
 
 
 def test_standard_options_are_accepted():
@@ -416,15 +424,7 @@ BAD_GO = [
 
 
 def test_bad_go_is_refused_before_thinking():
-    wrong = []
-    for line, reason in BAD_GO:
-        out = []
-        engine = USIEngine(write=out.append, Player="random")
-        engine.handle("position startpos")
-        engine.handle(line)
-        if not (len(out) == 1 and out[0].startswith("info string error") and reason in out[0]):
-            wrong.append((line, out))
-    assert not wrong, wrong
+    assert not refusals(BAD_GO, setup=["position startpos"])
 
 
 def test_searchmoves_restricts_the_move(small_model):
