@@ -9,30 +9,21 @@ import argparse
 import json
 import os
 import platform
-import random
 import time
 
 import cshogi
 import numpy as np
 
 from maou_nb.encoding import encode_hcps, legal_moves_labels, reachable_squares_labels
+from maou_nb.records import random_positions
 
 STAGE2_TARGET = 50_000  # positions/s for legal_moves_labels on one core
 
 
 def random_play_hcps(n: int, seed: int) -> np.ndarray:
-    """HuffmanCodedPos records of `n` positions from seeded random games (restart after 200 plies or at the end)."""
-    rng, board = random.Random(seed), cshogi.Board()
+    """HuffmanCodedPos records of `n` positions of long seeded random games (`maou_nb.records.random_positions`)."""
     out = np.empty(n, cshogi.HuffmanCodedPos)
-    i = 0
-    while i < n:
-        moves = list(board.legal_moves)
-        if not moves or board.move_number > 200:
-            board.reset()
-            continue
-        board.push(rng.choice(moves))
-        board.to_hcp(out[i:i + 1])
-        i += 1
+    out["hcp"] = random_positions(n, seed)[0]["hcp"]
     return out
 
 

@@ -68,7 +68,7 @@ def move_category(from_sq: int, to_sq: int) -> int:
     sideways = "LEFT" if dx > 0 else ("RIGHT" if dx < 0 else "")
     return MOVE_CATEGORIES.index("_".join(part for part in (vertical, sideways) if part))
 
-# %% ../nbs/01_encoding.ipynb #2bf35c33
+# %% ../nbs/01_encoding.ipynb #fb68b09e
 LANDING = {  # block -> can a move of this block end on file x, rank y (mover's frame)?
     ("UP", False): lambda x, y: y <= 7,
     ("UP_LEFT", False): lambda x, y: y <= 7 and x >= 1,
@@ -97,6 +97,7 @@ LANDING = {  # block -> can a move of this block end on file x, rank y (mover's 
 BLOCKS = ([(c, False) for c in MOVE_CATEGORIES] + [(c, True) for c in MOVE_CATEGORIES]
           + [("drop " + p, False) for p in DROP_PIECES])
 
+# %% ../nbs/01_encoding.ipynb #2b12db10
 def _landing_labels() -> np.ndarray:
     """int16[len(BLOCKS), 81]: the label of each destination square per block, -1 where it cannot land."""
     labels = np.full((len(BLOCKS), 81), -1, np.int16)
@@ -110,10 +111,11 @@ def _landing_labels() -> np.ndarray:
 
 LANDING_LABELS = _landing_labels()
 
-# %% ../nbs/01_encoding.ipynb #4a575e5a
+# %% ../nbs/01_encoding.ipynb #9e6a8575
 DROP_BLOCK = {getattr(cshogi, name) - 1: DROP_PIECES.index(piece)  # move16 drop index -> drop block
               for piece, name in zip(DROP_PIECES, ("PAWN", "LANCE", "KNIGHT", "SILVER", "GOLD", "BISHOP", "ROOK"))}
 
+# %% ../nbs/01_encoding.ipynb #4b150bdf
 def mover_move16(move16: int, turn: int) -> int:
     """cshogi 16-bit move in the mover's frame: squares turned 180° when White moves, drops keep their piece."""
     if turn == cshogi.BLACK:
@@ -134,6 +136,7 @@ def normalised_move16_label(move16: int) -> int:
         return int(LANDING_LABELS[len(MOVE_CATEGORIES) * 2 + DROP_BLOCK[from_sq - 81], to_sq])
     return int(LANDING_LABELS[move_category(from_sq, to_sq) + len(MOVE_CATEGORIES) * promote, to_sq])
 
+# %% ../nbs/01_encoding.ipynb #a9f9e368
 def _label_table() -> np.ndarray:
     """int16[2, 65536]: label of every 16-bit move for each side to move, -1 where none."""
     table = np.full((2, 1 << 16), -1, np.int16)
@@ -181,9 +184,10 @@ def reachable_squares_label(board: cshogi.Board) -> np.ndarray:
         out[seen % 9, seen // 9] = True
     return out
 
-# %% ../nbs/01_encoding.ipynb #fab8c568
+# %% ../nbs/01_encoding.ipynb #3c53937a
 _CHUNK = 1 << 14  # positions per round of move generation (bounds the temporary move list)
 
+# %% ../nbs/01_encoding.ipynb #daa2b460
 def hcp_rows(hcps) -> np.ndarray:
     """(N, 32) uint8 HCP bytes from HuffmanCodedPos or HCPE records (their `hcp` field) or raw (N, 32) bytes."""
     arr = np.asarray(hcps)
@@ -199,6 +203,7 @@ def hcp_rows(hcps) -> np.ndarray:
     _check_king_squares(rows)
     return rows
 
+# %% ../nbs/01_encoding.ipynb #2154747a
 def _check_king_squares(rows: np.ndarray) -> None:
     """Refuse rows whose king-square fields (bits 1-7 and 8-14) are off the board: cshogi would crash on them."""
     black_king, white_king = rows[:, 0] >> 1, rows[:, 1] & 0x7F
@@ -208,10 +213,12 @@ def _check_king_squares(rows: np.ndarray) -> None:
         raise ValueError(f"hcps[{i}] is not a HuffmanCodedPos: its king squares are {black_king[i]} and "
                          f"{white_king[i]} ({len(bad)} such rows); check that the input holds HCP/HCPE records")
 
+# %% ../nbs/01_encoding.ipynb #f6192ef0
 def hcp_turns(hcps) -> np.ndarray:
     """uint8[N] side to move of each HCP position (0 Black, 1 White)."""
     return hcp_rows(hcps)[:, 0] & 1
 
+# %% ../nbs/01_encoding.ipynb #78165c47
 def _decoded(rows: np.ndarray, offset: int = 0):
     """Yield one cshogi Board set to each HCP row in turn (the same Board object, reused)."""
     board = cshogi.Board()
@@ -243,7 +250,7 @@ def encode_hcps(hcps) -> tuple[np.ndarray, np.ndarray]:
     hand = np.where(white[:, None, None], hands[:, ::-1], hands).reshape(-1, 14)
     return cells, hand
 
-# %% ../nbs/01_encoding.ipynb #7a9b9220
+# %% ../nbs/01_encoding.ipynb #4e7e6b79
 def _legal_move16s(rows: np.ndarray, offset: int) -> tuple[np.ndarray, np.ndarray]:
     """(row index int64[M], move16 int64[M]) of every legal move of the HCP `rows`."""
     moves, counts = [], np.empty(len(rows), np.int64)
@@ -255,6 +262,7 @@ def _legal_move16s(rows: np.ndarray, offset: int) -> tuple[np.ndarray, np.ndarra
     which = np.repeat(np.arange(offset, offset + len(rows)), counts)
     return which, np.array(moves, np.int64) & 0xFFFF
 
+# %% ../nbs/01_encoding.ipynb #2beea047
 def legal_moves_labels(hcps) -> np.ndarray:
     """bool[N,1496]: `legal_moves_label` of each HCP position."""
     rows = hcp_rows(hcps)
@@ -268,6 +276,7 @@ def legal_moves_labels(hcps) -> np.ndarray:
         out[which, labels] = True
     return out
 
+# %% ../nbs/01_encoding.ipynb #4e22374d
 def reachable_squares_labels(hcps) -> np.ndarray:
     """bool[N,9,9]: `reachable_squares_label` of each HCP position."""
     rows = hcp_rows(hcps)

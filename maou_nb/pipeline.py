@@ -58,7 +58,7 @@ def stage_params(ns: dict) -> dict:
         raise ValueError(f"unknown parameter(s) {unknown} for this stage; allowed: {sorted(declared)}")
     return {name: ns[name] for name in declared}
 
-# %% ../nbs/22_pipeline.ipynb #432a9817
+# %% ../nbs/22_pipeline.ipynb #cf042e6e
 @dataclass(frozen=True)
 class Need:
     """A file or folder a step reads: the parameter it fills, its place in the run folder, the step that makes it."""
@@ -72,6 +72,7 @@ class Need:
         p = run / self.path
         return p.is_file() or (p / "manifest.json").is_file()
 
+# %% ../nbs/22_pipeline.ipynb #4839bf80
 @dataclass(frozen=True)
 class Step:
     name: str
@@ -92,6 +93,7 @@ class Step:
             out[param] = str(run / group[0].path) if len(group) == 1 else [str(run / n.path) for n in group if n.present(run)]
         return out
 
+# %% ../nbs/22_pipeline.ipynb #2522938f
 def mark_done(out_dir: str | os.PathLike, step: str, summary: dict) -> Path:
     """Called by a stage notebook's last cell: record its headline figures and mark its outputs complete."""
     return write_json(Path(out_dir) / f"{step}.done.json", {"step": step, "finished": _now(), **summary})
@@ -99,6 +101,7 @@ def mark_done(out_dir: str | os.PathLike, step: str, summary: dict) -> Path:
 def _now() -> str:
     return _dt.datetime.now().isoformat(timespec="seconds")
 
+# %% ../nbs/22_pipeline.ipynb #adfb9008
 def _checker(module: str, name: str, **kwargs) -> Callable[[dict], object]:
     """The checker `maou_nb.<module>.<name>`, imported when first used (torch loads only for steps that need it)."""
     def check(params: dict):
@@ -136,7 +139,7 @@ STEPS: dict[str, Step] = {s.name: s for s in [
          check=_checker("play", "check_evaluate_params", check_files=False)),
 ]}
 
-# %% ../nbs/22_pipeline.ipynb #f11b86cd
+# %% ../nbs/22_pipeline.ipynb #095c37bb
 _KIT_FOLDERS = {"stages": "nbs/stages", "params": "params"}  # package data -> where it lives in a checkout
 
 def kit_folder(name: str) -> Path:
@@ -152,6 +155,7 @@ def kit_folder(name: str) -> Path:
     raise FileNotFoundError(f"the kit's {name} folder is missing (looked in {', '.join(map(str, candidates))}). "
                             "Reinstall maou_nb: pip install maou_nb, or pip install -e . in a checkout.")
 
+# %% ../nbs/22_pipeline.ipynb #88d3d8da
 def bundled_params() -> list[str]:
     """The names of the bundled params files, as `maou-nb run NAME` takes them."""
     root = kit_folder("params")
@@ -168,7 +172,7 @@ def find_params(source: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{source}: params file not found. Give the path of a YAML file or the name of a bundled "
                             f"one ({', '.join(bundled_params())}); `maou-nb init` copies those into a folder to edit.")
 
-# %% ../nbs/22_pipeline.ipynb #3af9c167
+# %% ../nbs/22_pipeline.ipynb #51121ee2
 TOP_LEVEL_KEYS = {"name", "run_id", "steps", "stages_dir", "runs_root", "data_root", "device", "description"}
 
 def stages_dir(params: dict | None = None) -> Path:
@@ -180,6 +184,7 @@ def stages_dir(params: dict | None = None) -> Path:
                                 "a folder of stage notebooks (`maou-nb init --notebooks` writes one) or unset it.")
     return folder
 
+# %% ../nbs/22_pipeline.ipynb #4c3d4db7
 def notebook_parameters(path: Path) -> dict[str, object]:
     """The parameters a stage notebook declares, with their default values."""
     import nbformat
@@ -197,6 +202,7 @@ def notebook_parameters(path: Path) -> dict[str, object]:
             return out
     raise ValueError(f"{path}: no cell tagged 'parameters'.")
 
+# %% ../nbs/22_pipeline.ipynb #7c8381e4
 def _type_ok(value, default) -> bool:
     if default is None or value is None:
         return True
@@ -210,6 +216,7 @@ def _type_ok(value, default) -> bool:
         return isinstance(value, (list, tuple, str))
     return isinstance(value, type(default))
 
+# %% ../nbs/22_pipeline.ipynb #7c369109
 # Parameters that name files or folders, per step; they must exist when the user gives them.
 PATH_PARAMS: dict[str, tuple[str, ...]] = {
     "convert": ("inputs",),
@@ -232,6 +239,7 @@ def _absolute_paths(name: str, section: dict) -> dict:
             out[key] = str(Path(value).resolve())
     return out
 
+# %% ../nbs/22_pipeline.ipynb #4dedcae5
 def load_params(source: str | os.PathLike | dict) -> dict:
     """Read and check a params file (or dict) before anything runs."""
     if isinstance(source, dict):
@@ -291,6 +299,7 @@ def check_step_params(name: str, values: dict, where: str = "params") -> None:
         message = str(e) if str(e).startswith(f"{name}.") else f"{name}.{e}"
         raise ValueError(f"{where}: {message}") from None
 
+# %% ../nbs/22_pipeline.ipynb #a52ea75d
 def check_split(params: dict, where: str = "params") -> None:
     """Refuse self-play games that the preprocess step's split would leave without a training or validation game."""
     steps, pre = params.get("steps", []), params.get("preprocess") or {}
@@ -316,7 +325,7 @@ def check_split(params: dict, where: str = "params") -> None:
                      f"puts {games - n_val} game(s) in training and {n_val} in validation, leaving "
                      f"{'validation' if n_val == 0 else 'training'} empty. {fix}, or change preprocess.test_ratio.")
 
-# %% ../nbs/22_pipeline.ipynb #d19e3ed9
+# %% ../nbs/22_pipeline.ipynb #77538851
 import hashlib
 from importlib import metadata as _metadata
 
@@ -343,10 +352,12 @@ def _version(dist: str) -> str | None:
     except _metadata.PackageNotFoundError:
         return None
 
+# %% ../nbs/22_pipeline.ipynb #8dd4b5c1
 def notebook_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of a notebook file's bytes."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
+# %% ../nbs/22_pipeline.ipynb #debf8449
 def run_metadata(run: Path) -> dict:
     """`run.json` for a new invocation of `run`: versions, command and start, with an earlier invocation's records kept."""
     meta = {"maou_nb": __version__, "python": platform.python_version(), "torch": _version("torch"),
@@ -362,7 +373,7 @@ def record_step(run: Path, meta: dict, name: str, notebook: Path) -> None:
     meta["steps"][name] = {"notebook": str(Path(notebook).resolve()), "sha256": notebook_sha256(notebook), "started": _now()}
     write_json(run / "run.json", meta)
 
-# %% ../nbs/22_pipeline.ipynb #4eca4f00
+# %% ../nbs/22_pipeline.ipynb #c26ee13a
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 def resolve_run_id(run_id, params: dict) -> str:
@@ -378,6 +389,7 @@ def resolve_run_id(run_id, params: dict) -> str:
                          "(no '/', no '..', no absolute path), so that the run stays inside the runs root.")
     return run_id
 
+# %% ../nbs/22_pipeline.ipynb #8574071a
 def steps_to_run(params: dict, only: list[str] | None = None) -> list[str]:
     """The params file's steps, or those of them that `--only` names; an unknown or absent name is refused."""
     if only is None:
@@ -391,6 +403,7 @@ def steps_to_run(params: dict, only: list[str] | None = None) -> list[str]:
                          "Add them to steps, or leave them out of --only.")
     return [s for s in params["steps"] if s in only]
 
+# %% ../nbs/22_pipeline.ipynb #3473b322
 def check_inputs(params: dict, run: Path, steps: list[str]) -> None:
     """Refuse a step to run whose input neither `run` holds nor an earlier step to run will make."""
     for k, name in enumerate(steps):
@@ -411,6 +424,7 @@ def check_inputs(params: dict, run: Path, steps: list[str]) -> None:
                 f"makes it runs before {name!r} (steps to run: {steps}). Run {makers} first (add it to steps or "
                 f"--only), or set {name}.{param} in the params file to an existing path.")
 
+# %% ../nbs/22_pipeline.ipynb #fb8ce2f6
 def step_failure(name: str, error: Exception, notebook: Path, run_id: str) -> str:
     """What a user needs when a step fails: the exception's type and message, the executed notebook, how to go on."""
     ename, evalue = getattr(error, "ename", None), getattr(error, "evalue", None)  # papermill's, from the kernel
@@ -418,7 +432,7 @@ def step_failure(name: str, error: Exception, notebook: Path, run_id: str) -> st
     return (f"step {name!r} failed: {what}\n  executed notebook (with the failing cell): {notebook}\n"
             f"  fix the cause and rerun with --run-id {run_id} to continue; completed steps are skipped.")
 
-# %% ../nbs/22_pipeline.ipynb #269eaf4b
+# %% ../nbs/22_pipeline.ipynb #6eed9a6e
 def _run_notebook(nb_in: Path, nb_out: Path, parameters: dict, cwd: Path,
                   echo: Callable[[str], None] | None = print) -> None:
     """Execute a stage notebook, streaming its output lines to `echo`; the executed copy (failed cells and all) is
@@ -437,6 +451,7 @@ def _run_notebook(nb_in: Path, nb_out: Path, parameters: dict, cwd: Path,
         if partial.exists():
             os.replace(partial, nb_out)
 
+# %% ../nbs/22_pipeline.ipynb #8e3220a0
 def run_pipeline(params: str | os.PathLike | dict, *, run_id: str | None = None, runs_root: str | None = None,
                  only: list[str] | None = None, echo: Callable[[str], None] = print) -> Path:
     """Run the steps of a params file; return the run directory."""
@@ -479,7 +494,7 @@ def run_pipeline(params: str | os.PathLike | dict, *, run_id: str | None = None,
     echo(summary.read_text())
     return run
 
-# %% ../nbs/22_pipeline.ipynb #6f52b7eb
+# %% ../nbs/22_pipeline.ipynb #bc844231
 import contextlib
 
 class StepLines:
@@ -508,6 +523,7 @@ class StepLines:
         self._send(self.pending)
         self.pending = ""
 
+# %% ../nbs/22_pipeline.ipynb #4e39e4d7
 @contextlib.contextmanager
 def batch_environment():
     """Within: `MAOU_NB_PROGRESS=text` for kernels started here (unless already set), so progress is printed as lines."""
@@ -538,7 +554,7 @@ def stage_kernel_manager():
 
     return StageKernelManager
 
-# %% ../nbs/22_pipeline.ipynb #2571a2dc
+# %% ../nbs/22_pipeline.ipynb #a2fa7bf2
 def write_summary(run: Path, steps: list[str]) -> Path:
     """Write `run/summary.md` from the steps' done files and plots."""
     lines = [f"# Run {run.name}", "", f"Run directory: `{run}`", ""]
@@ -568,6 +584,7 @@ def write_summary(run: Path, steps: list[str]) -> Path:
         tmp.write_text("\n".join(lines), encoding="utf-8")
     return path
 
+# %% ../nbs/22_pipeline.ipynb #f85430f7
 def markdown_table(rows: list[dict]) -> list[str]:
     "Lines of a Markdown table with the first row's keys as columns."
     keys = list(rows[0])
@@ -584,7 +601,7 @@ def _fmt(value) -> str:
         return "; ".join(_fmt(v) for v in value)
     return str(value)
 
-# %% ../nbs/22_pipeline.ipynb #8f0f832e
+# %% ../nbs/22_pipeline.ipynb #ff79ddd9
 def init(folder: str | os.PathLike = ".", *, notebooks: bool = False, overwrite: bool = False) -> list[Path]:
     """Copy the kit's params files into `folder/params` (and its stage notebooks into `folder/stages`); the files written."""
     folder = Path(folder)
@@ -607,6 +624,7 @@ def init(folder: str | os.PathLike = ".", *, notebooks: bool = False, overwrite:
         written.append(dst)
     return written
 
+# %% ../nbs/22_pipeline.ipynb #c9a5ac95
 def init_command(argv: list[str] | None = None) -> int:
     """`maou-nb init [DIR] [--notebooks] [--force]`."""
     parser = argparse.ArgumentParser(prog="maou-nb init", description="Copy the kit's example params files (and "
@@ -626,7 +644,7 @@ def init_command(argv: list[str] | None = None) -> int:
         "   (MAOU_NB_STAGES=stages to run the copied notebooks)" if args.notebooks else ""))
     return 0
 
-# %% ../nbs/22_pipeline.ipynb #fba4e7ee
+# %% ../nbs/22_pipeline.ipynb #dac81966
 COMMANDS = ("run", "init", "usi")
 
 def command_parser() -> argparse.ArgumentParser:
@@ -643,6 +661,7 @@ def command_parser() -> argparse.ArgumentParser:
     commands.add_parser("usi", add_help=False, help="play as a USI engine on stdin/stdout (maou-nb usi --help)")
     return parser
 
+# %% ../nbs/22_pipeline.ipynb #1030473f
 def main(argv: list[str] | None = None) -> int:
     """The `maou-nb` command."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -57,15 +57,17 @@ def hcp_keys(hcps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             h = mix64(h ^ words[:, i] ^ np.uint64(i + 1))
     return h, words
 
-# %% ../nbs/05_preprocess.ipynb #b682e214
+# %% ../nbs/05_preprocess.ipynb #af4c6c1e
 ROW_DTYPE = np.dtype([("hash", "<u8"), ("key", "<u8", (_KEY_WORDS,)), ("move16", "<u2"), ("label", "<i2"),
                       ("half_points", "u1"), ("shard", "<u4"), ("row", "<u8")])
 
+# %% ../nbs/05_preprocess.ipynb #2ae31410
 def _mover_half_points(game_result: np.ndarray, turns: np.ndarray) -> np.ndarray:
     """The mover's result in half points: 2 win, 1 draw, 0 loss (gameResult 0 draw, 1 black won, 2 white won)."""
     won = ((game_result == cshogi.BLACK_WIN) & (turns == 0)) | ((game_result == cshogi.WHITE_WIN) & (turns == 1))
     return np.where(game_result == cshogi.DRAW, 1, np.where(won, 2, 0)).astype(np.uint8)
 
+# %% ../nbs/05_preprocess.ipynb #ea7c5f81
 def hcpe_rows(hcpe: np.ndarray, shard_index: int, first_row: int, shard_name: str, *, moves: bool = True) -> np.ndarray:
     """HCPE rows as merge records (hash, key, move, label, mover's result, provenance); refuses bad rows by name."""
     hcps = np.asarray(hcpe["hcp"])
@@ -150,12 +152,13 @@ def partition_rows(arrays: list[np.ndarray], names: list[str], bucket_dir: Path,
                 bar.update(len(rows))
     return paths
 
-# %% ../nbs/05_preprocess.ipynb #58f0254a
+# %% ../nbs/05_preprocess.ipynb #e70130c4
 def _sort_rows(rows: np.ndarray, by_move: bool) -> np.ndarray:
     """Rows ordered by (hash, key words[, move16])."""
     keys = ([rows["move16"]] if by_move else []) + [rows["key"][:, i] for i in reversed(range(_KEY_WORDS))] + [rows["hash"]]
     return rows[np.lexsort(keys)]
 
+# %% ../nbs/05_preprocess.ipynb #311e2792
 def _group_starts(rows: np.ndarray, by_move: bool) -> tuple[np.ndarray, np.ndarray]:
     """(first row of each position, first row of each (position, move)) in sorted rows."""
     new_pos = np.ones(len(rows), dtype=bool)
@@ -165,10 +168,12 @@ def _group_starts(rows: np.ndarray, by_move: bool) -> tuple[np.ndarray, np.ndarr
         new_pair[1:] |= rows["move16"][1:] != rows["move16"][:-1]
     return np.flatnonzero(new_pos), np.flatnonzero(new_pair)
 
+# %% ../nbs/05_preprocess.ipynb #5d95c07a
 def _hcps_of(rows: np.ndarray) -> np.ndarray:
     """The (N,32) uint8 HCPs of merge records."""
     return np.ascontiguousarray(rows["key"]).view(np.uint8).reshape(-1, 32)
 
+# %% ../nbs/05_preprocess.ipynb #bf7f2a20
 def check_positions(rows: np.ndarray, pos_starts: np.ndarray, pair_starts: np.ndarray | None,
                     shard_names: list[str]) -> None:
     """Refuse any position cshogi cannot decode, and any move not legal in its position, by shard and row."""
@@ -269,7 +274,7 @@ class ShardWriter:
         self.shards.append(path)
         self.pending, self.n_pending = [], 0
 
-# %% ../nbs/05_preprocess.ipynb #4da1c5a8
+# %% ../nbs/05_preprocess.ipynb #57edc1d4
 def _prepare_out_dir(out_dir: Path, inputs: list[Path], pattern: str = "positions-*.npy") -> None:
     """Create `out_dir`; remove its old manifest and the shards (`pattern`) an earlier run wrote there."""
     out_dir = out_dir.resolve()
@@ -281,6 +286,7 @@ def _prepare_out_dir(out_dir: Path, inputs: list[Path], pattern: str = "position
     for old in out_dir.glob(pattern):
         old.unlink()
 
+# %% ../nbs/05_preprocess.ipynb #17651a35
 def _merge_bucket_file(path: Path, names: list[str], merge: Callable) -> tuple:
     """Read one bucket file, delete it, and merge its rows."""
     rows = np.fromfile(path, dtype=ROW_DTYPE)
@@ -304,6 +310,7 @@ def _in_order(fn: Callable, items: list, workers: int):
         while pending:
             yield pending.popleft().result()
 
+# %% ../nbs/05_preprocess.ipynb #56b1a6ad
 def _merged_buckets(shards: list[Path], out_dir: Path, memory_bytes: int, moves: bool, merge: Callable,
                     progress: bool | None, workers: int = 1):
     """Yield each bucket's merge result in hash order, partitioning through disk when the input exceeds the budget."""
@@ -328,6 +335,7 @@ def _merged_buckets(shards: list[Path], out_dir: Path, memory_bytes: int, moves:
     finally:
         shutil.rmtree(bucket_dir, ignore_errors=True)
 
+# %% ../nbs/05_preprocess.ipynb #673de215
 def preprocess(hcpe_inputs, out_dir, *, rows_per_shard: int = 1 << 20, memory_bytes: int = 2 << 30,
                workers: int = 1, check: bool = True, progress: bool | None = None) -> list[Path]:
     """Merge identical positions of HCPE shards into `out_dir` (kind "preprocessed"); returns the shard paths."""
@@ -347,7 +355,7 @@ def preprocess(hcpe_inputs, out_dir, *, rows_per_shard: int = 1 << 20, memory_by
                    sources=[str(p) for p in shards])
     return writer.shards
 
-# %% ../nbs/05_preprocess.ipynb #cc622a77
+# %% ../nbs/05_preprocess.ipynb #6138aba7
 def _check_split(ids: list[np.ndarray], masks: list[np.ndarray], test_ratio: float, seed: int) -> None:
     """Refuse a split that leaves training or validation without a game, with the numbers and the fix."""
     all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
@@ -362,6 +370,7 @@ def _check_split(ids: list[np.ndarray], masks: list[np.ndarray], test_ratio: flo
                          f"game(s) in training and {val_games} in validation, leaving {side} empty. Give more games "
                          f"(e.g. more self-play games) or change test_ratio so both sides get at least one game.")
 
+# %% ../nbs/05_preprocess.ipynb #87c33520
 def split_hcpe(hcpe_inputs, out_dir, test_ratio: float = 0.1, seed: int = 0) -> tuple[Path, Path]:
     """Split HCPE shards by game into `out_dir/train` and `out_dir/val` (each kind "hcpe"); returns both folders."""
     shards = hcpe_shards(hcpe_inputs)
@@ -407,12 +416,13 @@ def check_preprocess_params(params: dict) -> dict:
         params["hcpe_inputs"] = [params["hcpe_inputs"]]
     return check_params(params, PREPROCESS_RULES, "preprocess")
 
-# %% ../nbs/05_preprocess.ipynb #16a226af
+# %% ../nbs/05_preprocess.ipynb #2c999d4a
 def labelled_dtype(n_labels: int) -> np.dtype:
     """Record of a labelled position: hcp, encoded board and hand, and `n_labels` bits packed into bytes."""
     return np.dtype([("hcp", "u1", (32,)), ("board", "u1", (9, 9)), ("hand", "u1", (14,)),
                      ("labels", "u1", ((n_labels + 7) // 8,))])
 
+# %% ../nbs/05_preprocess.ipynb #3623b1fd
 def unique_rows(rows: np.ndarray, shard_names: list[str], label_fn: Callable, n_labels: int,
                 *, check: bool = True) -> tuple[np.ndarray, None]:
     """Distinct positions of one bucket as labelled records, sorted by (hash, key)."""
@@ -434,6 +444,7 @@ def unique_rows(rows: np.ndarray, shard_names: list[str], label_fn: Callable, n_
         part["labels"] = np.packbits(labels, axis=1)
     return out, None
 
+# %% ../nbs/05_preprocess.ipynb #bb29eb8c
 def make_labelled_data(hcpe_inputs, out_dir, kind: str, label_fn: Callable, n_labels: int, *,
                        rows_per_shard: int = 1 << 20, memory_bytes: int = 2 << 30, workers: int = 1,
                        check: bool = True, progress: bool | None = None) -> list[Path]:

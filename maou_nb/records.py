@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'RECORD_SUFFIXES', 'ENDGAME_STATUSES', 'CONVERT_RULES', 'Game', 'read_text', 'read_games', 'RecordError',
-           'game_hcpe', 'GameFilter', 'normalise_endgames', 'FileResult', 'convert_file', 'run_isolated',
-           'find_record_files', 'ConversionResult', 'convert_records', 'check_convert_params']
+           'game_hcpe', 'random_games', 'random_positions', 'GameFilter', 'normalise_endgames', 'FileResult',
+           'convert_file', 'run_isolated', 'find_record_files', 'ConversionResult', 'convert_records',
+           'check_convert_params']
 
 # %% ../nbs/02_records.ipynb #8327a4ad
 RECORD_SUFFIXES = (".csa", ".kif", ".kifu")
@@ -84,7 +85,7 @@ def _csa_games(path: str, text: str) -> list[Game]:
                           p.endgame, ratings, tuple(p.names)))
     return games
 
-# %% ../nbs/02_records.ipynb #7468934e
+# %% ../nbs/02_records.ipynb #920692e1
 _KIF_NUMBERED = re.compile(r"^\s*(\d+)\s+\S")
 _KIF_NORMALISE = (("王", "玉"), ("竜", "龍"), ("成銀", "全"), ("成桂", "圭"), ("成香", "杏"))
 
@@ -101,6 +102,7 @@ def _kif_unread_ply(text: str) -> int | None:
                 return int(m.group(1))
     return None
 
+# %% ../nbs/02_records.ipynb #d897bb4e
 def _check_kif_handicap(path: str, text: str) -> None:
     """Refuse a 手合割 (handicap) value cshogi cannot set up, naming the field, the value and the accepted ones."""
     for line in text.split("\n"):
@@ -111,6 +113,7 @@ def _check_kif_handicap(path: str, text: str) -> None:
                 raise ValueError(f"{path}: 手合割 (handicap) {value!r} is not a starting position cshogi knows; "
                                  f"accepted: {accepted}. Fix the 手合割 line or remove the file.")
 
+# %% ../nbs/02_records.ipynb #7ab07c3c
 def _kif_games(path: str, text: str) -> list[Game]:
     """The one game of a KIF text (no evaluations or ratings in KIF)."""
     _check_kif_handicap(path, text)
@@ -122,6 +125,7 @@ def _kif_games(path: str, text: str) -> list[Game]:
     result = cshogi.DRAW if p.win is None else int(p.win)
     return [Game(path, 0, p.sfen, moves, [0] * len(moves), result, p.endgame or "", (None, None), tuple(p.names))]
 
+# %% ../nbs/02_records.ipynb #f28da755
 def read_games(path: str | os.PathLike) -> list[Game]:
     """All games of one record file (`.csa`, `.kif`, `.kifu`), as cshogi reads them."""
     path = Path(path)
@@ -131,7 +135,7 @@ def read_games(path: str | os.PathLike) -> list[Game]:
     text = read_text(path)
     return _csa_games(str(path), text) if suffix == ".csa" else _kif_games(str(path), text)
 
-# %% ../nbs/02_records.ipynb #2b09e70c
+# %% ../nbs/02_records.ipynb #458abbe4
 class RecordError(ValueError):
     """A record that cannot be converted; names the file, the game and the ply (1-based move number)."""
     def __init__(self, path: str, reason: str, game: int | None = None, ply: int | None = None):
@@ -142,6 +146,7 @@ class RecordError(ValueError):
     def __reduce__(self):
         return (RecordError, (self.path, self.reason, self.game, self.ply))
 
+# %% ../nbs/02_records.ipynb #cd8355c2
 def game_hcpe(game: Game) -> np.ndarray:
     """HCPE rows for the positions before each move of `game`; RecordError on a garbled or illegal move."""
     n = len(game.moves)
@@ -167,11 +172,49 @@ def game_hcpe(game: Game) -> np.ndarray:
     out["gameResult"] = game.result
     return out
 
-# %% ../nbs/02_records.ipynb #9f6e519d
+# %% ../nbs/02_records.ipynb #6e042bb0
+def random_games(n_games: int, seed: int, branching: int | None = 3, max_plies: int = 60,
+                 min_plies: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(HCPE rows, int64 game ids) of `n_games` seeded random cshogi games; `branching` choices per ply, None: all."""
+    if n_games < 0 or not 0 <= min_plies < max_plies or (branching is not None and branching < 1):
+        raise ValueError(f"random_games: n_games={n_games}, min_plies={min_plies}, max_plies={max_plies}, "
+                         f"branching={branching}; need n_games >= 0, 0 <= min_plies < max_plies and branching >= 1 or None")
+    rng = np.random.default_rng(seed)
+    rows, ids = [], []
+    for g in range(n_games):
+        board, start = cshogi.Board(), len(rows)
+        for _ in range(int(rng.integers(min_plies, max_plies))):
+            moves = sorted(board.legal_moves)
+            if not moves:
+                break
+            move = moves[int(rng.integers(len(moves) if branching is None else min(branching, len(moves))))]
+            row = np.zeros((), storage.HCPE_DTYPE)
+            board.to_hcp(row["hcp"])
+            row["bestMove16"] = np.uint16(cshogi.move16(move)).view(np.int16)
+            rows.append(row)
+            board.push(move)
+        result = int(rng.integers(3))
+        for row in rows[start:]:
+            row["gameResult"] = result
+        ids += [g] * (len(rows) - start)
+    return np.array(rows, storage.HCPE_DTYPE), np.array(ids, np.int64)
+
+# %% ../nbs/02_records.ipynb #a3e223ae
+def random_positions(n: int, seed: int, min_plies: int = 150, max_plies: int = 201) -> tuple[np.ndarray, np.ndarray]:
+    """The first `n` (HCPE rows, game ids) of seeded games of uniformly random moves, `min_plies` or more plies each."""
+    games = n // max(min_plies, 1) + 1
+    while True:  # the same seed plays the same first games, so more games only add rows at the end
+        hcpe, ids = random_games(games, seed, branching=None, min_plies=min_plies, max_plies=max_plies)
+        if len(hcpe) >= n:
+            return hcpe[:n], ids[:n]
+        games *= 2
+
+# %% ../nbs/02_records.ipynb #96d3cab4
 ENDGAME_STATUSES = ("%TORYO", "%CHUDAN", "%SENNICHITE", "%TIME_UP", "%ILLEGAL_MOVE", "%+ILLEGAL_ACTION",
                     "%-ILLEGAL_ACTION", "%JISHOGI", "%KACHI", "%HIKIWAKE", "%MAX_MOVES", "%TSUMI",
                     "%FUZUMI", "%ERROR", "%MATTA")
 
+# %% ../nbs/02_records.ipynb #e59aa589
 @dataclass(frozen=True)
 class GameFilter:
     """Which games to keep (None = no limit)."""
@@ -191,6 +234,7 @@ class GameFilter:
             return "endgame"
         return None
 
+# %% ../nbs/02_records.ipynb #8de3c359
 def normalise_endgames(names: Iterable[str] | str | None) -> frozenset[str] | None:
     """Endgame names as cshogi spells them ('%TORYO'); accepts 'toryo', 'TORYO', '%TORYO'."""
     if names is None:
@@ -205,7 +249,7 @@ def normalise_endgames(names: Iterable[str] | str | None) -> frozenset[str] | No
         out.add(full)
     return frozenset(out)
 
-# %% ../nbs/02_records.ipynb #89662523
+# %% ../nbs/02_records.ipynb #184ccabe
 @dataclass
 class FileResult:
     """What one record file gave: rows, their game ids, games kept/filtered, and problems."""
@@ -218,6 +262,7 @@ class FileResult:
     problems: list[RecordError] = field(default_factory=list)
     empty: str | None = None       # why a readable file gave no moves: "0 bytes", "no games" or "no moves"
 
+# %% ../nbs/02_records.ipynb #f8d457db
 def convert_file(path: str, key: str, game_filter: GameFilter = GameFilter()) -> FileResult:
     """Convert one record file; bad records come back in `.problems`, never raised."""
     parts, ids, res = [], [], FileResult(key, np.zeros(0, storage.HCPE_DTYPE), np.zeros(0, np.int64))
@@ -249,7 +294,7 @@ def convert_file(path: str, key: str, game_filter: GameFilter = GameFilter()) ->
         res.hcpe, res.game_ids = np.concatenate(parts), np.concatenate(ids)
     return res
 
-# %% ../nbs/02_records.ipynb #1fc2fecf
+# %% ../nbs/02_records.ipynb #520e44cd
 def _quiet_worker() -> None:
     """Worker start-up: no faulthandler traceback dump when the parser crashes (the parent reports it)."""
     faulthandler.disable()
@@ -259,6 +304,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_quiet_worker)
 
+# %% ../nbs/02_records.ipynb #ee507924
 def _run_alone(fn, args) -> FileResult:
     """Run one task in a fresh one-worker pool; RecordError result if the worker dies."""
     try:
@@ -269,6 +315,7 @@ def _run_alone(fn, args) -> FileResult:
                           problems=[RecordError(args[0], "the parser crashed the worker process "
                                                          "(cshogi segfault on malformed input)")])
 
+# %% ../nbs/02_records.ipynb #fc9f5e13
 def run_isolated(fn, tasks: Sequence[tuple], workers: int):
     """Yield (task index, fn(*task)) in any order, in worker processes; a crashing task yields a crash result."""
     pending = list(range(len(tasks)))
@@ -314,13 +361,14 @@ def find_record_files(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -
         raise ValueError("no inputs given; pass record files or folders")
     return found
 
-# %% ../nbs/02_records.ipynb #d8098892
+# %% ../nbs/02_records.ipynb #b35803b8
 class ConversionResult(list):
     """The shard paths written, plus `.problems` (skipped bad records) and `.stats` (counts)."""
     def __init__(self, shards=(), problems=(), stats=None):
         super().__init__(shards)
         self.problems, self.stats = list(problems), dict(stats or {})
 
+# %% ../nbs/02_records.ipynb #6e4f972a
 def _default_workers(n_files: int) -> int:
     """One worker per available core, at most one per file."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -334,6 +382,7 @@ def _earlier_output(out_dir: Path, overwrite: bool) -> list[Path]:
                               "choose an empty folder or pass overwrite=True")
     return old
 
+# %% ../nbs/02_records.ipynb #ca07ebaa
 def convert_records(inputs, out_dir: str | os.PathLike, *, min_rating: float | None = None,
                     min_moves: int | None = None, max_moves: int | None = None,
                     allowed_endgame_status: Iterable[str] | None = None, errors: str = "raise",
@@ -420,7 +469,7 @@ def _convert_into(files, folder: Path, game_filter: GameFilter, errors: str, wor
         bar.close()
     return shards, problems, stats
 
-# %% ../nbs/02_records.ipynb #5f9ccfe7
+# %% ../nbs/02_records.ipynb #6916dc3f
 CONVERT_RULES = {
     "inputs": Rule(list),                           # record files and/or folders
     "min_rating": Rule(float, optional=True),
@@ -433,6 +482,7 @@ CONVERT_RULES = {
     "overwrite": Rule(bool),
 }
 
+# %% ../nbs/02_records.ipynb #342caa95
 def check_convert_params(params: dict) -> dict:
     """Check the convert step's parameters (those of `convert_records`) before any record is read."""
     params = dict(params)

@@ -15,7 +15,7 @@ from pathlib import Path
 __all__ = ['DEFAULTS', 'PATH_SETTINGS', 'PROGRESS_FORMS', 'find_settings_file', 'read_settings_file', 'setting', 'get_settings',
            'resolve_device', 'progress_form', 'TextProgress', 'progress']
 
-# %% ../nbs/00_settings.ipynb #e1f79cdd
+# %% ../nbs/00_settings.ipynb #38d956f0
 DEFAULTS: dict[str, str] = {
     "data_root": "data",      # shared data (HCPE, preprocessed shards) that runs may link to
     "runs_root": "runs",      # one folder per run: runs/<run_id>/
@@ -27,6 +27,7 @@ DEFAULTS: dict[str, str] = {
 }
 PATH_SETTINGS = ("data_root", "runs_root", "models_root")
 
+# %% ../nbs/00_settings.ipynb #8c00b48a
 def find_settings_file(start: str | os.PathLike | None = None) -> Path | None:
     """The settings.ini in use: `$MAOU_NB_SETTINGS`, else the nearest one in `start` (cwd) or its parents."""
     if os.environ.get("MAOU_NB_SETTINGS"):
@@ -41,6 +42,7 @@ def find_settings_file(start: str | os.PathLike | None = None) -> Path | None:
             return candidate
     return None
 
+# %% ../nbs/00_settings.ipynb #83c252d3
 def _has_section(path: Path) -> bool:
     parser = configparser.ConfigParser()
     try:
@@ -68,7 +70,7 @@ def read_settings_file(path: str | os.PathLike) -> dict[str, str]:
             values[key] = str((path.parent / values[key]).resolve())
     return values
 
-# %% ../nbs/00_settings.ipynb #5f3fbea6
+# %% ../nbs/00_settings.ipynb #f8d6331d
 def setting(name: str, explicit=None, params: dict | None = None, settings_file: str | os.PathLike | None = None):
     """Resolve one setting: explicit > params > $MAOU_NB_<NAME> > settings.ini > default."""
     if name not in DEFAULTS:
@@ -88,10 +90,12 @@ def setting(name: str, explicit=None, params: dict | None = None, settings_file:
     default = DEFAULTS[name]
     return str(Path(default).resolve()) if name in PATH_SETTINGS else default
 
+# %% ../nbs/00_settings.ipynb #53ed9de0
 def get_settings(params: dict | None = None, settings_file: str | os.PathLike | None = None) -> dict[str, str]:
     """Every setting, resolved."""
     return {name: setting(name, params=params, settings_file=settings_file) for name in DEFAULTS}
 
+# %% ../nbs/00_settings.ipynb #c7db1d2d
 def resolve_device(device: str | None = None) -> str:
     """A concrete torch device string: `auto` picks cuda, then mps, then cpu."""
     import torch
@@ -129,12 +133,13 @@ def progress_form(show: bool | None = True) -> str:
         return "bar"
     return "text" if show else "off"
 
-# %% ../nbs/00_settings.ipynb #540f35d7
+# %% ../nbs/00_settings.ipynb #a4aaeb8a
 def _duration(seconds: float) -> str:
     """A short duration: 42s, 3m05s, 1h02m."""
     s = int(round(seconds))
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
+# %% ../nbs/00_settings.ipynb #fb6e2474
 class TextProgress:
     """Progress as plain lines: at the end, and for a long loop every `every_pct` percent or `every_s` seconds."""
     def __init__(self, iterable=None, total: int | None = None, desc: str = "", unit: str = "it", initial: int = 0,

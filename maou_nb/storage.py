@@ -37,7 +37,7 @@ class StorageError(OSError, RuntimeError):
     """A file could not be written (disk full, read-only, no permission); the message names the path, the cause and the fix."""
 
 
-# %% ../nbs/04_storage.ipynb #5cc17b55
+# %% ../nbs/04_storage.ipynb #7d20a44a
 _UMASK = os.umask(0); os.umask(_UMASK)
 _CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
            errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
@@ -63,12 +63,14 @@ def _storage_error(path: Path, cause: str, e: BaseException) -> StorageError:
                         "was changed. Free some space or fix the folder's permissions (or write the output "
                         "elsewhere: out_dir / --runs-root), then rerun the same command to continue.", str(path))
 
+# %% ../nbs/04_storage.ipynb #62184400
 def disk_error(path: str | os.PathLike, e: BaseException) -> StorageError | None:
     """The `StorageError` for a failed write to `path` when a full, read-only or forbidden disk caused it, else None."""
     path = Path(path)
     cause = _write_cause(path.parent, e)
     return None if cause is None else _storage_error(path, cause, e)
 
+# %% ../nbs/04_storage.ipynb #501bace2
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it onto `path` on success, delete it on error.
@@ -94,6 +96,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp_path.unlink(missing_ok=True)
 
+# %% ../nbs/04_storage.ipynb #93d12aae
 def remove_stale_temps(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
     """Delete the temporaries that killed `atomic_path` writes left in `folder`; returns them.
     Call it where a run (re)starts, when no other process is writing there."""
@@ -107,6 +110,7 @@ def remove_stale_temps(folder: str | os.PathLike, recursive: bool = True) -> lis
             p.unlink()
     return found
 
+# %% ../nbs/04_storage.ipynb #849149c7
 def write_json(path: str | os.PathLike, obj) -> Path:
     """Write `obj` as pretty JSON, atomically."""
     with atomic_path(path) as tmp_path:
@@ -127,6 +131,7 @@ def read_json(path: str | os.PathLike) -> dict:
                          "Delete it and rerun the step that writes it.")
     return obj
 
+# %% ../nbs/04_storage.ipynb #7ed67ba6
 def read_yaml(path: str | os.PathLike, what: str = "params file") -> dict:
     """Read a YAML mapping (safe loader), naming the file if it is missing or not valid YAML."""
     import yaml
@@ -143,7 +148,6 @@ def read_yaml(path: str | os.PathLike, what: str = "params file") -> dict:
         raise ValueError(f"{path}: the {what} holds a YAML {type(obj).__name__}, not a mapping of `key: value` lines. "
                          "Write it as one key per line (see params/ for examples).")
     return obj
-
 
 # %% ../nbs/04_storage.ipynb #6bfc9ebf
 def save_array(path: str | os.PathLike, array: np.ndarray) -> Path:
@@ -172,7 +176,7 @@ def load_array(path: str | os.PathLike, *, dtype=None, mmap: bool = True) -> np.
                          "Point this step at the right kind of shard (e.g. HCPE for conversion output).")
     return array
 
-# %% ../nbs/04_storage.ipynb #e4831176
+# %% ../nbs/04_storage.ipynb #15b88735
 SIDECAR_SUFFIXES = (".games.npy",)
 
 def sidecar_path(path: str | os.PathLike, name: str = "games") -> Path:
@@ -184,6 +188,7 @@ def game_id(key: str) -> int:
     """A stable 63-bit id for a game, from a string such as `'records/a.csa#3'`."""
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
+# %% ../nbs/04_storage.ipynb #254539b6
 def save_hcpe(path: str | os.PathLike, hcpe: np.ndarray, game_ids: np.ndarray | None = None) -> Path:
     """Save an HCPE shard (and its per-row game ids as a sidecar), each atomically, sidecar first."""
     hcpe = np.asarray(hcpe)
@@ -261,7 +266,7 @@ def split_by_game(game_ids: np.ndarray, test_ratio: float, seed: int = 0) -> np.
         h = mix64(ids ^ mix64(np.array([seed], dtype=np.uint64))[0])
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53)) < test_ratio
 
-# %% ../nbs/04_storage.ipynb #e4b99135
+# %% ../nbs/04_storage.ipynb #e9b32009
 DATA_KINDS = ("hcpe", "preprocessed", "stage1", "stage2")
 
 def write_manifest(folder: str | os.PathLike, kind: str, shards: Iterable[str | os.PathLike], **meta) -> Path:
@@ -274,6 +279,7 @@ def write_manifest(folder: str | os.PathLike, kind: str, shards: Iterable[str | 
              else Path(s).name for s in shards]
     return write_json(folder / "manifest.json", {"kind": kind, "shards": names, "maou_nb": __version__, **meta})
 
+# %% ../nbs/04_storage.ipynb #eee0807b
 def read_manifest(folder: str | os.PathLike, expect_kind: str | None = None) -> dict:
     """Read `folder/manifest.json`; check its kind and that every shard it lists exists."""
     folder = Path(folder)
@@ -302,13 +308,14 @@ def manifest_shards(folder: str | os.PathLike, expect_kind: str | None = None) -
     folder = Path(folder)
     return [folder / s for s in read_manifest(folder, expect_kind)["shards"]]
 
-# %% ../nbs/04_storage.ipynb #7076a3bc
+# %% ../nbs/04_storage.ipynb #f296165c
 import math
 from dataclasses import dataclass
 
 class ParamError(ValueError):
     """A step parameter is mistyped, out of range or not one of its choices; names it, its value and what is allowed."""
 
+# %% ../nbs/04_storage.ipynb #25832b6f
 _KIND_WORDS = {int: "an int", float: "a number", bool: "true or false", str: "a string", list: "a list", dict: "a mapping"}
 
 @dataclass(frozen=True)
@@ -349,6 +356,7 @@ class Rule:
         return ((self.min is None or value >= self.min) and (self.max is None or value <= self.max)
                 and (self.above is None or value > self.above) and (self.below is None or value < self.below))
 
+# %% ../nbs/04_storage.ipynb #ae2b5d7c
 def check_params(params: dict, rules: dict[str, Rule], step: str = "") -> dict:
     """Check each parameter that has a rule; raise ParamError naming the first bad one and its fix. Returns `params`."""
     for name, rule in rules.items():
@@ -357,7 +365,7 @@ def check_params(params: dict, rules: dict[str, Rule], step: str = "") -> dict:
             raise ParamError(f"{where}={params[name]!r}: allowed {rule.allowed()}. Set {where} to such a value.")
     return params
 
-# %% ../nbs/04_storage.ipynb #6a0d3569
+# %% ../nbs/04_storage.ipynb #c1784e64
 CHECKPOINT_FORMAT = "maou_nb checkpoint 2"
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -374,6 +382,7 @@ def _torch_bytes(obj) -> bytes:
     torch.save(obj, buffer)
     return buffer.getvalue()
 
+# %% ../nbs/04_storage.ipynb #25a440b1
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     """Save a checkpoint dict atomically as one file that carries the SHA-256 of its contents."""
     import torch
@@ -389,6 +398,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     path.with_name(path.name + ".sha256").unlink(missing_ok=True)  # an older maou_nb's separate hash file
     return path
 
+# %% ../nbs/04_storage.ipynb #032e6075
 def _legacy_hash_check(path: Path) -> None:
     """Checkpoints of maou_nb < 0.2 kept their hash in `<name>.sha256` beside them."""
     hash_file = path.with_name(path.name + ".sha256")
@@ -419,7 +429,6 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise ShardError(f"{path}: its contents do not match the SHA-256 written with them: the file was altered "
                          "after it was saved. Use another checkpoint (e.g. 'best' or a stage's).")
     return torch.load(io.BytesIO(inner), map_location=map_location, weights_only=True)
-
 
 # %% ../nbs/04_storage.ipynb #c86ce52f
 class LocalStorage:

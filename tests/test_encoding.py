@@ -3,7 +3,6 @@
 cshogi is the rules oracle (legal moves, HCP decoding); positions come from seeded random play and real
 game records. Nothing here hard-codes a result that maou_nb computes.
 """
-import random
 from pathlib import Path
 
 import cshogi
@@ -15,6 +14,7 @@ from maou_nb.encoding import (
     MOVE_LABELS_NUM, encode_hcps, encode_position, hcp_rows, hcp_turns, label_move, legal_moves_label,
     legal_moves_labels, move16_labels, move_label, reachable_squares_label, reachable_squares_labels,
 )
+from maou_nb.records import random_positions
 
 N_POSITIONS = 10000
 
@@ -90,34 +90,26 @@ def mover_frame_move16(move: int, turn: int) -> int:
     return (80 - to_sq) | (80 - from_sq if from_sq < 81 else from_sq) << 7 | promote << 14
 
 
-def random_play_boards(n: int, seed: int) -> list[cshogi.Board]:
-    """`n` distinct-enough positions from seeded random games (restart after 200 plies or at the end)."""
-    rng, board, boards = random.Random(seed), cshogi.Board(), []
-    while len(boards) < n:
-        moves = list(board.legal_moves)
-        if not moves or board.move_number > 200:
-            board.reset()
-            continue
-        board.push(rng.choice(moves))
-        boards.append(cshogi.Board(board.sfen()))
-    return boards
-
-
 @pytest.fixture(scope="module")
 def label_table(shared_dir) -> dict[int, int]:
     return read_label_table(shared_dir / "reference" / "label_table.txt")
 
 
 @pytest.fixture(scope="module")
-def boards() -> list[cshogi.Board]:
-    return random_play_boards(N_POSITIONS, seed=2024)
+def hcps() -> np.ndarray:
+    """`N_POSITIONS` positions of long seeded random games (`maou_nb.records.random_positions`)."""
+    out = np.empty(N_POSITIONS, cshogi.HuffmanCodedPos)
+    out["hcp"] = random_positions(N_POSITIONS, seed=2024)[0]["hcp"]
+    return out
 
 
 @pytest.fixture(scope="module")
-def hcps(boards) -> np.ndarray:
-    out = np.empty(len(boards), cshogi.HuffmanCodedPos)
-    for i, board in enumerate(boards):
-        board.to_hcp(out[i:i + 1])
+def boards(hcps) -> list[cshogi.Board]:
+    out = []
+    for hcp in hcps:
+        board = cshogi.Board()
+        board.set_hcp(np.asarray(hcp))
+        out.append(board)
     return out
 
 

@@ -9,16 +9,15 @@ import pytest
 
 from maou_nb import preprocess as pp
 from maou_nb.encoding import encode_position, legal_moves_label, move_label, reachable_squares_label
+from maou_nb.records import convert_records, random_games
+from maou_nb.selfplay import play_games
 from maou_nb.storage import (HCPE_DTYPE, ShardError, load_array, load_game_ids, load_hcpe, read_manifest, save_hcpe,
                              sidecar_path)
-from random_games import random_games
 
 
 @pytest.fixture(scope="module")
 def hcpe_dir(tmp_path_factory, records_dir) -> Path:
     """HCPE shards from three real sources: cshogi random games, the shared game records, baseline self-play."""
-    from maou_nb.records import convert_records
-    from maou_nb.selfplay import play_games
     root = tmp_path_factory.mktemp("hcpe")
     hcpe, ids = random_games(60, seed=7)
     save_hcpe(root / "in" / "random-a.npy", hcpe[:700], ids[:700])
