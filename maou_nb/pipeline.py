@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -16,14 +18,18 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from importlib import metadata as _metadata
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import yaml
 
+import maou_nb
 from . import __version__
+from .selfplay import game_name
 from .settings import setting
-from .storage import ShardError, atomic_path, read_json, read_yaml, write_json
+from .storage import ShardError, atomic_path, game_id, read_json, read_yaml, remove_stale_temps, split_by_game, write_json
 
 # %% auto #0
 __all__ = ['STAGE_MARK', 'INJECTED_MARK', 'STEPS', 'TOP_LEVEL_KEYS', 'PATH_PARAMS', 'RUN_ID', 'COMMANDS', 'stage_params', 'Need',
@@ -146,7 +152,6 @@ def kit_folder(name: str) -> Path:
     """The kit's `stages` (stage notebooks) or `params` (example params) folder: the installed copy, or the checkout's."""
     if name not in _KIT_FOLDERS:
         raise ValueError(f"unknown kit folder {name!r}; known: {sorted(_KIT_FOLDERS)}")
-    import maou_nb
     package = Path(maou_nb.__file__).resolve().parent
     candidates = (package / name, package.parent / _KIT_FOLDERS[name])  # a wheel's package data; an editable checkout
     for folder in candidates:
@@ -305,9 +310,6 @@ def check_split(params: dict, where: str = "params") -> None:
     steps, pre = params.get("steps", []), params.get("preprocess") or {}
     if not {"selfplay", "preprocess"} <= set(steps) or "convert" in steps or "hcpe_inputs" in pre:
         return  # other HCPE feeds the split: the preprocess step checks it before writing
-    import numpy as np
-    from maou_nb.selfplay import game_name
-    from maou_nb.storage import game_id, split_by_game
     folder = stages_dir(params)
     play = {**notebook_parameters(folder / STEPS["selfplay"].notebook), **(params.get("selfplay") or {})}
     split = {**notebook_parameters(folder / STEPS["preprocess"].notebook), **pre}
@@ -326,12 +328,8 @@ def check_split(params: dict, where: str = "params") -> None:
                      f"{'validation' if n_val == 0 else 'training'} empty. {fix}, or change preprocess.test_ratio.")
 
 # %% ../nbs/22_pipeline.ipynb #77538851
-import hashlib
-from importlib import metadata as _metadata
-
 def _git_revision() -> dict:
     """`{"git": commit, "git_dirty": bool}` when the kit runs from a git checkout of maou_nb, else `{}`."""
-    import maou_nb
     root = Path(maou_nb.__file__).resolve().parents[1]
     if not (root / "nbs" / "22_pipeline.ipynb").is_file():
         return {}  # an installed package: no checkout of its own
@@ -464,7 +462,6 @@ def run_pipeline(params: str | os.PathLike | dict, *, run_id: str | None = None,
     if (run / "params.yaml").is_file() and (run / "params.yaml").read_text() != resolved:
         raise ValueError(f"{run} already holds a run with other params. Use a new run_id, or the same params to resume it.")
     (run / "notebooks").mkdir(parents=True, exist_ok=True)
-    from .storage import remove_stale_temps
     remove_stale_temps(run)  # temporaries of writes that a kill of an earlier attempt cut short
     with atomic_path(run / "params.yaml") as tmp:
         tmp.write_text(resolved)
@@ -495,8 +492,6 @@ def run_pipeline(params: str | os.PathLike | dict, *, run_id: str | None = None,
     return run
 
 # %% ../nbs/22_pipeline.ipynb #bc844231
-import contextlib
-
 class StepLines:
     """A file-like sink (papermill's `stdout_file`): each complete line goes to `echo`, after a prefix."""
     def __init__(self, echo: Callable[[str], None], prefix: str = ""):

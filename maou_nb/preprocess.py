@@ -6,9 +6,13 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -16,8 +20,9 @@ import cshogi
 import numpy as np
 
 from .storage import (HCPE_DTYPE, mix64, ShardError, list_shards, load_game_ids, load_hcpe, read_manifest, save_array,
-                             save_hcpe, sidecar_path, split_by_game, write_manifest)
-from .encoding import MOVE_LABELS_NUM, encode_hcps, hcp_turns, move16_labels
+                             save_hcpe, sidecar_path, split_by_game, write_manifest, Rule, check_params)
+from .encoding import (MOVE_LABELS_NUM, encode_hcps, encode_position, hcp_turns, legal_moves_labels,
+                              move16_labels, reachable_squares_label, reachable_squares_labels)
 from .settings import progress as progress_bar
 
 # %% auto #0
@@ -298,9 +303,6 @@ def _in_order(fn: Callable, items: list, workers: int):
     if workers <= 1:
         yield from (fn(item) for item in items)
         return
-    import multiprocessing
-    from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending = deque()
         for item in items:
@@ -314,7 +316,6 @@ def _in_order(fn: Callable, items: list, workers: int):
 def _merged_buckets(shards: list[Path], out_dir: Path, memory_bytes: int, moves: bool, merge: Callable,
                     progress: bool | None, workers: int = 1):
     """Yield each bucket's merge result in hash order, partitioning through disk when the input exceeds the budget."""
-    from functools import partial
     arrays = _read_hcpe_shards(shards)
     names = [str(p) for p in shards]
     n_rows = sum(len(a) for a in arrays)
@@ -339,7 +340,6 @@ def _merged_buckets(shards: list[Path], out_dir: Path, memory_bytes: int, moves:
 def preprocess(hcpe_inputs, out_dir, *, rows_per_shard: int = 1 << 20, memory_bytes: int = 2 << 30,
                workers: int = 1, check: bool = True, progress: bool | None = None) -> list[Path]:
     """Merge identical positions of HCPE shards into `out_dir` (kind "preprocessed"); returns the shard paths."""
-    from functools import partial
     shards = hcpe_shards(hcpe_inputs)
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, shards)
@@ -395,8 +395,6 @@ def split_hcpe(hcpe_inputs, out_dir, test_ratio: float = 0.1, seed: int = 0) -> 
     return train_dir, val_dir
 
 # %% ../nbs/05_preprocess.ipynb #9351b0a6
-from .storage import Rule, check_params
-
 MERGE_RULES = {
     "rows_per_shard": Rule(int, min=1),
     "memory_bytes": Rule(int, min=1 << 20),        # at least 1 MiB; larger inputs go through disk buckets
@@ -449,7 +447,6 @@ def make_labelled_data(hcpe_inputs, out_dir, kind: str, label_fn: Callable, n_la
                        rows_per_shard: int = 1 << 20, memory_bytes: int = 2 << 30, workers: int = 1,
                        check: bool = True, progress: bool | None = None) -> list[Path]:
     """Distinct positions of HCPE shards with bit-packed labels from `label_fn`, as a data folder of `kind`."""
-    from functools import partial
     shards = hcpe_shards(hcpe_inputs)
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, shards)
@@ -465,7 +462,6 @@ def make_labelled_data(hcpe_inputs, out_dir, kind: str, label_fn: Callable, n_la
 # %% ../nbs/05_preprocess.ipynb #4fed254c
 def make_stage2_data(hcpe_inputs, out_dir, **kwargs) -> list[Path]:
     """Stage 2 data: distinct positions with their 1496-wide legal-move multi-hot labels, bit-packed (kind "stage2")."""
-    from maou_nb.encoding import legal_moves_labels
     return make_labelled_data(hcpe_inputs, out_dir, "stage2", legal_moves_labels, MOVE_LABELS_NUM, **kwargs)
 
 def make_stage1_data_from_hcpe(hcpe_inputs, out_dir, **kwargs) -> list[Path]:
@@ -474,7 +470,6 @@ def make_stage1_data_from_hcpe(hcpe_inputs, out_dir, **kwargs) -> list[Path]:
 
 def reachable_squares_flat(hcps: np.ndarray) -> np.ndarray:
     """bool[N, 81] reachable squares ([rank][file] flattened) of HCP positions."""
-    from maou_nb.encoding import reachable_squares_labels
     return np.asarray(reachable_squares_labels(hcps)).reshape(len(hcps), 81)
 
 # %% ../nbs/05_preprocess.ipynb #972dcf74
@@ -508,7 +503,6 @@ def stage1_sfens() -> list[str]:
 # %% ../nbs/05_preprocess.ipynb #923ee62b
 def make_stage1_data(out_dir) -> list[Path]:
     """Write Maou's fixed 1,105-board Stage 1 curriculum (board, hand, packed reachable squares) to `out_dir`."""
-    from maou_nb.encoding import encode_position, reachable_squares_label
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, [])
     sfens = stage1_sfens()

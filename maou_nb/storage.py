@@ -10,14 +10,18 @@ import errno
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import cshogi
 import numpy as np
+
+from . import __version__
 
 
 # %% auto #0
@@ -273,7 +277,6 @@ def write_manifest(folder: str | os.PathLike, kind: str, shards: Iterable[str | 
     """Write `folder/manifest.json` (last, atomically) describing a complete data folder."""
     if kind not in DATA_KINDS:
         raise ValueError(f"kind={kind!r}: must be one of {DATA_KINDS}")
-    from maou_nb import __version__
     folder = Path(folder)
     names = [Path(s).relative_to(folder).as_posix() if Path(s).is_absolute() and Path(s).is_relative_to(folder)
              else Path(s).name for s in shards]
@@ -309,9 +312,6 @@ def manifest_shards(folder: str | os.PathLike, expect_kind: str | None = None) -
     return [folder / s for s in read_manifest(folder, expect_kind)["shards"]]
 
 # %% ../nbs/04_storage.ipynb #f296165c
-import math
-from dataclasses import dataclass
-
 class ParamError(ValueError):
     """A step parameter is mistyped, out of range or not one of its choices; names it, its value and what is allowed."""
 
