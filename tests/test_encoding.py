@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from maou_nb.encoding import (
-    MOVE_LABELS_NUM, encode_hcps, encode_position, hcp_rows, hcp_turns, label_move, legal_moves_label,
+    MOVE_LABELS_NUM, encode_hcps, encode_position, hcp_turns, label_move, legal_moves_label,
     legal_moves_labels, move16_labels, move_label, reachable_squares_label, reachable_squares_labels,
 )
 from maou_nb.records import random_positions
@@ -247,27 +247,6 @@ def test_batches_equal_single_boards(boards, hcps):
         np.testing.assert_array_equal(hands[i], single_hand)
         np.testing.assert_array_equal(legal[i], legal_moves_label(board))
         np.testing.assert_array_equal(reach[i], reachable_squares_label(board))
-
-
-def test_batches_accept_hcp_bytes_and_hcpe_records(hcps):
-    part = hcps[:500]
-    expected = legal_moves_labels(part)
-    hcpe = np.zeros(len(part), cshogi.HuffmanCodedPosAndEval)
-    hcpe["hcp"] = part["hcp"]
-    for form in (part["hcp"], np.array(part["hcp"]), hcpe, hcpe["hcp"]):
-        np.testing.assert_array_equal(legal_moves_labels(form), expected)
-        np.testing.assert_array_equal(hcp_turns(form), hcp_turns(part))
-        np.testing.assert_array_equal(encode_hcps(form)[0], encode_hcps(part)[0])
-    assert legal_moves_labels(hcps[:0]).shape == (0, MOVE_LABELS_NUM)
-
-
-def test_batches_refuse_other_arrays():
-    with pytest.raises(ValueError, match="uint8"):
-        encode_hcps(np.zeros((3, 31), np.uint8))
-    with pytest.raises(ValueError, match="hcp"):
-        legal_moves_labels(np.zeros(3, [("x", "u1", (32,))]))
-    with pytest.raises(ValueError, match="uint8"):
-        hcp_rows(np.zeros((3, 32), np.float32))
 
 
 def test_move16_labels_matches_move_label(boards):
