@@ -581,7 +581,7 @@ def write_summary(run: Path, steps: list[str]) -> Path:
 
 # %% ../nbs/22_pipeline.ipynb #f85430f7
 def markdown_table(rows: list[dict]) -> list[str]:
-    "Lines of a Markdown table with the first row's keys as columns."
+    """Lines of a Markdown table with the first row's keys as columns."""
     keys = list(rows[0])
     return (["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
             + ["| " + " | ".join("n/a" if r.get(k) is None else _fmt(r[k]) for k in keys) + " |" for r in rows])
