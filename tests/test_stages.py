@@ -107,7 +107,7 @@ def test_unknown_train_key_is_refused_once_with_a_hint(tmp_path):
     from maou_nb.pipeline import load_params
     params = yaml.safe_load(TINY.read_text())
     params["train"]["batchsize"] = 64
-    with pytest.raises(ValueError, match=r"params: train\.unknown training parameter\(s\): 'batchsize' "
+    with pytest.raises(ValueError, match=r"params: train: unknown training parameter\(s\): 'batchsize' "
                                          r"\(did you mean 'batch_size'\?\)"):
         load_params(params)
 
