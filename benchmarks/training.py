@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maou_nb.datasets import stage_datasets
 from maou_nb.model import build_train_model
 from maou_nb.settings import resolve_device
-from maou_nb.train import StageTrainer, TrainConfig, TrainRun, seed_everything, stage_spec
+from maou_nb.train import TrainConfig, TrainRun, seed_everything, stage_trainer
 
 
 def make_data(root: Path, n_games: int, seed: int = 0) -> tuple[Path, Path]:
@@ -66,7 +65,7 @@ def throughput(stage: str, data: Path, model: str, preset: str | None, batch_siz
     net = build_train_model(model, [stage], preset=preset).to(device)
     params = sum(p.numel() for p in net.parameters())
     run = TrainRun(out, c)
-    tr = StageTrainer(stage_spec(stage, c), net, c, run.log, device, stage_datasets(stage, data), progress=False)
+    tr = stage_trainer(stage, c, net, run.log, device, progress=False)
 
     def step(batch):
         tr.backward(batch, 0)

@@ -40,7 +40,7 @@ __all__ = ['SCHEDULERS', 'MODEL_NAMES', 'DATA_KIND', 'PART_KEYS', 'NORM_TYPES', 
            'stage3_metrics', 'summarise', 'StageSpec', 'stage_spec', 'stage_gate', 'StageThresholdError',
            'NonFiniteLossError', 'param_groups', 'make_optimizer', 'make_scheduler', 'EMA', 'rng_state',
            'set_rng_state', 'seed_everything', 'RunLog', 'StageTrainer', 'position_sampler', 'fit_stage', 'run_token',
-           'TrainRun', 'progress_of', 'resume_checkpoint', 'TrainResult', 'as_config', 'train']
+           'TrainRun', 'progress_of', 'resume_checkpoint', 'TrainResult', 'as_config', 'stage_trainer', 'train']
 
 # %% ../nbs/11_train.ipynb #afd2c609
 def knob(default, **rule):
@@ -896,6 +896,17 @@ def as_config(config: TrainConfig | dict | str | os.PathLike) -> TrainConfig:
         return TrainConfig.from_dict(config)
     return TrainConfig.from_yaml(config)
 
+def stage_trainer(stage: str, c: TrainConfig, model: nn.Module, log: RunLog, device: str, progress: bool) -> StageTrainer:
+    """A stage's trainer: the freezing knobs where they apply (with stage "all", Stage 3 only: Stages 1 and 2 train
+    the whole backbone), the stage's data, a fresh optimiser and schedule."""
+    if stage == "3" or c.stage != "all":
+        apply_freezing(model, c.freeze_backbone, c.trainable_layers)
+    else:
+        model.requires_grad_(True)
+    data = stage_datasets(stage, getattr(c, f"stage{stage}_data"), getattr(c, f"stage{stage}_val_data"),
+                          test_ratio=c.test_ratio, seed=c.seed, input_format=c.input_format, policy_target=c.policy_target)
+    return StageTrainer(stage_spec(stage, c), model, c, log, device, data, progress)
+
 def train(config: TrainConfig | dict | str | os.PathLike, *, progress: bool = True,
           callback: Callable[[dict], None] | None = None) -> TrainResult:
     """Train the stages of `config` (all parameters and files checked first); `callback(info)` after each step."""
@@ -929,14 +940,7 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, progress: bool = Tr
             for stage in c.stages():
                 if stage in run.completed:
                     continue
-                if stage == "3" or c.stage != "all":        # Stages 1 and 2 of "all" train the whole backbone
-                    apply_freezing(model, c.freeze_backbone, c.trainable_layers)
-                else:
-                    model.requires_grad_(True)
-                data = stage_datasets(stage, getattr(c, f"stage{stage}_data"), getattr(c, f"stage{stage}_val_data"),
-                                      test_ratio=c.test_ratio, seed=c.seed, input_format=c.input_format,
-                                      policy_target=c.policy_target)
-                tr = StageTrainer(stage_spec(stage, c), model, c, run.log, device, data, progress)
+                tr = stage_trainer(stage, c, model, run.log, device, progress)
                 if resume is not None and resume["stage"] == stage:
                     tr.load(resume)
                 t0 = time.time()
