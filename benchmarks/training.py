@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from maou_nb.model import build_train_model
 from maou_nb.settings import resolve_device
-from maou_nb.train import (StageTrainer, TrainConfig, TrainRun, build_train_model, seed_everything, stage_datasets,
-                           stage_spec)
+from maou_nb.train import TrainConfig, TrainRun, seed_everything, stage_trainer
 
 
 def make_data(root: Path, n_games: int, seed: int = 0) -> tuple[Path, Path]:
@@ -62,10 +62,10 @@ def throughput(stage: str, data: Path, model: str, preset: str | None, batch_siz
     c = TrainConfig(stage=stage, **{f"stage{stage}_data": str(data)}, model=model, preset=preset,
                     batch_size=batch_size, device=device, out_dir=str(out), log_every=10**9, save_every=0)
     seed_everything(0)
-    net = build_train_model(c).to(device)
+    net = build_train_model(model, [stage], preset=preset).to(device)
     params = sum(p.numel() for p in net.parameters())
     run = TrainRun(out, c)
-    tr = StageTrainer(stage_spec(stage, c), net, c, run.log, device, stage_datasets(stage, c), progress=False)
+    tr = stage_trainer(stage, c, net, run.log, device, progress=False)
 
     def step(batch):
         tr.backward(batch, 0)

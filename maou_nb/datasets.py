@@ -5,6 +5,7 @@
 # %% ../nbs/06_datasets.ipynb #dce7bba6
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from .storage import HCPE_DTYPE, ShardError, load_array, read_manifest, sidecar_
 
 # %% auto #0
 __all__ = ['POLICY_TARGETS', 'ShardedDataset', 'unpack_bits', 'Stage1Dataset', 'Stage2Dataset', 'policy_weights', 'Stage3Dataset',
-           'HcpeDataset', 'open_stage_data', 'EpochBatchSampler', 'make_loader']
+           'HcpeDataset', 'open_stage_data', 'Rows', 'split_rows', 'stage_datasets', 'EpochBatchSampler', 'make_loader']
 
 # %% ../nbs/06_datasets.ipynb #026987c0
 def _as_indices(index) -> tuple[np.ndarray, bool]:
@@ -241,6 +242,42 @@ def open_stage_data(stage: int | str, path, *, input_format: str | None = None,
         raise ShardError(f"{path}: holds {input_format!r} data, but Stage 3 reads 'preprocessed' or 'hcpe' data. "
                          "Point stage3_data at the output of preprocess (or of records/selfplay).")
     return Stage3Dataset(path, policy_target=policy_target)
+
+# %% ../nbs/06_datasets.ipynb #148204b1
+class Rows:
+    """A row subset of a vectorised dataset; batches carry their source row indices as `_rows`."""
+    def __init__(self, dataset, rows: np.ndarray):
+        self.dataset, self.rows = dataset, np.asarray(rows, dtype=np.int64)
+    def __len__(self) -> int:
+        return len(self.rows)
+    def __getitem__(self, index) -> dict:
+        rows = self.rows[np.asarray(index)]
+        batch = dict(self.dataset[rows])
+        batch["_rows"] = torch.from_numpy(np.atleast_1d(rows).copy())
+        return batch
+    def sources(self, rows) -> list[str]:
+        """Shard files of dataset rows (indices into the full dataset)."""
+        return list(self.dataset.sources(np.asarray(rows)))
+
+def split_rows(n: int, test_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train rows, validation rows); validation gets ceil(test_ratio * n), at least 1."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(n - 1, max(1, math.ceil(test_ratio * n))) if n > 1 else 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val]) if n_val else order[:0]
+
+def stage_datasets(stage: str, path, val_path=None, *, test_ratio: float = 0.1, seed: int = 0,
+                   input_format: str | None = None, policy_target: str = "frequency") -> tuple[Rows, Rows]:
+    """(train, validation) datasets of one stage: `val_path`'s data, else Stage 1's whole curriculum, else a seeded
+    `test_ratio` slice of `path`'s rows (`input_format` and `policy_target` are Stage 3's)."""
+    kw = {} if stage != "3" else {"input_format": input_format, "policy_target": policy_target}
+    data = open_stage_data(int(stage), path, **kw)
+    if val_path is not None:
+        val = open_stage_data(int(stage), val_path, **kw)
+        return Rows(data, np.arange(len(data))), Rows(val, np.arange(len(val)))
+    if stage == "1":  # the fixed curriculum is the whole of Stage 1's universe: learn it and check it all
+        return Rows(data, np.arange(len(data))), Rows(data, np.arange(len(data)))
+    train_rows, val_rows = split_rows(len(data), test_ratio, seed)
+    return Rows(data, train_rows), Rows(data, val_rows)
 
 # %% ../nbs/06_datasets.ipynb #56d046cb
 class EpochBatchSampler(Sampler):

@@ -15,20 +15,22 @@ __all__ = ['LoopParams', 'use_onnx', 'self_play', 'train_candidate', 'run_iterat
            'run']
 
 # %% ../nbs/32_loop.ipynb #480900ac
+from .train import check_fields, knob
+
 @dataclass
 class LoopParams:
     "Every knob of a self-improvement run."
     initial_model: str                    # a training checkpoint (.pt) to start from
     out_dir: str | None = None            # None: <runs_root>/loop
-    iterations: int = 3
-    games: int = 64                       # self-play games per iteration (played together, batched)
+    iterations: int = knob(3, min=1)
+    games: int = knob(64, min=2)          # self-play games per iteration (played together, batched)
     temperature: float = 1.0              # self-play sampling temperature ...
     sample_plies: int = 16                # ... for the first plies; greedy afterwards
     opening_plies: int = 2                # random plies before self-play starts (variety)
     max_moves: int = 256
-    window: int = 2                       # train on the data of the last `window` iterations
+    window: int = knob(2, min=1)          # train on the data of the last `window` iterations
     train: dict = field(default_factory=dict)   # TrainConfig overrides
-    gauntlet_games: int = 40
+    gauntlet_games: int = knob(40, min=1)
     thresholds: dict = field(default_factory=dict)  # e.g. {"random": 0.85, "baseline": 0.6, "best": 0.55}
     require_interval: bool = True
     fairy_level: int | None = -20         # None: do not play fairy-stockfish
@@ -48,8 +50,7 @@ class LoopParams:
         if "initial_model" not in params:
             raise ValueError("loop parameters need initial_model: a training checkpoint (.pt) to start from")
         p = cls(**params)
-        if p.iterations < 1 or p.games < 2 or p.window < 1 or p.gauntlet_games < 1:
-            raise ValueError("iterations, window and gauntlet_games must be >= 1 and games >= 2")
+        check_fields(p)   # the rules beside the knobs, as TrainConfig's
         return p
 
     @classmethod

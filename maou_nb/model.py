@@ -19,11 +19,12 @@ from .storage import load_checkpoint
 
 # %% auto #0
 __all__ = ['BOARD_VOCAB', 'BOARD_EMBED_DIM', 'HAND_SIZE', 'HAND_EMBED_DIM', 'STEM_CHANNELS', 'NUM_SQUARES', 'HEAD_NAMES', 'ARCHS',
-           'COMMON_DEFAULTS', 'PRESETS', 'PARTS', 'Stem', 'Bottleneck', 'ResNetBackbone', 'SelfAttention',
-           'TransformerBlock', 'ViTBackbone', 'MixerBlock', 'MixerBackbone', 'MeanPool', 'make_head',
+           'COMMON_DEFAULTS', 'PRESETS', 'PARTS', 'STAGE_HEADS', 'Stem', 'Bottleneck', 'ResNetBackbone',
+           'SelfAttention', 'TransformerBlock', 'ViTBackbone', 'MixerBlock', 'MixerBackbone', 'MeanPool', 'make_head',
            'model_config_keys', 'resolve_config', 'ShogiNet', 'build_model', 'unwrap_model', 'count_parameters',
            'model_summary', 'apply_freezing', 'clean_state_dict', 'model_state_dict', 'part_state_dict',
-           'load_part_state_dict', 'checkpoint_payload', 'model_from_payload', 'load_model']
+           'load_part_state_dict', 'checkpoint_payload', 'model_from_payload', 'load_model', 'build_train_model',
+           'load_parts']
 
 # %% ../nbs/10_model.ipynb #74ccdf1f
 BOARD_VOCAB = 256  # rows of the board-ID embedding (IDs 0-28 are used)
@@ -484,14 +485,11 @@ def load_part_state_dict(model: nn.Module, part: str, state_dict: dict[str, Any]
 
 # %% ../nbs/10_model.ipynb #54c80195
 def checkpoint_payload(model: nn.Module, ema_model: nn.Module | None = None, **extra: Any) -> dict[str, Any]:
-    """Payload {"arch", "model_config", "model", "ema"?, **extra} for `save_checkpoint`."""
+    """The model part of every checkpoint, {"arch", "model_config", "model", "ema" (None without one)}, then `extra`."""
     m = unwrap_model(model)
-    payload = {"arch": m.arch, "model_config": copy.deepcopy(m.config), "model": model_state_dict(m)}
-    if ema_model is not None:
-        ema = getattr(ema_model, "module", ema_model)  # torch.optim.swa_utils.AveragedModel keeps the copy in .module
-        payload["ema"] = model_state_dict(ema)
-    payload.update(extra)
-    return payload
+    ema = getattr(ema_model, "module", ema_model)  # torch.optim.swa_utils.AveragedModel keeps the copy in .module
+    return {"arch": m.arch, "model_config": copy.deepcopy(m.config), "model": model_state_dict(m),
+            "ema": None if ema is None else model_state_dict(ema), **extra}
 
 
 def model_from_payload(payload: dict[str, Any], *, ema: bool = False, source: str = "checkpoint") -> ShogiNet:
@@ -516,3 +514,23 @@ def model_from_payload(payload: dict[str, Any], *, ema: bool = False, source: st
 def load_model(path: str | Path, *, ema: bool = False, map_location: str | torch.device = "cpu") -> ShogiNet:
     """Rebuild a model (eval mode) from a checkpoint file saved with `maou_nb.storage.save_checkpoint`."""
     return model_from_payload(load_checkpoint(path, map_location=map_location), ema=ema, source=str(path)).to(map_location)
+
+# %% ../nbs/10_model.ipynb #dccef23c
+STAGE_HEADS = {"1": ("reachable",), "2": ("legal",), "3": ("policy", "value")}
+
+
+def build_train_model(arch: str, stages: list[str], model_config: dict | None = None,
+                      preset: str | None = None) -> ShogiNet:
+    """A fresh model with the heads of the training `stages` (and Stage 3's policy and value always)."""
+    heads = tuple(h for s in ["1", "2", "3"] for h in STAGE_HEADS[s] if s in stages or h in ("policy", "value"))
+    config = dict(model_config or {})
+    if preset:
+        config["preset"] = preset
+    return build_model(arch, heads=heads, **config)
+
+
+def load_parts(model: nn.Module, sources: dict[str, str | Path]) -> list[str]:
+    """Load each part named in `sources` (backbone, policy, value, reachable, legal) from its checkpoint file."""
+    for part, path in sources.items():
+        load_part_state_dict(model, part, part_state_dict(load_model(path), part))
+    return list(sources)

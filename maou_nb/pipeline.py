@@ -86,10 +86,18 @@ class Step:
     out_dir: str
     needs: tuple[Need, ...] = ()                     # several needs of one parameter: a list of those present
     check: Callable[[dict], object] | None = None    # the step's own checker, given all its parameters
+    rest: str | None = None                          # the notebook parameter that takes every undeclared name (a dict)
 
     def done_file(self, run_dir: Path) -> Path:
         """The file whose presence marks this step complete."""
         return run_dir / self.out_dir / f"{self.name}.done.json"
+
+    def notebook_values(self, values: dict, declared: dict) -> dict:
+        """The notebook's parameters for the step's `values`: with `rest`, the names it does not declare go in that dict."""
+        if self.rest is None:
+            return dict(values)
+        return {**{k: v for k, v in values.items() if k in declared},
+                self.rest: {k: v for k, v in values.items() if k not in declared}}
 
     def wire(self, run: Path) -> dict:
         """The parameters this step is given from earlier steps of `run`."""
@@ -121,7 +129,7 @@ def _check_train(params: dict):
     return TrainConfig.from_dict(params, check_files=False)
 
 def _trains(stage: str) -> Callable[[dict], bool]:
-    return lambda section: str(section.get("stage", "all")).lower() in (stage, "all")
+    return lambda section: str(section.get("stage", "3")).lower() in (stage, "all")   # TrainConfig's default stage
 
 STEPS: dict[str, Step] = {s.name: s for s in [
     Step("selfplay", "selfplay.ipynb", "data/selfplay", check=_checker("selfplay", "check_selfplay_params")),
@@ -137,7 +145,7 @@ STEPS: dict[str, Step] = {s.name: s for s in [
         Need("stage2_data", "data/stage2/train", "stage_data", _trains("2")),
         Need("stage2_val_data", "data/stage2/val", "stage_data", _trains("2")),
         Need("stage3_data", "data/preprocessed/train", "preprocess", _trains("3")),
-        Need("stage3_val_data", "data/preprocessed/val", "preprocess", _trains("3"))), check=_check_train),
+        Need("stage3_val_data", "data/preprocessed/val", "preprocess", _trains("3"))), check=_check_train, rest="config"),
     Step("export", "export.ipynb", "models", (Need("checkpoint", "checkpoints/best.pt", "train"),
                                               Need("positions_data", "data/preprocessed/val", "preprocess")),
          check=_checker("export", "check_export_params")),
@@ -276,18 +284,18 @@ def load_params(source: str | os.PathLike | dict) -> dict:
         nb_path = folder / STEPS[name].notebook
         if not nb_path.is_file():
             raise FileNotFoundError(f"{where}: step {name!r} needs notebook {nb_path}, which does not exist.")
-        declared = notebook_parameters(nb_path)
-        for key, value in section.items():
-            if key not in declared:
+        declared, rest = notebook_parameters(nb_path), STEPS[name].rest
+        for key, value in section.items():   # with `rest` (train), the names and types are the checker's to judge
+            if rest is None and key not in declared:
                 raise ValueError(f"{where}: {name}.{key} is not a parameter of {nb_path.name}; allowed: {sorted(declared)}")
-            if not _type_ok(value, declared[key]):
+            if rest is None and not _type_ok(value, declared[key]):
                 raise ValueError(f"{where}: {name}.{key}={value!r} has type {type(value).__name__}, "
                                  f"expected {type(declared[key]).__name__} like the default {declared[key]!r}")
             if key in PATH_PARAMS.get(name, ()) and value:
                 for p in (value if isinstance(value, list) else [value]):
                     if not Path(p).exists():
                         raise FileNotFoundError(f"{where}: {name}.{key}: {p} does not exist. Fix the path.")
-        check_step_params(name, {**declared, **section}, where)
+        check_step_params(name, {**{k: v for k, v in declared.items() if k != rest}, **section}, where)
         if name in params:
             params[name] = _absolute_paths(name, section)
     check_split(params, where)
@@ -301,7 +309,7 @@ def check_step_params(name: str, values: dict, where: str = "params") -> None:
     try:
         check(values)
     except ValueError as e:
-        message = str(e) if str(e).startswith(f"{name}.") else f"{name}.{e}"
+        message = str(e) if str(e).startswith(f"{name}.") else f"{name}.{e}" if re.match(r"\w+=", str(e)) else f"{name}: {e}"
         raise ValueError(f"{where}: {message}") from None
 
 # %% ../nbs/22_pipeline.ipynb #a52ea75d
@@ -482,7 +490,8 @@ def run_pipeline(params: str | os.PathLike | dict, *, run_id: str | None = None,
         echo(f"[{k}/{len(steps)}] {name}: running {step.notebook} ...")
         t0 = time.time()
         try:
-            _run_notebook(folder / step.notebook, run / "notebooks" / step.notebook, injected, cwd=run, echo=echo)
+            _run_notebook(folder / step.notebook, run / "notebooks" / step.notebook,
+                          step.notebook_values(injected, notebook_parameters(folder / step.notebook)), cwd=run, echo=echo)
         except Exception as e:
             raise RuntimeError(step_failure(name, e, run / "notebooks" / step.notebook, run_id)) from e
         echo(f"[{k}/{len(steps)}] {name}: done in {time.time() - t0:.1f}s")

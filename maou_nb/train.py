@@ -27,102 +27,113 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import __version__
+from .datasets import make_loader, stage_datasets
+from .model import apply_freezing, build_model, build_train_model, checkpoint_payload, clean_state_dict, load_parts
 from .storage import (
-    ShardError, atomic_path, disk_error, load_checkpoint, read_manifest, remove_stale_temps, save_checkpoint, write_json)
+    ParamError, Rule, ShardError, atomic_path, check_params, disk_error, load_checkpoint, read_manifest, remove_stale_temps,
+    save_checkpoint, write_json)
 
 # %% auto #0
-__all__ = ['SCHEDULERS', 'MODEL_NAMES', 'CHOICES', 'RANGES', 'DATA_KIND', 'PART_KEYS', 'NORM_TYPES', 'STAGE_HEADS', 'ConfigError',
+__all__ = ['SCHEDULERS', 'MODEL_NAMES', 'DATA_KIND', 'PART_KEYS', 'NORM_TYPES', 'knob', 'check_fields', 'ConfigError',
            'TrainConfig', 'scheduler_name', 'check_config', 'check_model_config', 'check_files_exist',
            'resolve_checkpoint', 'multilabel_loss', 'policy_loss_rows', 'multilabel_metrics', 'stage3_losses',
            'stage3_metrics', 'summarise', 'StageSpec', 'stage_spec', 'stage_gate', 'StageThresholdError',
-           'NonFiniteLossError', 'param_groups', 'make_optimizer', 'make_scheduler', 'EMA', 'Rows', 'split_rows',
-           'stage_datasets', 'rng_state', 'set_rng_state', 'clean_state_dict', 'seed_everything', 'RunLog',
-           'StageTrainer', 'position_sampler', 'fit_stage', 'run_token', 'TrainRun', 'progress_of', 'resume_checkpoint',
-           'build_train_model', 'load_parts', 'set_trainable', 'TrainResult', 'as_config', 'train']
+           'NonFiniteLossError', 'param_groups', 'make_optimizer', 'make_scheduler', 'EMA', 'rng_state',
+           'set_rng_state', 'seed_everything', 'RunLog', 'StageTrainer', 'position_sampler', 'fit_stage', 'run_token',
+           'TrainRun', 'progress_of', 'resume_checkpoint', 'TrainResult', 'as_config', 'stage_trainer', 'train']
+
+# %% ../nbs/11_train.ipynb #afd2c609
+def knob(default, **rule):
+    """A config field's default with its rule beside it: `storage.Rule`'s bounds or choices (`min=1`, `choices=...`)."""
+    return field(default=default, metadata={"rule": rule})
+
+def check_fields(obj, error: type[Exception] = ParamError) -> None:
+    """Check every field of a config dataclass that has a rule (`knob`); its kind comes from the field's type
+    (`X | None`: null allowed). Raises `error` naming the field, its value and what is allowed."""
+    hints, rules = typing.get_type_hints(type(obj)), {}
+    for f in dataclasses.fields(obj):
+        if "rule" in f.metadata:
+            args = typing.get_args(hints[f.name]) or (hints[f.name],)
+            kind = next(t for t in args if t is not type(None))
+            rules[f.name] = Rule(kind, optional=type(None) in args, **f.metadata["rule"])
+    try:
+        check_params({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}, rules)
+    except ParamError as e:
+        raise error(str(e)) from None
 
 # %% ../nbs/11_train.ipynb #0d4625ee
-class ConfigError(ValueError):
+class ConfigError(ParamError):
     """A training parameter is unknown, mistyped, out of range, or points at missing or wrong data."""
 
 SCHEDULERS = ("Warmup+CosineDecay", "CosineAnnealingLR")
 MODEL_NAMES = ("resnet", "vit", "mlp-mixer")
-CHOICES: dict[str, tuple] = {
-    "stage": ("1", "2", "3", "all"),
-    "input_format": ("preprocessed", "hcpe"),
-    "policy_target": ("frequency", "win_rate", "both"),
-    "model": MODEL_NAMES,
-    "stage_metric": ("accuracy", "f1", "exact"),
-    "optimizer": ("adamw", "sgd"),
-    "amp_dtype": ("bf16", "fp16"),
-    "early_stopping_metric": ("total", "policy", "value"),
-}
 
 @dataclass
 class TrainConfig:
     """Every knob of a training run; `TrainConfig.from_dict(...)` / `from_yaml(...)` check them all."""
     # what to train, on what
-    stage: str = "3"                      # 1 | 2 | 3 | all (1 -> 2 -> 3 on one backbone)
+    stage: str = knob("3", choices=("1", "2", "3", "all"))  # all: 1 -> 2 -> 3 on one backbone
     stage1_data: str | None = None        # folder made by make_stage1_data (manifest kind "stage1")
     stage2_data: str | None = None        # folder made by make_stage2_data (manifest kind "stage2")
     stage3_data: str | None = None        # preprocessed folder, or HCPE folder/file with input_format="hcpe"
     stage1_val_data: str | None = None    # optional validation folders (else a seeded test_ratio slice of rows)
     stage2_val_data: str | None = None
     stage3_val_data: str | None = None
-    input_format: str = "preprocessed"    # preprocessed | hcpe
-    policy_target: str = "frequency"      # frequency | win_rate | both (preprocessed Stage 3 targets)
+    input_format: str = knob("preprocessed", choices=("preprocessed", "hcpe"))
+    policy_target: str = knob("frequency", choices=("frequency", "win_rate", "both"))  # preprocessed Stage 3 targets
     # the model
-    model: str = "resnet"                 # resnet | vit | mlp-mixer
+    model: str = knob("resnet", choices=MODEL_NAMES)
     model_config: dict = field(default_factory=dict)  # backbone knobs passed to build_model
     preset: str | None = None             # e.g. "small"
     freeze_backbone: bool = False
-    trainable_layers: int | None = None   # last N layer groups trainable; 0 = whole backbone frozen
+    trainable_layers: int | None = knob(None, min=0)  # last N layer groups trainable; 0 = whole backbone frozen
     # batches and data loading
-    batch_size: int = 256
-    stage1_batch_size: int | None = None  # None: batch_size
-    stage2_batch_size: int | None = None  # None: batch_size
-    gradient_accumulation_steps: int = 1
-    dataloader_workers: int = 0
+    batch_size: int = knob(256, min=1)
+    stage1_batch_size: int | None = knob(None, min=1)  # None: batch_size
+    stage2_batch_size: int | None = knob(None, min=1)  # None: batch_size
+    gradient_accumulation_steps: int = knob(1, min=1)
+    dataloader_workers: int = knob(0, min=0)
     pin_memory: bool = False
-    prefetch_factor: int | None = None
-    test_ratio: float = 0.1
+    prefetch_factor: int | None = knob(None, min=1)
+    test_ratio: float = knob(0.1, above=0, below=1)
     # Stages 1 and 2
-    stage_metric: str = "accuracy"        # accuracy | f1 | exact (see "Stage thresholds")
-    stage1_threshold: float = 0.99
-    stage2_threshold: float = 0.95
-    stage1_max_epochs: int = 10
-    stage2_max_epochs: int = 10
-    stage1_pos_weight: float = 1.0
-    stage2_gamma_neg: float = 0.0         # asymmetric loss; all three 0 = plain BCE
-    stage2_gamma_pos: float = 0.0
-    stage2_clip: float = 0.0
+    stage_metric: str = knob("accuracy", choices=("accuracy", "f1", "exact"))  # see "Stage thresholds"
+    stage1_threshold: float = knob(0.99, above=0, max=1)
+    stage2_threshold: float = knob(0.95, above=0, max=1)
+    stage1_max_epochs: int = knob(10, min=1)
+    stage2_max_epochs: int = knob(10, min=1)
+    stage1_pos_weight: float = knob(1.0, above=0)
+    stage2_gamma_neg: float = knob(0.0, min=0)  # asymmetric loss; all three 0 = plain BCE
+    stage2_gamma_pos: float = knob(0.0, min=0)
+    stage2_clip: float = knob(0.0, min=0, below=1)
     # Stage 3 losses
-    gce_parameter: float = 0.0            # q of generalised cross-entropy; 0 = cross-entropy
-    policy_loss_ratio: float = 1.0
-    value_loss_ratio: float = 1.0
+    gce_parameter: float = knob(0.0, min=0, max=1)  # q of generalised cross-entropy; 0 = cross-entropy
+    policy_loss_ratio: float = knob(1.0, above=0)
+    value_loss_ratio: float = knob(1.0, above=0)
     # optimisation
-    optimizer: str = "adamw"              # adamw | sgd
-    learning_rate: float = 1e-3
-    momentum: float = 0.9                 # sgd only
-    optimizer_beta1: float = 0.9
-    optimizer_beta2: float = 0.999
-    optimizer_eps: float = 1e-8
-    weight_decay: float = 0.01            # not on norms, biases or other 1-d parameters
+    optimizer: str = knob("adamw", choices=("adamw", "sgd"))
+    learning_rate: float = knob(1e-3, above=0)
+    momentum: float = knob(0.9, min=0, max=1)  # sgd only
+    optimizer_beta1: float = knob(0.9, above=0, below=1)
+    optimizer_beta2: float = knob(0.999, above=0, below=1)
+    optimizer_eps: float = knob(1e-8, above=0)
+    weight_decay: float = knob(0.01, min=0)  # not on norms, biases or other 1-d parameters
     lr_scheduler: str = "Warmup+CosineDecay"  # or CosineAnnealingLR (any case, snake_case too)
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = knob(1.0, above=0)
     amp: bool = False                     # CUDA only; fp32 elsewhere
-    amp_dtype: str = "bf16"               # bf16 | fp16 (fp16 uses a GradScaler)
+    amp_dtype: str = knob("bf16", choices=("bf16", "fp16"))  # fp16 uses a GradScaler
     compilation: bool = False             # torch.compile the forward pass
     detect_anomaly: bool = False
-    ema_decay: float | None = None        # e.g. 0.999; evaluated, handed on and exported when set
-    epoch: int = 10                       # Stage 3 epochs
-    start_epoch: int = 0                  # Stage 3 starts at this epoch (schedule spans all `epoch`)
-    max_steps: int | None = None          # stop this run after N optimiser steps (writes `last`); None = no cap
-    seed: int = 0
+    ema_decay: float | None = knob(None, above=0, below=1)  # e.g. 0.999; evaluated, handed on and exported when set
+    epoch: int = knob(10, min=1)          # Stage 3 epochs
+    start_epoch: int = knob(0, min=0)     # Stage 3 starts at this epoch (schedule spans all `epoch`)
+    max_steps: int | None = knob(None, min=1)  # stop this run after N optimiser steps (writes `last`); None = no cap
+    seed: int = knob(0, min=0)
     device: str = "auto"                  # auto | cpu | cuda | cuda:N | mps
     # outputs, resume
     out_dir: str | None = None            # None: <runs_root>/train
-    save_every: int = 0                   # also checkpoint every N optimiser steps; 0 = at epoch ends only
-    early_stopping_metric: str = "total"  # which validation loss picks `best`: total | policy | value
+    save_every: int = knob(0, min=0)      # also checkpoint every N optimiser steps; 0 = at epoch ends only
+    early_stopping_metric: str = knob("total", choices=("total", "policy", "value"))  # the validation loss that picks `best`
     resume_from: str | None = None        # a checkpoint file, or a run folder (its checkpoints/last.pt)
     resume_backbone_from: str | None = None
     resume_policy_head_from: str | None = None
@@ -130,8 +141,8 @@ class TrainConfig:
     resume_reachable_head_from: str | None = None
     resume_legal_moves_head_from: str | None = None
     # telemetry
-    log_every: int = 50
-    tensorboard_histogram_frequency: int = 0   # weight histograms every N steps; 0 = off
+    log_every: int = knob(50, min=1)
+    tensorboard_histogram_frequency: int = knob(0, min=0)  # weight histograms every N steps; 0 = off
     tensorboard_histogram_module: str | None = None  # regex on parameter names; None = all
 
     def __post_init__(self):
@@ -182,27 +193,6 @@ class TrainConfig:
         return own or self.batch_size
 
 # %% ../nbs/11_train.ipynb #027855a3
-RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "batch_size": (lambda v: v >= 1, ">= 1"), "stage1_batch_size": (lambda v: v >= 1, ">= 1 or null"),
-    "stage2_batch_size": (lambda v: v >= 1, ">= 1 or null"),
-    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"), "dataloader_workers": (lambda v: v >= 0, ">= 0"),
-    "prefetch_factor": (lambda v: v >= 1, ">= 1 or null"), "test_ratio": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "stage1_threshold": (lambda v: 0 < v <= 1, "in (0, 1]"), "stage2_threshold": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "stage1_max_epochs": (lambda v: v >= 1, ">= 1"), "stage2_max_epochs": (lambda v: v >= 1, ">= 1"),
-    "stage1_pos_weight": (lambda v: v > 0, "> 0"), "stage2_gamma_neg": (lambda v: v >= 0, ">= 0"),
-    "stage2_gamma_pos": (lambda v: v >= 0, ">= 0"), "stage2_clip": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "gce_parameter": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = cross-entropy, GCE q in (0, 1])"),
-    "policy_loss_ratio": (lambda v: v > 0, "> 0"), "value_loss_ratio": (lambda v: v > 0, "> 0"),
-    "learning_rate": (lambda v: v > 0, "> 0"), "momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "optimizer_beta1": (lambda v: 0 < v < 1, "in (0, 1)"), "optimizer_beta2": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "optimizer_eps": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "grad_clip": (lambda v: v > 0, "> 0 or null (no clipping)"), "ema_decay": (lambda v: 0 < v < 1, "in (0, 1) or null"),
-    "epoch": (lambda v: v >= 1, ">= 1"), "start_epoch": (lambda v: v >= 0, ">= 0"),
-    "max_steps": (lambda v: v >= 1, ">= 1 or null"), "save_every": (lambda v: v >= 0, ">= 0 (0 = epoch ends only)"),
-    "log_every": (lambda v: v >= 1, ">= 1"), "trainable_layers": (lambda v: v >= 0, ">= 0 or null"),
-    "tensorboard_histogram_frequency": (lambda v: v >= 0, ">= 0 (0 = off)"), "seed": (lambda v: v >= 0, ">= 0"),
-}
-
 def scheduler_name(name: str) -> str:
     """The canonical scheduler name for any spelling of it (case, `_`, `+`, `-` ignored)."""
     key = re.sub(r"[\s_+\-]", "", str(name)).lower()
@@ -251,18 +241,12 @@ def check_config(config: TrainConfig) -> None:
         setattr(config, f.name, _check_type(f.name, getattr(config, f.name), hints[f.name]))
     if config.policy_target == "winrate":
         config.policy_target = "win_rate"
-    for name, allowed in CHOICES.items():
-        value = getattr(config, name)
-        if isinstance(value, str) and name != "model":
-            value = value.lower()
-            setattr(config, name, value)
-        if value not in allowed:
-            raise ConfigError(f"{name}={value!r}: not allowed. Choose one of {list(allowed)}")
+    for f in dataclasses.fields(config):     # choices are matched in lower case (model names are exact)
+        value = getattr(config, f.name)
+        if "choices" in f.metadata.get("rule", {}) and isinstance(value, str) and f.name != "model":
+            setattr(config, f.name, value.lower())
     config.lr_scheduler = scheduler_name(config.lr_scheduler)
-    for name, (ok, allowed) in RANGES.items():
-        value = getattr(config, name)
-        if value is not None and not ok(value):
-            raise ConfigError(f"{name}={value!r}: out of range; allowed {allowed}")
+    check_fields(config, ConfigError)
     if not config.optimizer_beta1 < config.optimizer_beta2:
         raise ConfigError(f"optimizer_beta1={config.optimizer_beta1} must be < optimizer_beta2={config.optimizer_beta2}")
     if config.start_epoch >= config.epoch:
@@ -506,42 +490,6 @@ class EMA:
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 
-# %% ../nbs/11_train.ipynb #148204b1
-class Rows:
-    """A row subset of a vectorised dataset; batches carry their source row indices as `_rows`."""
-    def __init__(self, dataset, rows: np.ndarray):
-        self.dataset, self.rows = dataset, np.asarray(rows, dtype=np.int64)
-    def __len__(self) -> int:
-        return len(self.rows)
-    def __getitem__(self, index) -> dict:
-        rows = self.rows[np.asarray(index)]
-        batch = dict(self.dataset[rows])
-        batch["_rows"] = torch.from_numpy(np.atleast_1d(rows).copy())
-        return batch
-    def sources(self, rows) -> list[str]:
-        """Shard files of dataset rows (indices into the full dataset)."""
-        return list(self.dataset.sources(np.asarray(rows)))
-
-def split_rows(n: int, test_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train rows, validation rows); validation gets ceil(test_ratio * n), at least 1."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = min(n - 1, max(1, math.ceil(test_ratio * n))) if n > 1 else 0
-    return np.sort(order[n_val:]), np.sort(order[:n_val]) if n_val else order[:0]
-
-def stage_datasets(stage: str, c: TrainConfig) -> tuple[Rows, Rows]:
-    """(train, validation) datasets of one stage."""
-    from maou_nb.datasets import open_stage_data
-    kw = {} if stage != "3" else {"input_format": c.input_format, "policy_target": c.policy_target}
-    data = open_stage_data(int(stage), getattr(c, f"stage{stage}_data"), **kw)
-    val_path = getattr(c, f"stage{stage}_val_data")
-    if val_path is not None:
-        val = open_stage_data(int(stage), val_path, **kw)
-        return Rows(data, np.arange(len(data))), Rows(val, np.arange(len(val)))
-    if stage == "1":  # the fixed curriculum is the whole of Stage 1's universe: learn it and check it all
-        return Rows(data, np.arange(len(data))), Rows(data, np.arange(len(data)))
-    train_rows, val_rows = split_rows(len(data), c.test_ratio, c.seed)
-    return Rows(data, train_rows), Rows(data, val_rows)
-
 # %% ../nbs/11_train.ipynb #93c2b3e2
 def rng_state() -> dict:
     """RNG states of python, numpy and torch, in types `torch.load(weights_only=True)` accepts."""
@@ -559,10 +507,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-def clean_state_dict(state: dict) -> dict:
-    """A state dict without `torch.compile` prefixes."""
-    return {k.replace("_orig_mod.", ""): v for k, v in state.items()}
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch."""
@@ -659,7 +603,6 @@ class StageTrainer:
     """The state of one stage of training and the steps of its loop."""
     def __init__(self, spec: StageSpec, model: nn.Module, c: TrainConfig, log: RunLog, device: str,
                  data: tuple, progress: bool):
-        from maou_nb.datasets import make_loader
         self.spec, self.model, self.c, self.log, self.device, self.progress = spec, model, c, log, device, progress
         if not progress:
             log.echo = None                                   # progress=False: no bars and no log lines
@@ -687,8 +630,8 @@ class StageTrainer:
                     self.scheduler.step()
         self.best: float | None = None
         self.metrics: dict = {}         # the latest validation of this stage, kept in checkpoints
-        self.last_good: Path | None = None
         self.window = (time.time(), 0)  # (start time, samples) of the current log window
+        self.t_start, self.step_start = None, 0   # when (and after which step) this run's first step of the stage ended
 
     def autocast(self):
         """Mixed precision on CUDA when `amp`, else a no-op."""
@@ -716,12 +659,10 @@ class StageTrainer:
         losses = self.spec.losses(out, batch)
         if not torch.isfinite(losses["loss"]):
             rows = batch["_rows"].cpu().numpy()
-            raise NonFiniteLossError(
+            raise NonFiniteLossError(   # TrainRun, which writes the checkpoints, adds the last good one
                 f"stage {self.spec.stage}: loss is {losses['loss'].item()} at step {self.step + 1} "
                 f"(global step {global_step + 1}, epoch {self.epoch}, batch {self.batch - 1}); the batch came from "
-                f"{sorted(set(self.train_ds.sources(rows)))}. Last good checkpoint: "
-                f"{self.last_good or 'none written yet'}. Nothing was written after it. Check that shard, lower "
-                "learning_rate or keep grad_clip on, then resume_from the last good checkpoint.")
+                f"{sorted(set(self.train_ds.sources(rows)))}.")
         self.scaler.scale(losses["loss"] / self.c.gradient_accumulation_steps).backward()
         self.accumulated += 1
         self.window = (self.window[0], self.window[1] + len(batch["board"]))
@@ -742,6 +683,15 @@ class StageTrainer:
             self.ema.update(self.model)
         self.step += 1
         self.accumulated = 0
+        if self.t_start is None:
+            self.t_start, self.step_start = time.time(), self.step - 1
+
+    def pace(self) -> tuple[float, float]:
+        """(samples/s since the last call, seconds this stage has left at its pace so far); starts a new window."""
+        now, (t0, samples) = time.time(), self.window
+        per_step = (now - self.t_start) / max(1, self.step - self.step_start)
+        self.window = (now, 0)
+        return samples / max(now - t0, 1e-9), per_step * (self.steps_per_epoch * self.spec.max_epochs - self.step)
 
     def eval_model(self) -> nn.Module:
         """The weights that are validated and exported: the EMA when on."""
@@ -765,15 +715,14 @@ class StageTrainer:
         return summarise(sums)
 
     def state(self, run_state: dict) -> dict:
-        """The checkpoint payload of this moment."""
-        m = self.model
-        return {"arch": m.arch, "model_config": m.config, "model": clean_state_dict(m.state_dict()),
-                "ema": clean_state_dict(self.ema.model.state_dict()) if self.ema else None,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "stage": self.spec.stage, "epoch": self.epoch,
-                "batch_in_epoch": self.batch, "step": self.step, "best": self.best, "val_metrics": self.metrics,
-                "sampler": self.sampler.state_dict(batches_done=self.batch), "rng": rng_state(),
-                "params": self.c.to_dict(), "maou_nb": __version__, **run_state}
+        """The checkpoint payload of this moment: the model part (`model.checkpoint_payload`), then the stage's."""
+        return checkpoint_payload(
+            self.model, self.ema.model if self.ema else None,
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(), stage=self.spec.stage, epoch=self.epoch, batch_in_epoch=self.batch,
+            step=self.step, best=self.best, val_metrics=self.metrics,
+            sampler=self.sampler.state_dict(batches_done=self.batch), rng=rng_state(), params=self.c.to_dict(),
+            maou_nb=__version__, **run_state)
 
     def load(self, payload: dict) -> None:
         """Continue from a checkpoint of this stage (RNG restored last)."""
@@ -861,7 +810,7 @@ class TrainRun:
     def save(self, tr: StageTrainer, name: str) -> Path:
         """Write checkpoint `<out_dir>/checkpoints/<name>.pt`."""
         path = save_checkpoint(self.ckpt_dir / f"{name}.pt", tr.state(self.run_state()))
-        self.last_good = tr.last_good = path if name == "last" else (self.last_good or path)
+        self.last_good = path if name == "last" else (self.last_good or path)
         return path
 
     def out_of_steps(self) -> bool:
@@ -873,17 +822,11 @@ class TrainRun:
         self.global_step += 1
         self.steps_this_run += 1
         c, lr = self.c, tr.scheduler.get_last_lr()[0]
-        if not hasattr(tr, "t_start"):
-            tr.t_start, tr.step_start = time.time(), tr.step - 1
         if tr.step % c.log_every == 0:
-            now, (t0, samples) = time.time(), tr.window
-            per_step = (now - tr.t_start) / max(1, tr.step - tr.step_start)
-            remaining = tr.steps_per_epoch * tr.spec.max_epochs - tr.step
+            samples_per_s, eta_s = tr.pace()
             self.log.record("train", {"stage": tr.spec.stage, "epoch": tr.epoch, "step": tr.step,
                                       "global_step": self.global_step, **losses, "lr": lr,
-                                      "samples_per_s": samples / max(now - t0, 1e-9)},
-                            self.global_step, eta_s=per_step * remaining)
-            tr.window = (now, 0)
+                                      "samples_per_s": samples_per_s}, self.global_step, eta_s=eta_s)
         if c.tensorboard_histogram_frequency and self.global_step % c.tensorboard_histogram_frequency == 0:
             self.log.histograms(tr.model, self.global_step)
         if c.save_every and tr.step % c.save_every == 0:
@@ -929,40 +872,6 @@ def resume_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
     return path, payload
 
 
-# %% ../nbs/11_train.ipynb #dccef23c
-STAGE_HEADS = {"1": ("reachable",), "2": ("legal",), "3": ("policy", "value")}
-
-def build_train_model(c: TrainConfig, resume: dict | None = None) -> nn.Module:
-    """The model for this run: rebuilt from the resume checkpoint, else from the config."""
-    from maou_nb.model import build_model
-    if resume is not None:
-        return build_model(resume["arch"], **resume["model_config"])
-    heads = tuple(h for s in ["1", "2", "3"] for h in STAGE_HEADS[s] if s in c.stages() or h in ("policy", "value"))
-    config = dict(c.model_config)
-    if c.preset:
-        config["preset"] = c.preset
-    return build_model(c.model, heads=heads, **config)
-
-def load_parts(model: nn.Module, c: TrainConfig) -> list[str]:
-    """Load the parts named by `resume_*_from` into `model`; returns the parts loaded."""
-    from maou_nb.model import load_model, load_part_state_dict, part_state_dict
-    loaded = []
-    for part, key in PART_KEYS.items():
-        path = getattr(c, key)
-        if path is not None:
-            source = load_model(resolve_checkpoint(path))
-            load_part_state_dict(model, part, part_state_dict(source, part))
-            loaded.append(part)
-    return loaded
-
-def set_trainable(model: nn.Module, c: TrainConfig, stage: str) -> None:
-    """Make everything trainable, then apply the freezing knobs where they apply to `stage`."""
-    from maou_nb.model import apply_freezing
-    for p in model.parameters():
-        p.requires_grad_(True)
-    if stage == "3" or c.stage != "all":
-        apply_freezing(model, freeze_backbone=c.freeze_backbone, trainable_layers=c.trainable_layers)
-
 # %% ../nbs/11_train.ipynb #18db9586
 @dataclass
 class TrainResult:
@@ -987,6 +896,17 @@ def as_config(config: TrainConfig | dict | str | os.PathLike) -> TrainConfig:
         return TrainConfig.from_dict(config)
     return TrainConfig.from_yaml(config)
 
+def stage_trainer(stage: str, c: TrainConfig, model: nn.Module, log: RunLog, device: str, progress: bool) -> StageTrainer:
+    """A stage's trainer: the freezing knobs where they apply (with stage "all", Stage 3 only: Stages 1 and 2 train
+    the whole backbone), the stage's data, a fresh optimiser and schedule."""
+    if stage == "3" or c.stage != "all":
+        apply_freezing(model, c.freeze_backbone, c.trainable_layers)
+    else:
+        model.requires_grad_(True)
+    data = stage_datasets(stage, getattr(c, f"stage{stage}_data"), getattr(c, f"stage{stage}_val_data"),
+                          test_ratio=c.test_ratio, seed=c.seed, input_format=c.input_format, policy_target=c.policy_target)
+    return StageTrainer(stage_spec(stage, c), model, c, log, device, data, progress)
+
 def train(config: TrainConfig | dict | str | os.PathLike, *, progress: bool = True,
           callback: Callable[[dict], None] | None = None) -> TrainResult:
     """Train the stages of `config` (all parameters and files checked first); `callback(info)` after each step."""
@@ -996,8 +916,9 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, progress: bool = Tr
     out_dir = Path(c.out_dir) if c.out_dir else Path(setting("runs_root")) / "train"
     resume_path, resume = resume_checkpoint(c.resume_from) if c.resume_from else (None, None)
     seed_everything(c.seed)
-    model = build_train_model(c, resume)
-    load_parts(model, c)
+    model = (build_model(resume["arch"], **resume["model_config"]) if resume is not None
+             else build_train_model(c.model, c.stages(), c.model_config, c.preset))
+    load_parts(model, {part: resolve_checkpoint(getattr(c, key)) for part, key in PART_KEYS.items() if getattr(c, key)})
     for folder in (out_dir, out_dir / "checkpoints"):
         remove_stale_temps(folder, recursive=False)       # left by writes a kill cut short
     run = TrainRun(out_dir, c, callback)
@@ -1019,9 +940,7 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, progress: bool = Tr
             for stage in c.stages():
                 if stage in run.completed:
                     continue
-                set_trainable(model, c, stage)
-                tr = StageTrainer(stage_spec(stage, c), model, c, run.log, device, stage_datasets(stage, c), progress)
-                tr.last_good = run.last_good
+                tr = stage_trainer(stage, c, model, run.log, device, progress)
                 if resume is not None and resume["stage"] == stage:
                     tr.load(resume)
                 t0 = time.time()
@@ -1037,6 +956,10 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, progress: bool = Tr
                                       "checkpoint": str(run.ckpt_dir / f"stage{stage}.pt")}
                 run.save(tr, f"stage{stage}")
                 run.save(tr, "last")
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(
+            f"{e} Last good checkpoint: {run.last_good or 'none written yet'}. Nothing was written after it. Check that "
+            "shard, lower learning_rate or keep grad_clip on, then resume_from the last good checkpoint.") from None
     finally:
         run.log.close()
     best = run.ckpt_dir / "best.pt"

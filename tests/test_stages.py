@@ -68,13 +68,48 @@ def test_papermill_reads_every_parameter(step):
     assert set(inspect_notebook(str(path))) == set(notebook_parameters(path))
 
 
-def test_train_parameters_are_train_config():
-    """The train notebook's parameters are exactly TrainConfig's fields (same names), so params files map 1:1."""
+WIRED_TRAIN = ["stage1_data", "stage2_data", "stage2_val_data", "stage3_data", "stage3_val_data", "out_dir", "device",
+               "resume_from"]
+
+
+def test_train_notebook_restates_no_default():
+    """The train notebook declares only what the pipeline wires in (each a TrainConfig field) and one `config` dict:
+    every other default is TrainConfig's, so a train section means the same through the pipeline and through train()."""
     import dataclasses
     from maou_nb.train import TrainConfig
     declared = notebook_parameters(STAGES / "train.ipynb")
-    assert list(declared) == [f.name for f in dataclasses.fields(TrainConfig)]
-    TrainConfig.from_dict(declared, check_files=False)  # the defaults are a valid config
+    assert list(declared) == WIRED_TRAIN + ["config"] and declared["config"] == {}
+    assert set(WIRED_TRAIN) <= {f.name for f in dataclasses.fields(TrainConfig)}
+    assert STEPS["train"].rest == "config"
+    wired = {k: v for k, v in declared.items() if k != "config"}
+    TrainConfig.from_dict(wired, check_files=False)  # the wired defaults over TrainConfig's are a valid config
+
+
+@pytest.mark.parametrize("path", sorted((TINY.parent).glob("*.yaml")), ids=lambda p: p.stem)
+def test_train_section_reaches_the_notebook_whole(path):
+    """Each params file's train section is split into the notebook's wired names and `config`, and the notebook's
+    recombination gives the TrainConfig that train() builds from the section itself."""
+    from maou_nb.train import TrainConfig
+    section = yaml.safe_load(path.read_text()).get("train") or {}
+    declared = notebook_parameters(STAGES / "train.ipynb")
+    values = {**STEPS["train"].wire(Path("/run")), **section, "out_dir": "/run"}
+    given = STEPS["train"].notebook_values(values, declared)
+    assert set(given) <= set(declared) and set(given["config"]) == set(values) - set(declared)
+    nb_params = {**{k: v for k, v in declared.items() if k != "config"}, **given}
+    overrides = nb_params.pop("config")
+    through_notebook = TrainConfig.from_dict({**nb_params, **overrides}, check_files=False)
+    direct = TrainConfig.from_dict({k: v for k, v in {**declared, **values}.items() if k != "config"}, check_files=False)
+    assert through_notebook == direct
+
+
+def test_unknown_train_key_is_refused_once_with_a_hint(tmp_path):
+    """A misspelt train key is refused by TrainConfig's own checker, with the name it meant, before anything runs."""
+    from maou_nb.pipeline import load_params
+    params = yaml.safe_load(TINY.read_text())
+    params["train"]["batchsize"] = 64
+    with pytest.raises(ValueError, match=r"params: train: unknown training parameter\(s\): 'batchsize' "
+                                         r"\(did you mean 'batch_size'\?\)"):
+        load_params(params)
 
 
 @pytest.mark.parametrize("step, function, extra", [
