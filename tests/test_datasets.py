@@ -14,7 +14,7 @@ from maou_nb import datasets as dsm
 from maou_nb.encoding import encode_position, legal_moves_label, move_label, reachable_squares_label
 from maou_nb.preprocess import make_stage1_data, make_stage2_data, preprocess, stage1_sfens
 from maou_nb.storage import HCPE_DTYPE, ShardError, list_shards, load_hcpe, save_hcpe, sidecar_path, write_manifest
-from random_games import random_games
+from maou_nb.records import random_games
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from maou_nb.preprocess import make_stage1_data, make_stage2_data, preprocess
+from maou_nb.records import random_games
 from maou_nb.storage import HCPE_DTYPE, load_array, load_checkpoint, save_array, save_hcpe, write_manifest, read_manifest
 from maou_nb.train import (ConfigError, NonFiniteLossError, SCHEDULERS, StageThresholdError, TrainConfig,
                            multilabel_metrics, scheduler_name, stage_gate, summarise, train)
@@ -18,35 +19,11 @@ TINY = {"device": "cpu", "model": "resnet", "preset": "small", "model_config": {
 TINY_VIT = {"vit_embed_dim": 32, "vit_num_layers": 1, "vit_num_heads": 2}  # keeps dropout (0.1): RNG state matters
 
 
-def random_games(n_games: int, seed: int, max_plies: int = 40) -> tuple[np.ndarray, np.ndarray]:
-    """HCPE rows and game ids of seeded uniformly random legal games played by cshogi."""
-    rng = np.random.default_rng(seed)
-    rows, ids = [], []
-    for g in range(n_games):
-        board, game = cshogi.Board(), []
-        for _ in range(max_plies):
-            moves = list(board.legal_moves)
-            if not moves or board.is_draw() == cshogi.REPETITION_DRAW:
-                break
-            move = moves[int(rng.integers(len(moves)))]
-            row = np.zeros(1, HCPE_DTYPE)
-            board.to_hcp(row["hcp"][0])
-            row["bestMove16"] = np.uint16(cshogi.move16(move)).view(np.int16)
-            game.append(row)
-            board.push(move)
-        result = cshogi.WHITE_WIN if board.turn == cshogi.BLACK else cshogi.BLACK_WIN  # mover at the end lost
-        for row in game:
-            row["gameResult"] = result
-        rows += game
-        ids += [g] * len(game)
-    return np.concatenate(rows), np.array(ids, dtype=np.int64)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Folders of real data: HCPE, preprocessed (2 shards), Stage 1 curriculum, Stage 2 labels."""
     root = tmp_path_factory.mktemp("data")
-    hcpe, ids = random_games(24, seed=0)
+    hcpe, ids = random_games(24, seed=0, branching=None, min_plies=40, max_plies=41)  # 40 plies a game
     half = len(hcpe) // 2
     save_hcpe(root / "hcpe" / "a.npy", hcpe[:half], ids[:half])
     save_hcpe(root / "hcpe" / "b.npy", hcpe[half:], ids[half:])
