@@ -15,24 +15,21 @@ import cshogi
 import cshogi.CSA
 import numpy as np
 
-from .settings import progress as progress_bar
+from .export import load_policy, masked_softmax, onnx_beside, sidecar_path
+from .selfplay import ILLEGAL, RESIGN, BaselineEngine, GameRecord, game_end, play_pairs, write_csa
+from .settings import progress as progress_bar, setting
+from .storage import ParamError, Rule, check_params, load_checkpoint, read_json, sha256_file, write_json
 
 # %% auto #0
-__all__ = ['RESIGN', 'ILLEGAL', 'PLAYER_KINDS', 'BLACK', 'WHITE', 'Z95', 'EVALUATE_RULES', 'DEFAULT_THRESHOLDS', 'Player',
-           'RandomPlayer', 'BaselinePlayer', 'load_evaluator', 'legal_moves_and_labels', 'encode_boards',
-           'masked_softmax', 'pick_labels', 'sigmoid', 'mate_in_one', 'mate_in_one_or', 'NetworkPlayer', 'puct_search',
-           'game_root', 'usi_position_args', 'parse_engine_move', 'USIPlayer', 'make_player', 'GameRecord',
-           'play_games', 'wilson_interval', 'elo_from_score', 'verdict', 'random_openings', 'record_openings',
-           'MatchResult', 'save_games', 'play_match', 'evaluate', 'format_table', 'plot_evaluation', 'find_engine',
-           'place_on_ladder', 'check_evaluate_params', 'default_registry_path', 'load_registry', 'save_registry',
-           'registry_entry', 'model_metadata', 'register_model', 'gauntlet', 'fit_ratings', 'rating_table',
-           'plot_ratings']
+__all__ = ['PLAYER_KINDS', 'BLACK', 'WHITE', 'Z95', 'EVALUATE_RULES', 'DEFAULT_THRESHOLDS', 'Player', 'RandomPlayer',
+           'BaselinePlayer', 'pick_labels', 'mate_in_one', 'mate_in_one_or', 'NetworkPlayer', 'puct_search',
+           'game_root', 'usi_position_args', 'parse_engine_move', 'USIPlayer', 'make_player', 'wilson_interval',
+           'elo_from_score', 'verdict', 'random_openings', 'record_openings', 'MatchResult', 'save_games', 'play_match',
+           'evaluate', 'format_table', 'plot_evaluation', 'find_engine', 'place_on_ladder', 'check_evaluate_params',
+           'default_registry_path', 'load_registry', 'save_registry', 'registry_entry', 'model_metadata',
+           'register_model', 'gauntlet', 'fit_ratings', 'rating_table', 'plot_ratings']
 
 # %% ../nbs/30_play.ipynb #a76a3fe4
-RESIGN = 0  # the move value that means "I resign" (no cshogi move is 0)
-ILLEGAL = -1  # an outside engine answered with a move that is not legal here
-
-
 class Player:
     "A shogi player: `choose(board)` returns a legal move (or `RESIGN`); `choose_many` does a batch."
     name = "player"
@@ -79,7 +76,6 @@ class BaselinePlayer(Player):
 
     def seed(self, seed: int) -> None:
         "Rebuild the engine with a new seed."
-        from maou_nb.selfplay import BaselineEngine
         super().seed(seed)
         self.engine = BaselineEngine(seed=seed, **self.engine_kwargs)
 
@@ -89,57 +85,7 @@ class BaselinePlayer(Player):
             return RESIGN
         return int(self.engine.choose(board))
 
-# %% ../nbs/30_play.ipynb #d4ddb496
-def load_evaluator(model, device: str = "cpu", threads: int | None = None):
-    """An evaluator, (board, hand) arrays -> (policy logits, value logits), for an `nn.Module`, a checkpoint
-    path or an `.onnx` path: `maou_nb.export`'s `TorchPolicy` / `OnnxPolicy` (EMA weights when a checkpoint
-    has them). An evaluator passes through."""
-    from maou_nb.export import TorchPolicy, load_policy
-    if callable(model) and not isinstance(model, (str, Path)) and not hasattr(model, "state_dict"):
-        return model  # already an evaluator
-    if isinstance(model, (str, Path)):
-        path = Path(model)
-        if not path.is_file():
-            raise FileNotFoundError(f"model file {path} does not exist: pass a checkpoint (.pt) or an ONNX file (.onnx)")
-        return load_policy(path, device=device, threads=threads)
-    return TorchPolicy(model, device=device, threads=threads)
-
 # %% ../nbs/30_play.ipynb #f15e7520
-def legal_moves_and_labels(boards: Sequence[cshogi.Board]) -> list[tuple[np.ndarray, np.ndarray]]:
-    "For each board, its legal moves (int64) and their Maou labels, from one vectorised label lookup."
-    from maou_nb.encoding import move16_labels
-    moves = [np.fromiter(b.legal_moves, dtype=np.int64) for b in boards]
-    counts = [len(m) for m in moves]
-    flat = np.concatenate(moves) if moves else np.zeros(0, np.int64)
-    turns = np.repeat([b.turn for b in boards], counts).astype(np.uint8)
-    labels = np.asarray(move16_labels(flat & 0xFFFF, turns), dtype=np.int64)
-    if (labels < 0).any():
-        raise RuntimeError("a legal move has no Maou label (encoding bug)")
-    return list(zip(moves, np.split(labels, np.cumsum(counts)[:-1])))
-
-
-def encode_boards(boards: Sequence[cshogi.Board]):
-    "Board piece IDs (N,9,9), hand counts (N,14), legal masks (N,1496) and (moves, labels) per board."
-    from maou_nb.encoding import MOVE_LABELS_NUM, encode_hcps
-    hcps = np.empty(len(boards), dtype=cshogi.HuffmanCodedPos)
-    for i, b in enumerate(boards):
-        b.to_hcp(hcps[i:i + 1])
-    planes, hands = encode_hcps(hcps)
-    tables = legal_moves_and_labels(boards)
-    mask = np.zeros((len(boards), MOVE_LABELS_NUM), dtype=bool)
-    for i, (_, labels) in enumerate(tables):
-        mask[i, labels] = True
-    return planes, hands, mask, tables
-
-
-def masked_softmax(logits: np.ndarray, mask: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    "Softmax of `logits / temperature` over the True entries of `mask` (zero elsewhere)."
-    z = np.where(mask, logits / max(temperature, 1e-6), -np.inf)
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.where(mask, np.exp(z), 0.0)
-    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
 def pick_labels(logits: np.ndarray, mask: np.ndarray, temperature: np.ndarray | float,
                 rng: np.random.Generator) -> np.ndarray:
     "One label per row among the legal ones: argmax at temperature 0, else a softmax sample (Gumbel-max)."
@@ -150,11 +96,6 @@ def pick_labels(logits: np.ndarray, mask: np.ndarray, temperature: np.ndarray | 
     return np.where(mask, z, -np.inf).argmax(axis=1)
 
 # %% ../nbs/30_play.ipynb #93cee38a
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    "The logistic function."
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def mate_in_one(board: cshogi.Board) -> int:
     "A legal move that mates at once, found by cshogi's one-ply mate finder, or 0 when it finds none."
     if board.is_check():  # cshogi's finder assumes no check (it proposes illegal moves then)
@@ -174,7 +115,7 @@ class NetworkPlayer(Player):
     def __init__(self, model, *, temperature: float = 0.0, sample_plies: int | None = None,
                  seed: int = 0, device: str = "cpu", threads: int | None = None,
                  simulations: int = 0, c_puct: float = 1.5, mate_in_one: bool = False, name: str | None = None):
-        self.evaluator = load_evaluator(model, device=device, threads=threads)
+        self.evaluator = load_policy(model, device=device, threads=threads)
         self.mate_in_one = mate_in_one
         self.temperature, self.sample_plies = float(temperature), sample_plies
         self.simulations, self.c_puct = int(simulations), float(c_puct)
@@ -183,17 +124,6 @@ class NetworkPlayer(Player):
         self.last_simulations = 0  # simulations the last search ran (it may stop early on the clock)
         self.name = name or (Path(model).stem if isinstance(model, (str, Path)) else "network")
         super().__init__(seed)
-
-    def evaluate(self, boards: Sequence[cshogi.Board]):
-        "Policy logits (N,1496), legal masks, win probabilities for the mover (N,), (moves, labels) per board."
-        planes, hands, legal, tables = encode_boards(boards)
-        logits, value = self.evaluator(planes, hands)
-        return logits, legal, sigmoid(value), tables
-
-    def policy_value(self, boards: Sequence[cshogi.Board]) -> tuple[np.ndarray, np.ndarray]:
-        "The policy over legal labels (N,1496; zero elsewhere) and the mover's win probability (N,)."
-        logits, legal, value, _ = self.evaluate(boards)
-        return masked_softmax(logits, legal), value
 
     def temperatures(self, boards: Sequence[cshogi.Board]) -> np.ndarray:
         "The sampling temperature for each board (0 after `sample_plies` plies)."
@@ -211,7 +141,7 @@ class NetworkPlayer(Player):
             moves, self.last_values = puct_search(self, boards, self.simulations, self.c_puct,
                                                   self.temperatures(boards), self.rng, self.time_limit)
             return moves
-        logits, legal, self.last_values, tables = self.evaluate(boards)
+        logits, legal, self.last_values, tables = self.evaluator.evaluate_many(boards)
         picked = pick_labels(logits, legal, self.temperatures(boards), self.rng)
         chosen = [int(moves[labels == p][0]) if len(moves) else RESIGN for (moves, labels), p in zip(tables, picked)]
         if self.mate_in_one:  # cshogi's one-ply mate finder overrides the network when it finds a mate
@@ -232,7 +162,7 @@ class _Node:
 
 def _expand(player: NetworkPlayer, boards: list[cshogi.Board]) -> list[_Node]:
     "Evaluate `boards` in one batch and make a node for each (a mate in one makes its value 1)."
-    logits, legal, value, tables = player.evaluate(boards)
+    logits, legal, value, tables = player.evaluator.evaluate_many(boards)
     probs = masked_softmax(logits, legal)
     mates = [mate_in_one(b) for b in boards]
     return [_Node(moves, p[labels].astype(np.float64), 1.0 if mate else float(v), mate)
@@ -240,17 +170,12 @@ def _expand(player: NetworkPlayer, boards: list[cshogi.Board]) -> list[_Node]:
 
 
 def _terminal_value(board: cshogi.Board) -> float | None:
-    "The mover's result in a finished position (0 loss, 0.5 draw), or None while play goes on."
-    if board.is_game_over():
-        return 0.0
-    rep = board.is_draw(16)
-    if rep == cshogi.REPETITION_DRAW:
-        return 0.5
-    if rep == cshogi.REPETITION_WIN:
-        return 1.0
-    if rep == cshogi.REPETITION_LOSE:
-        return 0.0
-    return None
+    "The mover's result in a finished position (0 loss, 0.5 draw, 1 win) by `game_end`, or None while play goes on."
+    end = game_end(board)
+    if end is None:
+        return None
+    winner, _ = end
+    return 0.5 if winner is None else float(winner == board.turn)
 
 
 def puct_search(player: NetworkPlayer, boards: list[cshogi.Board], simulations: int, c_puct: float,
@@ -410,108 +335,6 @@ def make_player(spec, seed: int = 0, **kwargs) -> Player:
 # %% ../nbs/30_play.ipynb #3502d773
 BLACK, WHITE = cshogi.BLACK, cshogi.WHITE
 
-
-@dataclass
-class GameRecord:
-    "One finished game: where it started, the moves, who played and how it ended."
-    start_sfen: str
-    moves: list[int]
-    black: str
-    white: str
-    winner: int | None  # cshogi.BLACK, cshogi.WHITE or None for a draw
-    reason: str  # checkmate, resign, repetition, perpetual_check, declaration, illegal, max_moves
-
-    @property
-    def plies(self) -> int:
-        "Number of moves played in this game."
-        return len(self.moves)
-
-    def to_csa(self) -> str:
-        "The game as a CSA record (V2.2) that cshogi re-parses to the same moves and winner."
-        board = cshogi.Board(self.start_sfen)
-        lines = ["V2.2", f"N+{self.black}", f"N-{self.white}", f"'maou_nb end={self.reason}"]
-        lines.append(board.csa_pos().rstrip("\n"))
-        for m in self.moves:
-            lines.append(("+" if board.turn == BLACK else "-") + cshogi.move_to_csa(m))
-            board.push(m)
-        lines.append(self.csa_ending(board.turn))
-        return "\n".join(lines) + "\n"
-
-    def csa_ending(self, to_move: int) -> str:
-        "The CSA special move that ends this game, given the side to move at the end."
-        if self.reason in ("checkmate", "resign"):
-            return "%TORYO"
-        if self.reason == "declaration":
-            return "%KACHI"
-        if self.reason == "repetition":
-            return "%SENNICHITE"
-        if self.reason == "max_moves":
-            return "%JISHOGI"
-        loser = "+" if self.winner == WHITE else "-"
-        return f"%{loser}ILLEGAL_ACTION"  # illegal move or perpetual check
-
-
-def _finish(board: cshogi.Board, counts: Counter, max_moves: int) -> tuple[int | None, str] | None:
-    "(winner, reason) if the game in `board` is over after the last move, else None."
-    to_move = board.turn
-    key = board.zobrist_hash()
-    counts[key] += 1
-    if counts[key] >= 4:
-        rep = board.is_draw()
-        if rep == cshogi.REPETITION_WIN:
-            return to_move, "perpetual_check"
-        if rep == cshogi.REPETITION_LOSE:
-            return 1 - to_move, "perpetual_check"
-        return None, "repetition"
-    if board.is_game_over():
-        return 1 - to_move, "checkmate"
-    if board.is_nyugyoku():
-        return to_move, "declaration"
-    if board.move_number > max_moves:
-        return None, "max_moves"
-    return None
-
-
-def play_games(pairs: Sequence[tuple[Player, Player]], openings: Sequence[str], *, max_moves: int = 256,
-               names: Sequence[tuple[str, str]] | None = None, progress: bool | None = False) -> list[GameRecord]:
-    "Play one game per (black, white) pair from the matching opening SFEN, all games stepped together."
-    if len(pairs) != len(openings):
-        raise ValueError(f"{len(pairs)} player pairs but {len(openings)} openings: give one opening per game")
-    boards = [cshogi.Board(s) for s in openings]
-    counts = [Counter([b.zobrist_hash()]) for b in boards]
-    moves: list[list[int]] = [[] for _ in boards]
-    results: list[tuple | None] = [None] * len(boards)
-    for i, b in enumerate(boards):  # an opening may already be over
-        if b.is_game_over():
-            results[i] = (1 - b.turn, "checkmate")
-        elif b.is_nyugyoku():
-            results[i] = (b.turn, "declaration")
-    players = {id(p): p for pair in pairs for p in pair}
-    bar = progress_bar(total=len(boards), desc="games", unit="game", show=progress)
-    bar.update(sum(r is not None for r in results))
-    while any(r is None for r in results):
-        for pid, player in players.items():
-            todo = [i for i, r in enumerate(results)
-                    if r is None and id(pairs[i][boards[i].turn]) == pid]
-            if not todo:
-                continue
-            chosen = player.choose_many([boards[i] for i in todo])
-            for i, move in zip(todo, chosen):
-                b = boards[i]
-                if move == RESIGN:
-                    results[i] = (1 - b.turn, "resign")
-                elif move == ILLEGAL or not b.is_legal(move):
-                    results[i] = (1 - b.turn, "illegal")
-                else:
-                    b.push(move)
-                    moves[i].append(move)
-                    results[i] = _finish(b, counts[i], max_moves)
-                if results[i] is not None:
-                    bar.update(1)
-    bar.close()
-    names = names or [(p[0].name, p[1].name) for p in pairs]
-    return [GameRecord(s, mv, nm[0], nm[1], r[0], r[1]) for s, mv, nm, r in zip(openings, moves, names, results)]
-
 # %% ../nbs/30_play.ipynb #e37eaa43
 Z95 = 1.959963984540054  # the two-sided 95% normal quantile
 
@@ -644,14 +467,9 @@ def _safe_name(name: str) -> str:
 
 def save_games(result: MatchResult, out_dir: str | Path) -> list[Path]:
     "Write each game of `result` as CSA plus `match.json` into `out_dir` (atomic writes)."
-    from maou_nb.storage import atomic_path, write_json
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, g in enumerate(result.games):
-        path = out_dir / f"game_{i:04d}_{_safe_name(g.black)}_vs_{_safe_name(g.white)}.csa"
-        with atomic_path(path) as tmp:
-            Path(tmp).write_text(g.to_csa(), encoding="utf-8")
-        paths.append(path)
+    paths = [write_csa(g, out_dir / f"game_{i:04d}_{_safe_name(g.black)}_vs_{_safe_name(g.white)}.csa")
+             for i, g in enumerate(result.games)]
     write_json(out_dir / "match.json", {**result.summary(), "files": [p.name for p in paths]})
     return paths
 
@@ -670,7 +488,7 @@ def play_match(player_a, player_b, games: int = 10, *, openings: Sequence[str] |
     pairs = [(a, b) if ab else (b, a) for ab in a_black]
     na, nb = (a.name, b.name) if a.name != b.name else (a.name + "_a", b.name + "_b")
     names = [(na, nb) if ab else (nb, na) for ab in a_black]
-    records = play_games(pairs, starts, max_moves=max_moves, names=names, progress=progress)
+    records = play_pairs(pairs, starts, max_moves=max_moves, names=names, progress=progress)
     result = MatchResult(na, nb, records, a_black)
     if out_dir is not None:
         save_games(result, out_dir)
@@ -708,7 +526,6 @@ def evaluate(model, opponents: Sequence = ("random", "baseline"), games: int = 1
                 opponent.close()
         rows.append({**result.summary(), "opponent_spec": spec if isinstance(spec, str) else opponent.name})
     if out_dir is not None:
-        from maou_nb.storage import write_json
         write_json(Path(out_dir) / "evaluation.json", {"rows": rows})
     return rows
 
@@ -777,8 +594,6 @@ def place_on_ladder(model, engine: str | None = None, levels: Sequence[int] = (-
     return {"engine": engine, "option": option, "highest_beaten": best, "rows": rows}
 
 # %% ../nbs/30_play.ipynb #777fa2db
-from .storage import ParamError, Rule, check_params
-
 EVALUATE_RULES = {
     "model": Rule(str),                            # an ONNX file, a checkpoint, or a player spec
     "opponents": Rule(list),                       # specs of make_player
@@ -828,13 +643,11 @@ DEFAULT_THRESHOLDS = {"random": 0.85, "baseline": 0.60, "best": 0.55}
 
 def default_registry_path() -> Path:
     "models_root/registry.json (from settings)."
-    from maou_nb.settings import setting
     return Path(setting("models_root")) / "registry.json"
 
 
 def load_registry(path: str | Path | None = None) -> dict:
     "The registry at `path` (an empty one if the file does not exist yet)."
-    from maou_nb.storage import read_json
     path = Path(path) if path else default_registry_path()
     if not path.exists():
         return {"models": [], "best": None, "matches": []}
@@ -847,7 +660,6 @@ def load_registry(path: str | Path | None = None) -> dict:
 
 def save_registry(reg: dict, path: str | Path | None = None) -> Path:
     "Write the registry atomically."
-    from maou_nb.storage import write_json
     path = Path(path) if path else default_registry_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_json(path, reg)
@@ -866,11 +678,8 @@ def model_metadata(path: str | Path) -> dict:
     path = Path(path)
     try:
         if path.suffix == ".onnx":
-            from maou_nb.export import sidecar_path
-            from maou_nb.storage import read_json
             meta = read_json(sidecar_path(path)) if sidecar_path(path).is_file() else {}
         else:
-            from maou_nb.storage import load_checkpoint
             meta = load_checkpoint(path)
         return {"arch": meta.get("arch"), "run": meta.get("run") or meta.get("run_dir")}
     except Exception:
@@ -881,7 +690,6 @@ def register_model(reg: dict, path: str | Path, *, run: str | None = None, paren
                    arch: str | None = None) -> dict:
     "Add a model file to `reg` as a candidate (or return its entry if the same bytes are registered)."
     import datetime
-    from maou_nb.storage import sha256_file
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist; pass a checkpoint (.pt) or an ONNX file")
@@ -909,7 +717,6 @@ def gauntlet(candidate: str | Path, *, registry: str | Path | None = None, games
     bound is above 50%. Opponents without a threshold (fairy-stockfish, or one set to None) are played
     and recorded only. The candidate and the best model search with `simulations` (0: policy alone);
     with `onnx`, checkpoints play through their ONNX twins (`maou_nb.export.onnx_beside`: faster on a CPU)."""
-    from maou_nb.export import onnx_beside
 
     def played(path) -> str:  # the file the network player evaluates
         return str(onnx_beside(path)) if onnx and Path(path).suffix == ".pt" else str(path)

@@ -16,8 +16,8 @@ from typing import Callable
 
 import cshogi
 
-from .play import (RESIGN, BaselinePlayer, NetworkPlayer, Player, RandomPlayer, legal_moves_and_labels,
-                          mate_in_one, puct_search)
+from .encoding import legal_moves_and_labels
+from .play import RESIGN, BaselinePlayer, NetworkPlayer, Player, RandomPlayer, mate_in_one, puct_search
 
 # %% auto #0
 __all__ = ['MODEL_FILES', 'AUTO', 'STANDARD_OPTIONS', 'PIECE_LIMITS', 'PIECE_NAMES', 'MAX_PLY', 'GO_INT_ARGS', 'GO_FLAGS',
@@ -401,7 +401,7 @@ class USIEngine:
             player = NetworkPlayer(path, temperature=float(self.options["Temperature"]), seed=seed,
                                    threads=int(self.options["Threads"]),
                                    mate_in_one=self.options["MateInOne"] == "true")
-            player.policy_value([cshogi.Board()])  # a file with the right name but not a maou_nb model fails here
+            player.evaluator.policy_value([cshogi.Board()])  # a file with the right name but not a maou_nb model fails here
         except Exception as e:
             reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:400]
             if named:
@@ -426,7 +426,7 @@ class USIEngine:
         legal = {cshogi.move_to_usi(m): m for m in board.legal_moves}
         moves = [legal[u] for u in allowed]
         if isinstance(player, NetworkPlayer):
-            probs, player.last_values = player.policy_value([board])
+            probs, player.last_values = player.evaluator.policy_value([board])
             label = dict(zip(*legal_moves_and_labels([board])[0]))
             return max(moves, key=lambda m: probs[0, label[m]])
         if isinstance(player, BaselinePlayer):

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from maou_nb.play import (BLACK, ILLEGAL, RESIGN, WHITE, NetworkPlayer, Player, mate_in_one, RandomPlayer, elo_from_score,
-                          evaluate, format_table, play_games, play_match, plot_evaluation, random_openings,
+                          evaluate, format_table, play_match, plot_evaluation, random_openings,
                           record_openings, verdict, wilson_interval)
+from maou_nb.selfplay import play_pairs
 
 FAIRY = shutil.which("fairy-stockfish") or ("/usr/games/fairy-stockfish" if Path("/usr/games/fairy-stockfish").is_file() else None)
 
@@ -80,7 +81,7 @@ class Scripted(Player):
 def test_repetition_is_a_draw_on_the_fourth_occurrence():
     a = Scripted(["5i4i", "4i5i"], "a")
     b = Scripted(["5a4a", "4a5a"], "b")
-    (g,) = play_games([(a, b)], ["4k4/9/9/9/9/9/9/9/4K4 b G 1"])
+    (g,) = play_pairs([(a, b)], ["4k4/9/9/9/9/9/9/9/4K4 b G 1"])
     board, counts = replay(g)
     assert (g.winner, g.reason) == (None, "repetition")
     assert counts[position_key(board)] == 4 and max(counts.values()) == 4
@@ -91,7 +92,7 @@ def test_repetition_is_a_draw_on_the_fourth_occurrence():
 def test_perpetual_check_loses_for_the_checker():
     checker = Scripted(["9a9b", "9b9a"], "checker")
     king = Scripted(["1a1b", "1b1a"], "king")
-    (g,) = play_games([(checker, king)], ["R7k/9/9/9/9/9/9/9/4K4 w - 1"])
+    (g,) = play_pairs([(checker, king)], ["R7k/9/9/9/9/9/9/9/4K4 w - 1"])
     assert (g.winner, g.reason) == (WHITE, "perpetual_check")
     parsed = cshogi.CSA.Parser.parse_str(g.to_csa())[0]
     assert parsed.win == cshogi.WHITE_WIN and parsed.moves == g.moves
@@ -106,7 +107,7 @@ def test_resign_and_illegal_answers_lose():
         name = "cheat"
         def choose(self, board): return ILLEGAL
 
-    g1, g2 = play_games([(Resigner(), RandomPlayer()), (RandomPlayer(), Cheat())], [cshogi.STARTING_SFEN] * 2)
+    g1, g2 = play_pairs([(Resigner(), RandomPlayer()), (RandomPlayer(), Cheat())], [cshogi.STARTING_SFEN] * 2)
     assert (g1.winner, g1.reason, g1.plies) == (WHITE, "resign", 0)
     assert (g2.winner, g2.reason, g2.plies) == (BLACK, "illegal", 1)
     assert cshogi.CSA.Parser.parse_str(g2.to_csa())[0].win == cshogi.BLACK_WIN
@@ -231,7 +232,7 @@ def test_network_player_never_plays_an_illegal_move(small_checkpoint):
             assert m in set(b.legal_moves), (b.sfen(), m)
         assert player.last_values.shape == (len(boards),)
         assert ((player.last_values > 0) & (player.last_values < 1)).all()
-    probs, values = player.policy_value(boards[:20])
+    probs, values = player.evaluator.policy_value(boards[:20])
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-4)
 
 
@@ -395,3 +396,17 @@ def test_mate_in_one_plays_only_legal_mates():
         elif proposed and proposed in set(b.legal_moves) and not b.is_check():
             raise AssertionError(f"missed the mate {cshogi.move_to_usi(proposed)} in {b.sfen()}")
     assert mates > 0
+
+
+def test_search_ends_lines_by_the_game_rules():
+    from maou_nb.play import _terminal_value
+    # the side to move may declare an entering-king win: a won position for the search, as for a game
+    declare = cshogi.Board("+R+B1G1GS+P+P/1GS+P3+P+P/1S1+P1+PK2/+P+P7/9/9/9/9/k8 b RBGSNLPnl2n2l3p 1")
+    assert declare.is_nyugyoku()
+    assert _terminal_value(declare) == 1.0
+    mated = cshogi.Board("4k4/4G4/4G4/9/9/9/9/9/4K4 w - 1")
+    assert _terminal_value(mated) == 0.0 and _terminal_value(cshogi.Board()) is None
+    shuffle = cshogi.Board("4k4/9/9/9/9/9/9/9/4K4 b G 1")
+    for usi in ["5i4i", "5a4a", "4i5i", "4a5a"]:
+        shuffle.push_usi(usi)
+    assert shuffle.is_draw(16) == cshogi.REPETITION_DRAW and _terminal_value(shuffle) == 0.5
