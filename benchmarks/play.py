@@ -21,7 +21,8 @@ import torch
 
 from maou_nb.encoding import encode_boards
 from maou_nb.export import TorchEvaluator, export_onnx, load_onnx, playout_boards
-from maou_nb.play import NetworkPlayer, play_match, random_openings
+from maou_nb.arena import play_match, random_openings
+from maou_nb.players import NetworkPlayer
 
 
 def games_per_s(a, b, games: int, seed: int = 0) -> dict:

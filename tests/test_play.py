@@ -10,9 +10,9 @@ import cshogi.CSA
 import numpy as np
 import pytest
 
-from maou_nb.play import (BLACK, ILLEGAL, RESIGN, WHITE, NetworkPlayer, Player, mate_in_one, RandomPlayer, elo_from_score,
-                          evaluate, format_table, play_match, plot_evaluation, random_openings,
-                          record_openings, verdict, wilson_interval)
+from maou_nb.arena import (BLACK, WHITE, elo_from_score, evaluate, format_table, place_on_ladder, play_match,
+                           plot_evaluation, random_openings, record_openings, verdict, wilson_interval)
+from maou_nb.players import ILLEGAL, RESIGN, NetworkPlayer, Player, RandomPlayer, _terminal_value, mate_in_one, mate_in_one_or
 from maou_nb.selfplay import play_pairs
 
 FAIRY = shutil.which("fairy-stockfish") or ("/usr/games/fairy-stockfish" if Path("/usr/games/fairy-stockfish").is_file() else None)
@@ -326,7 +326,6 @@ def test_usi_opponent_fairy_stockfish_beats_random(tmp_path):
 # --- the strength ladder ------------------------------------------------------------
 
 def test_ladder_stops_at_the_first_level_not_beaten(tmp_path):
-    from maou_nb.play import place_on_ladder
     ladder = place_on_ladder(RandomPlayer(), FAIRY, levels=(-20, -10), games=2, max_moves=200, out_dir=tmp_path)
     assert ladder["highest_beaten"] is None and [r["level"] for r in ladder["rows"]] == [-20]
     assert ladder["rows"][0]["losses"] == 2
@@ -334,7 +333,6 @@ def test_ladder_stops_at_the_first_level_not_beaten(tmp_path):
 
 
 def test_mate_in_one_plays_only_legal_mates():
-    from maou_nb.play import mate_in_one_or
     boards = sample_positions(400, seed=6)
     finder_illegal = mates = 0
     for b in boards:
@@ -351,7 +349,6 @@ def test_mate_in_one_plays_only_legal_mates():
 
 
 def test_search_ends_lines_by_the_game_rules():
-    from maou_nb.play import _terminal_value
     # the side to move may declare an entering-king win: a won position for the search, as for a game
     declare = cshogi.Board("+R+B1G1GS+P+P/1GS+P3+P+P/1S1+P1+PK2/+P+P7/9/9/9/9/k8 b RBGSNLPnl2n2l3p 1")
     assert declare.is_nyugyoku()
