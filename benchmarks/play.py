@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from maou_nb.export import TorchPolicy, export_onnx, load_onnx, playout_boards
-from maou_nb.play import NetworkPlayer, encode_boards, play_match, random_openings
+from maou_nb.encoding import encode_boards
+from maou_nb.export import TorchEvaluator, export_onnx, load_onnx, playout_boards
+from maou_nb.arena import play_match, random_openings
+from maou_nb.players import NetworkPlayer
 
 
 def games_per_s(a, b, games: int, seed: int = 0) -> dict:
@@ -68,17 +70,17 @@ def main(argv=None) -> dict:
     g = 20 if args.quick else 100
     report["random_vs_random"] = games_per_s("random", "random", g)
     report["baseline_vs_baseline"] = games_per_s("baseline", "baseline", 2 if args.quick else 10)
-    net = NetworkPlayer(TorchPolicy(model), name="network")
+    net = NetworkPlayer(TorchEvaluator(model), name="network")
     report["network_vs_baseline"] = games_per_s(net, "baseline", 4 if args.quick else 16)
-    report["network_vs_random"] = games_per_s(NetworkPlayer(TorchPolicy(model), name="network"), "random",
+    report["network_vs_random"] = games_per_s(NetworkPlayer(TorchEvaluator(model), name="network"), "random",
                                               16 if args.quick else 64)
-    search = NetworkPlayer(TorchPolicy(model), simulations=16, name="network_puct16")
+    search = NetworkPlayer(TorchEvaluator(model), simulations=16, name="network_puct16")
     report["network_puct16_vs_random"] = games_per_s(search, "random", 8 if args.quick else 32)
 
     boards = sample_boards(max(batches))
-    planes, hands, _, _ = encode_boards(boards)
+    planes, hands = encode_boards(boards)
     report["positions_per_s"] = {"torch": {}, "onnxruntime": {}}
-    torch_eval = TorchPolicy(model)
+    torch_eval = TorchEvaluator(model)
     with tempfile.TemporaryDirectory() as d:
         onnx_eval = load_onnx(export_onnx(model, Path(d) / "small.onnx", fp16=False)["path"], threads=threads)
         for b in batches:

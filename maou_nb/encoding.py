@@ -13,7 +13,7 @@ __all__ = ['MOVE_LABELS_NUM', 'SQUARE_CELL', 'PIECE_NAMES', 'PIECE_ID', 'MOVE_CA
            'LANDING_LABELS', 'DROP_BLOCK', 'LABEL_TABLE', 'mover_square', 'encode_position', 'move_category',
            'mover_move16', 'normalised_move16_label', 'move_label', 'label_move', 'legal_moves_label',
            'reachable_squares_label', 'hcp_rows', 'hcp_turns', 'encode_hcps', 'legal_moves_labels',
-           'reachable_squares_labels', 'move16_labels']
+           'reachable_squares_labels', 'move16_labels', 'legal_moves_and_labels', 'legal_mask', 'encode_boards']
 
 # %% ../nbs/01_encoding.ipynb #7a911eb7
 MOVE_LABELS_NUM = 1496  # the number of move labels: the width of the policy head
@@ -298,3 +298,31 @@ def move16_labels(move16s, turns) -> np.ndarray:
     if ((turns != 0) & (turns != 1)).any():
         raise ValueError("move16_labels: turns must be 0 (Black to move) or 1 (White to move)")
     return LABEL_TABLE[turns.astype(np.intp), move16s.astype(np.int64) & 0xFFFF]
+
+# %% ../nbs/01_encoding.ipynb #bba8a4e5
+def legal_moves_and_labels(boards) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each board, its legal moves (int64, cshogi's order) and their Maou labels (int64)."""
+    moves = [np.fromiter(b.legal_moves, dtype=np.int64) for b in boards]
+    counts = [len(m) for m in moves]
+    flat = np.concatenate(moves) if moves else np.zeros(0, np.int64)
+    turns = np.repeat([b.turn for b in boards], counts).astype(np.uint8)
+    labels = np.asarray(move16_labels(flat & 0xFFFF, turns), dtype=np.int64)
+    if (labels < 0).any():
+        raise RuntimeError("a legal move has no Maou label (encoding bug)")
+    return list(zip(moves, np.split(labels, np.cumsum(counts)[:-1])))
+
+# %% ../nbs/01_encoding.ipynb #952f2e6d
+def legal_mask(tables: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """bool[N, 1496]: True at the labels of each board's legal moves (`tables` from `legal_moves_and_labels`)."""
+    mask = np.zeros((len(tables), MOVE_LABELS_NUM), dtype=bool)
+    for i, (_, labels) in enumerate(tables):
+        mask[i, labels] = True
+    return mask
+
+# %% ../nbs/01_encoding.ipynb #85656737
+def encode_boards(boards) -> tuple[np.ndarray, np.ndarray]:
+    """(board uint8[N,9,9], hand uint8[N,14]) of cshogi boards: `encode_position` for a batch, via `encode_hcps`."""
+    hcps = np.empty(len(boards), dtype=cshogi.HuffmanCodedPos)
+    for i, b in enumerate(boards):
+        b.to_hcp(hcps[i:i + 1])
+    return encode_hcps(hcps)

@@ -20,7 +20,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import maou_nb
-from .encoding import MOVE_LABELS_NUM, encode_hcps, encode_position, move_label
+from .encoding import MOVE_LABELS_NUM, encode_boards, encode_hcps, legal_mask, legal_moves_and_labels
 from .model import load_model, unwrap_model
 from .storage import load_checkpoint, atomic_path, read_json, sha256_file, write_json
 
@@ -29,8 +29,8 @@ __all__ = ['ONNX_INPUTS', 'ONNX_OUTPUTS', 'FP32_TOLERANCE', 'FP16_TOLERANCE', 'E
            'ONNX_HAND_TYPES', 'position_arrays', 'playout_boards', 'scrambled_inputs', 'PolicyValueGraph',
            'write_graph', 'float16_model', 'is_float16_model', 'open_session', 'OnnxVerificationError', 'torch_outputs',
            'graph_outputs', 'session_outputs', 'compare_outputs', 'sidecar_path', 'fp16_path', 'export_onnx',
-           'check_export_params', 'OnnxModelError', 'legal_move_probabilities', 'PolicyNetwork', 'OnnxPolicy',
-           'TorchPolicy', 'load_onnx', 'load_policy', 'onnx_beside']
+           'check_export_params', 'OnnxModelError', 'sigmoid', 'masked_softmax', 'legal_move_probabilities',
+           'Evaluator', 'OnnxEvaluator', 'TorchEvaluator', 'load_onnx', 'load_policy', 'onnx_beside']
 
 # %% ../nbs/20_export.ipynb #aa262f12
 def position_arrays(positions) -> tuple[np.ndarray, np.ndarray]:
@@ -48,8 +48,7 @@ def position_arrays(positions) -> tuple[np.ndarray, np.ndarray]:
         if not boards or not all(isinstance(b, cshogi.Board) for b in boards):
             raise TypeError("positions: expected cshogi boards, HCP/HCPE records, a (board, hand) pair "
                             f"or a dict with 'board' and 'hand', got {type(positions).__name__}")
-        encoded = [encode_position(b) for b in boards]
-        board, hand = np.stack([e[0] for e in encoded]), np.stack([e[1] for e in encoded])
+        board, hand = encode_boards(boards)
     board, hand = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in (board, hand))
     if board.ndim != 3 or board.shape[1:] != (9, 9) or hand.shape != (len(board), 14) or not len(board):
         raise ValueError(f"positions: expected board (N, 9, 9) and hand (N, 14) with N > 0, "
@@ -328,24 +327,31 @@ def check_export_params(params: dict) -> dict:
 class OnnxModelError(ValueError):
     """An ONNX file that is missing, unreadable, or lacks Maou's interface."""
 
-def legal_move_probabilities(board: cshogi.Board, policy_logits: np.ndarray,
-                             temperature: float = 1.0) -> dict[int, float]:
-    """{cshogi move: probability}: softmax of `policy_logits` over the labels of `board`'s legal moves."""
-    moves = list(board.legal_moves)
-    if not moves:
-        return {}
-    logits = np.array([policy_logits[move_label(board, m)] for m in moves], np.float64) / temperature
-    probs = np.exp(logits - logits.max())
-    return dict(zip(moves, (probs / probs.sum()).tolist()))
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    """The logistic function."""
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function: a value logit as the mover's winning probability."""
     return 1.0 / (1.0 + np.exp(-x))
 
-class PolicyNetwork:
-    """Policy/value evaluation of encoded positions or cshogi boards; subclasses supply `_run(board, hand)`.
+def masked_softmax(logits: np.ndarray, mask: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Softmax of `logits / temperature` over the True entries of `mask` (zero elsewhere), float32."""
+    z = np.where(mask, logits / max(temperature, 1e-6), -np.inf)
+    z = z - z.max(axis=1, keepdims=True)
+    p = np.where(mask, np.exp(z), 0.0)
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
 
-    Calling it on (board, hand) arrays is the evaluator interface of `maou_nb.play`'s players."""
+def legal_move_probabilities(moves: np.ndarray, labels: np.ndarray, policy_logits: np.ndarray,
+                             temperature: float = 1.0) -> dict[int, float]:
+    """{cshogi move: probability}: softmax (float64) of `policy_logits` over the labels of the legal `moves`."""
+    if not len(moves):
+        return {}
+    logits = policy_logits[labels].astype(np.float64) / temperature
+    probs = np.exp(logits - logits.max())
+    return dict(zip(moves.tolist(), (probs / probs.sum()).tolist()))
+
+class Evaluator:
+    """The network front end: boards (or encoded positions) in, policy over legal moves and value out.
+
+    Subclasses supply `_run(board, hand)`; `TorchEvaluator` and `OnnxEvaluator` are the two. Players, the
+    search, the USI engine and the board viewers all ask the network through these methods."""
     meta: dict = {}
 
     def _run(self, board: np.ndarray, hand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -362,10 +368,22 @@ class PolicyNetwork:
         parts = [self(board[s:s + batch_size], hand[s:s + batch_size]) for s in range(0, len(board), batch_size)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
+    def evaluate_many(self, boards) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+        """One batch: policy logits (N,1496), legal masks (N,1496), the movers' win probabilities (N,),
+        and (legal moves, labels) per board."""
+        tables = legal_moves_and_labels(boards)
+        logits, value = self(*encode_boards(boards))
+        return logits, legal_mask(tables), sigmoid(value), tables
+
+    def policy_value(self, boards) -> tuple[np.ndarray, np.ndarray]:
+        """The policy over legal labels (N,1496; zero elsewhere) and the movers' win probabilities (N,)."""
+        logits, legal, value, _ = self.evaluate_many(boards)
+        return masked_softmax(logits, legal), value
+
     def evaluate(self, board: cshogi.Board) -> tuple[dict[int, float], float]:
         """({legal move: probability}, winning probability of the side to move) for one board."""
-        policy, value = self.predict([board])
-        return legal_move_probabilities(board, policy[0]), float(_sigmoid(value[0]))
+        logits, _, value, tables = self.evaluate_many([board])
+        return legal_move_probabilities(*tables[0], logits[0]), float(value[0])
 
     def top_moves(self, board: cshogi.Board, k: int = 5) -> list[tuple[str, float]]:
         """The `k` most probable legal moves as (USI, probability), best first."""
@@ -373,7 +391,7 @@ class PolicyNetwork:
         best = sorted(probs.items(), key=lambda item: -item[1])[:k]
         return [(cshogi.move_to_usi(m), p) for m, p in best]
 
-class OnnxPolicy(PolicyNetwork):
+class OnnxEvaluator(Evaluator):
     """An onnxruntime session over a Maou-interface ONNX file, taking cshogi boards."""
     def __init__(self, session: ort.InferenceSession, path: Path, meta: dict):
         self.session, self.path, self.meta = session, path, meta
@@ -385,10 +403,10 @@ class OnnxPolicy(PolicyNetwork):
                                                                                                copy=False)}))
 
     def __repr__(self) -> str:
-        return f"OnnxPolicy({self.path}, arch={self.meta.get('arch', '?')})"
+        return f"OnnxEvaluator({self.path}, arch={self.meta.get('arch', '?')})"
 
-class TorchPolicy(PolicyNetwork):
-    """A PyTorch model with the same interface as `OnnxPolicy`, on `device`, using `threads` CPU threads."""
+class TorchEvaluator(Evaluator):
+    """A PyTorch model with the same interface as `OnnxEvaluator`, on `device`, using `threads` CPU threads."""
     def __init__(self, model: torch.nn.Module, meta: dict | None = None, *, device: str = "cpu",
                  threads: int | None = None):
         self.model, self.device, self.threads = model.to(device).eval(), device, threads
@@ -416,8 +434,8 @@ def _check_interface(session: ort.InferenceSession, path: Path) -> None:
         raise OnnxModelError(f"{path} has inputs {inputs} and outputs {outputs}; a maou_nb/Maou model has inputs "
                              f"{ONNX_INPUTS} and outputs {list(ONNX_OUTPUTS)}. Export it with maou_nb.export.export_onnx")
 
-def load_onnx(path: str | Path, *, threads: int | None = None, providers: list[str] | None = None) -> OnnxPolicy:
-    """Open an exported ONNX file as an `OnnxPolicy` (checks it exists, parses, and has Maou's interface)."""
+def load_onnx(path: str | Path, *, threads: int | None = None, providers: list[str] | None = None) -> OnnxEvaluator:
+    """Open an exported ONNX file as an `OnnxEvaluator` (checks it exists, parses, and has Maou's interface)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model {path} does not exist; export one with "
@@ -430,15 +448,22 @@ def load_onnx(path: str | Path, *, threads: int | None = None, providers: list[s
                              "not ONNX: export it again with maou_nb.export.export_onnx") from None
     _check_interface(session, path)
     meta = read_json(sidecar_path(path)) if sidecar_path(path).is_file() else {}
-    return OnnxPolicy(session, path, meta)
+    return OnnxEvaluator(session, path, meta)
 
-def load_policy(path: str | Path, *, ema: bool = True, device: str = "cpu", threads: int | None = None) -> PolicyNetwork:
-    """`load_onnx` for an .onnx file, else a `TorchPolicy` over the checkpoint (EMA weights when present)."""
-    path = Path(path)
+def load_policy(model, *, ema: bool = True, device: str = "cpu", threads: int | None = None) -> Evaluator:
+    """The `Evaluator` of an .onnx file (`load_onnx`), a checkpoint (EMA weights when present) or a torch module;
+    an `Evaluator` passes through."""
+    if isinstance(model, Evaluator):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return TorchEvaluator(model, device=device, threads=threads)
+    path = Path(model)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist: pass a checkpoint (.pt) or an ONNX file (.onnx)")
     if path.suffix == ".onnx":
         return load_onnx(path, threads=threads)
     model, source = _source_model(path, ema)
-    return TorchPolicy(model, {"arch": getattr(model, "arch", None), **source}, device=device, threads=threads)
+    return TorchEvaluator(model, {"arch": getattr(model, "arch", None), **source}, device=device, threads=threads)
 
 # %% ../nbs/20_export.ipynb #f368ec1e
 def onnx_beside(checkpoint: str | Path) -> Path:

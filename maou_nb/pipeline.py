@@ -150,7 +150,7 @@ STEPS: dict[str, Step] = {s.name: s for s in [
                                               Need("positions_data", "data/preprocessed/val", "preprocess")),
          check=_checker("export", "check_export_params")),
     Step("evaluate", "evaluate.ipynb", "eval", (Need("model", "models/model.onnx", "export"),),
-         check=_checker("play", "check_evaluate_params", check_files=False)),
+         check=_checker("arena", "check_evaluate_params", check_files=False)),
 ]}
 
 # %% ../nbs/22_pipeline.ipynb #095c37bb

@@ -22,9 +22,10 @@ from .storage import HCPE_DTYPE, atomic_path, game_id, save_hcpe, write_manifest
 # %% auto #0
 __all__ = ['MATE', 'PIECE_VALUES', 'UNPROMOTED', 'HAND_VALUES', 'CAPTURE_SWING', 'FEATURES1', 'FEATURES2', 'OPPONENT',
            'ATTACK_COUNTS', 'HAND_PLANE_TYPES', 'HAND_PLANE_VALUES', 'KING_GUARDS', 'KING_ZONES', 'CONTROL_WEIGHT',
-           'GUARD_WEIGHT', 'DANGER_WEIGHT', 'REPLY_THREAT_WEIGHT', 'SELFPLAY_RULES', 'king_zones', 'feature_planes',
-           'static_evals', 'static_eval', 'decode_moves', 'legal_moves', 'BaselineEngine', 'Game', 'play_game',
-           'game_csa', 'write_csa', 'game_seed', 'game_name', 'available_cpus', 'play_games', 'check_selfplay_params']
+           'GUARD_WEIGHT', 'DANGER_WEIGHT', 'REPLY_THREAT_WEIGHT', 'RESIGN', 'ILLEGAL', 'SELFPLAY_RULES', 'king_zones',
+           'feature_planes', 'static_evals', 'static_eval', 'decode_moves', 'legal_moves', 'BaselineEngine',
+           'GameRecord', 'game_end', 'play_pairs', 'play_game', 'write_csa', 'game_seed', 'game_name', 'available_cpus',
+           'play_games', 'check_selfplay_params']
 
 # %% ../nbs/03_selfplay.ipynb #701e180e
 MATE = 30_000   # the score of a won position; mate in one scores MATE - 1, allowing mate in one -(MATE - 2)
@@ -206,92 +207,160 @@ class BaselineEngine:
         """A legal move for the side to move."""
         return self.pick(board)[0]
 
+    def choose_many(self, boards: Sequence[cshogi.Board]) -> list[int]:
+        """`pick` for each board in turn; the positions' values are kept in `last_evals` for the game record."""
+        picked = [self.pick(b) for b in boards]
+        self.last_evals = [value for _, value in picked]
+        return [move for move, _ in picked]
+
 # %% ../nbs/03_selfplay.ipynb #953a5b65
+RESIGN = 0    # the move value that means "I resign" (no cshogi move is 0)
+ILLEGAL = -1  # an outside engine answered with a move that is not legal here
+
+_RESULTS = {None: cshogi.DRAW, cshogi.BLACK: cshogi.BLACK_WIN, cshogi.WHITE: cshogi.WHITE_WIN}
+
 @dataclass
-class Game:
-    """One finished game: its moves, one HCPE row per position before a move, the result and the CSA ending."""
+class GameRecord:
+    """One finished game: where it started, the moves, who played, how it ended, the movers' evaluations."""
+    start_sfen: str
     moves: list[int]
-    hcpe: np.ndarray
-    result: int                 # cshogi.DRAW, cshogi.BLACK_WIN or cshogi.WHITE_WIN
-    endgame: str                # the CSA terminal command, e.g. '%TORYO'
-    names: tuple[str, str] = ("black", "white")
-    info: dict = field(default_factory=dict)
+    black: str
+    white: str
+    winner: int | None          # cshogi.BLACK, cshogi.WHITE or None for a draw
+    reason: str                 # checkmate, resign, repetition, perpetual_check, declaration, illegal, max_moves
+    evals: list[int] = field(default_factory=list)   # the mover's evaluation before each move (0: none given)
+    info: dict = field(default_factory=dict)         # CSA header fields, e.g. {"EVENT": "maou_nb selfplay"}
+
+    @property
+    def plies(self) -> int:
+        """Number of moves played in this game."""
+        return len(self.moves)
+
+    @property
+    def result(self) -> int:
+        """The result as cshogi and HCPE count it: cshogi.DRAW, BLACK_WIN or WHITE_WIN."""
+        return _RESULTS[self.winner]
 
     def board(self, plies: int | None = None) -> cshogi.Board:
         """The position after the first `plies` moves (all of them by default)."""
-        board = cshogi.Board()
+        board = cshogi.Board(self.start_sfen)
         for move in self.moves[:plies]:
             board.push(move)
         return board
 
-def _win_for(color: int) -> int:
-    return cshogi.BLACK_WIN if color == cshogi.BLACK else cshogi.WHITE_WIN
+    def csa_ending(self) -> str:
+        """The CSA special move that ends this game."""
+        if self.reason in ("checkmate", "resign"):
+            return "%TORYO"
+        if self.reason in ("declaration", "repetition", "max_moves"):
+            return {"declaration": "%KACHI", "repetition": "%SENNICHITE", "max_moves": "%JISHOGI"}[self.reason]
+        return f"%{'+' if self.winner == cshogi.WHITE else '-'}ILLEGAL_ACTION"  # illegal move or perpetual check
 
-def play_game(black, white, *, max_moves: int = 256, names: tuple[str, str] = ("black", "white")) -> Game:
-    """Play one game from the start position between two players; cshogi decides every rule."""
-    board, players = cshogi.Board(), (black, white)
-    hcpe = np.zeros(max_moves, HCPE_DTYPE)
-    seen = Counter([board.zobrist_hash()])
-    moves: list[int] = []
-    while True:
-        if len(moves) == max_moves:
-            result, endgame = cshogi.DRAW, "%JISHOGI"
-            break
-        if board.is_game_over():                                    # no legal moves
-            result, endgame = _win_for(cshogi.opponent(board.turn)), "%TORYO"
-            break
-        if board.is_nyugyoku():
-            result, endgame = _win_for(board.turn), "%KACHI"
-            break
-        player = players[board.turn]
-        move, value = player.pick(board) if hasattr(player, "pick") else (player.choose(board), 0)
-        if not board.is_legal(move):
-            raise ValueError(f"{names[board.turn]} played an illegal move {move!r} in {board.sfen()}")
-        ply = len(moves)
-        board.to_hcp(hcpe["hcp"][ply])
-        hcpe["eval"][ply], hcpe["bestMove16"][ply] = np.clip(value, -32767, 32767), cshogi.move16(move)
-        board.push(move)
-        moves.append(move)
-        key = board.zobrist_hash()
-        seen[key] += 1
-        if seen[key] >= 4:
-            result, endgame = _repetition_result(board)
-            break
-    hcpe = hcpe[:len(moves)]
-    hcpe["gameResult"] = result
-    return Game(moves, hcpe, result, endgame, names)
+    def to_csa(self, comment: str | None = None) -> str:
+        """The game as a CSA record (V2.2) that cshogi re-parses to the same moves and winner."""
+        board = cshogi.Board(self.start_sfen)
+        lines = ["V2.2", f"N+{self.black}", f"N-{self.white}", *(f"${k}:{v}" for k, v in self.info.items()),
+                 f"'maou_nb end={self.reason}", *([f"'{comment}"] if comment else []), board.csa_pos().rstrip("\n")]
+        for move in self.moves:
+            lines.append(("+" if board.turn == cshogi.BLACK else "-") + cshogi.move_to_csa(move))
+            board.push(move)
+        lines.append(self.csa_ending())
+        return "\n".join(lines) + "\n"
 
-def _repetition_result(board: cshogi.Board) -> tuple[int, str]:
-    """Result and CSA ending of a fourfold repetition (the side to move is the one that did not just move)."""
-    repetition = board.is_draw()
-    checker = None
-    if repetition == cshogi.REPETITION_WIN:          # the side that just moved gave perpetual check
-        checker = cshogi.opponent(board.turn)
-    elif repetition == cshogi.REPETITION_LOSE:       # the side to move gave perpetual check
-        checker = board.turn
-    if checker is None:
-        return cshogi.DRAW, "%SENNICHITE"
-    return _win_for(cshogi.opponent(checker)), "%+ILLEGAL_ACTION" if checker == cshogi.BLACK else "%-ILLEGAL_ACTION"
+    def to_hcpe(self) -> np.ndarray:
+        """One HCPE row per position before a move: position, mover's eval (int16-clipped), move16, result."""
+        board, hcpe = cshogi.Board(self.start_sfen), np.zeros(len(self.moves), HCPE_DTYPE)
+        evals = list(self.evals) + [0] * (len(self.moves) - len(self.evals))
+        for ply, move in enumerate(self.moves):
+            board.to_hcp(hcpe["hcp"][ply])
+            hcpe["eval"][ply], hcpe["bestMove16"][ply] = np.clip(evals[ply], -32767, 32767), cshogi.move16(move)
+            board.push(move)
+        hcpe["gameResult"] = self.result
+        return hcpe
+
+# %% ../nbs/03_selfplay.ipynb #f67289be
+def game_end(board: cshogi.Board, seen: Counter | None = None,
+             max_moves: int | None = None) -> tuple[int | None, str] | None:
+    """(winner, reason) when the game in `board` is over (winner None: a draw), else None.
+
+    `seen` counts how often each position (`zobrist_hash`) of the game has occurred, this one included."""
+    to_move = board.turn
+    if seen is None:
+        repetition = board.is_draw(16)
+        repeated = repetition in (cshogi.REPETITION_DRAW, cshogi.REPETITION_WIN, cshogi.REPETITION_LOSE)
+    else:
+        repeated = seen[board.zobrist_hash()] >= 4
+        repetition = board.is_draw() if repeated else cshogi.NOT_REPETITION
+    if repeated:
+        if repetition == cshogi.REPETITION_WIN:      # the side that just moved gave perpetual check
+            return to_move, "perpetual_check"
+        if repetition == cshogi.REPETITION_LOSE:     # the side to move gave perpetual check
+            return cshogi.opponent(to_move), "perpetual_check"
+        return None, "repetition"
+    if board.is_game_over():
+        return cshogi.opponent(to_move), "checkmate"
+    if board.is_nyugyoku():
+        return to_move, "declaration"
+    if max_moves is not None and board.move_number > max_moves:
+        return None, "max_moves"
+    return None
+
+# %% ../nbs/03_selfplay.ipynb #b700a1ff
+def _choose(player, boards: list[cshogi.Board]) -> tuple[list[int], list[int]]:
+    """The player's moves for `boards` and its evaluations of them (0 when it gives none)."""
+    if hasattr(player, "choose_many"):
+        moves = player.choose_many(boards)
+    else:
+        moves = [player.choose(b) for b in boards]
+    evals = getattr(player, "last_evals", None)
+    return moves, (list(evals) if evals is not None and len(evals) == len(boards) else [0] * len(boards))
+
+def play_pairs(pairs: Sequence[tuple], openings: Sequence[str], *, max_moves: int = 256,
+               names: Sequence[tuple[str, str]] | None = None, progress: bool | None = False) -> list[GameRecord]:
+    """Play one game per (black, white) pair from the matching opening SFEN, all games stepped together."""
+    if len(pairs) != len(openings):
+        raise ValueError(f"{len(pairs)} player pairs but {len(openings)} openings: give one opening per game")
+    boards = [cshogi.Board(s) for s in openings]
+    seen = [Counter([b.zobrist_hash()]) for b in boards]
+    moves: list[list[int]] = [[] for _ in boards]
+    evals: list[list[int]] = [[] for _ in boards]
+    results = [game_end(b, c, max_moves) for b, c in zip(boards, seen)]   # an opening may already be over
+    players = {id(p): p for pair in pairs for p in pair}
+    with progress_bar(total=len(boards), desc="games", unit="game", show=progress) as bar:
+        bar.update(sum(r is not None for r in results))
+        while any(r is None for r in results):
+            for pid, player in players.items():
+                todo = [i for i, r in enumerate(results) if r is None and id(pairs[i][boards[i].turn]) == pid]
+                if not todo:
+                    continue
+                chosen, values = _choose(player, [boards[i] for i in todo])
+                for i, move, value in zip(todo, chosen, values):
+                    b = boards[i]
+                    if move == RESIGN:
+                        results[i] = (cshogi.opponent(b.turn), "resign")
+                    elif move == ILLEGAL or not b.is_legal(move):
+                        results[i] = (cshogi.opponent(b.turn), "illegal")
+                    else:
+                        b.push(move)
+                        moves[i].append(move); evals[i].append(value)
+                        seen[i][b.zobrist_hash()] += 1
+                        results[i] = game_end(b, seen[i], max_moves)
+                    if results[i] is not None:
+                        bar.update(1)
+    names = names or [(getattr(p[0], "name", "black"), getattr(p[1], "name", "white")) for p in pairs]
+    return [GameRecord(s, mv, nm[0], nm[1], r[0], r[1], ev)
+            for s, mv, nm, r, ev in zip(openings, moves, names, results, evals)]
+
+# %% ../nbs/03_selfplay.ipynb #315219ca
+def play_game(black, white, *, max_moves: int = 256, names: tuple[str, str] = ("black", "white")) -> GameRecord:
+    """Play one game from the start position between two players (`play_pairs` for one pair)."""
+    return play_pairs([(black, white)], [cshogi.STARTING_SFEN], max_moves=max_moves, names=[names])[0]
 
 # %% ../nbs/03_selfplay.ipynb #c203ffcd
-def game_csa(game: Game, comment: str | None = None) -> str:
-    """The CSA text of a game."""
-    lines = ["V2.2", f"N+{game.names[0]}", f"N-{game.names[1]}"]
-    lines += [f"${k}:{v}" for k, v in game.info.items()]
-    if comment:
-        lines.append(f"'{comment}")
-    lines += ["PI", "+"]
-    board = cshogi.Board()
-    for move in game.moves:
-        lines.append(("+" if board.turn == cshogi.BLACK else "-") + cshogi.move_to_csa(move))
-        board.push(move)
-    lines.append(game.endgame)
-    return "\n".join(lines) + "\n"
-
-def write_csa(game: Game, path: str | os.PathLike, comment: str | None = None) -> Path:
+def write_csa(game: GameRecord, path: str | os.PathLike, comment: str | None = None) -> Path:
     """Write a game as a CSA file (atomically)."""
     with atomic_path(path) as tmp_path:
-        tmp_path.write_text(game_csa(game, comment), encoding="utf-8")
+        tmp_path.write_text(game.to_csa(comment), encoding="utf-8")
     return Path(path)
 
 # %% ../nbs/03_selfplay.ipynb #a29dd433
@@ -313,7 +382,7 @@ def _play_selfplay_game(job: tuple) -> tuple[int, np.ndarray]:
     game = play_game(black, white, max_moves=max_moves, names=(name, name))
     game.info = {"EVENT": "maou_nb selfplay"}
     write_csa(game, Path(csa_dir) / f"{game_name(seed, index)}.csa", comment=f"game {game_name(seed, index)}")
-    return index, game.hcpe
+    return index, game.to_hcpe()
 
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:

@@ -333,7 +333,7 @@ def _top_moves_html(probs: dict[int, float], k: int = 5, title: str = "top moves
 
 class PositionExplorer:
     """Widgets stepping through positions: board with heat map and overlays, value, model's top moves."""
-    def __init__(self, positions: Sequence[Position], policy: "PolicyNetwork | None" = None, *, scale: float = 1.6):
+    def __init__(self, positions: Sequence[Position], policy: "Evaluator | None" = None, *, scale: float = 1.6):
         if not positions:
             raise ValueError("PositionExplorer needs at least one position")
         self.positions, self.policy, self.scale = list(positions), policy, scale

@@ -120,7 +120,7 @@ def test_load_onnx_evaluates_cshogi_boards_with_legal_moves_only(exported, real_
 
 def test_float16_input_files_load_and_play(exported, real_boards, tmp_path):
     """A float16 file whose `hand` input is float16 too (converted with its inputs) loads and agrees."""
-    from maou_nb.play import NetworkPlayer
+    from maou_nb.players import NetworkPlayer
     half = onnx.load(exported["resnet"][1]["fp16_path"])
     cast = next(n for n in half.graph.node if n.op_type == "Cast" and list(n.input) == ["hand"])
     half.graph.node.remove(cast)

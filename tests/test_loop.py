@@ -2,10 +2,10 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from maou_nb.loop import LoopParams, run
-from maou_nb.play import load_registry
+from maou_nb.loop import LoopParams, fit_ratings, gauntlet, load_registry, rating_table, run
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +79,48 @@ def test_loop_params_files_are_valid():
     for path in files:
         p = LoopParams.load(path)
         TrainConfig.from_dict({"stage": "3", "stage3_data": "x", **p.train}, check_files=False)
+
+
+def test_fit_ratings_recovers_known_gaps():
+    rng = np.random.default_rng(1)
+    true = {"baseline": 0.0, "x": -150.0, "y": 250.0}
+    matches = []
+    for a, b in [("x", "baseline"), ("y", "x"), ("y", "baseline")]:
+        expected = 1 / (1 + 10 ** ((true[b] - true[a]) / 400))
+        w = int(rng.binomial(3000, expected))
+        matches.append({"a": a, "b": b, "wins": w, "draws": 0, "losses": 3000 - w})
+    fitted = fit_ratings(matches)
+    assert fitted["baseline"] == 0.0
+    for k, v in true.items():
+        assert abs(fitted[k] - v) < 30, fitted
+
+
+def test_gauntlet_records_decisions_in_the_registry(start_checkpoint, tmp_path):
+    torch = pytest.importorskip("torch")
+    from maou_nb.model import build_model
+    from maou_nb.storage import save_checkpoint
+    reg_path = tmp_path / "models" / "registry.json"
+    # strict thresholds: 4 games cannot put the interval above 50%, so the candidate is rejected
+    first = gauntlet(start_checkpoint, registry=reg_path, games=4, max_moves=60, fairy_level=None)
+    assert not first["promoted"] and first["best"] is None
+    assert [r["role"] for r in first["rows"]] == ["random", "baseline"]
+    reg = load_registry(reg_path)
+    (entry,) = reg["models"]
+    assert entry["status"] == "rejected" and entry["id"] == first["id"] and len(reg["matches"]) == 2
+    # lenient thresholds promote it; a second model then also plays the current best
+    again = gauntlet(start_checkpoint, registry=reg_path, games=2, max_moves=60, fairy_level=None,
+                     thresholds={"random": 0.0, "baseline": 0.0}, require_interval=False)
+    assert again["promoted"] and again["id"] == first["id"] and again["best"] == first["id"]
+    torch.manual_seed(1)
+    other = build_model("resnet", preset="small")
+    other_path = tmp_path / "other.pt"
+    save_checkpoint(other_path, {"arch": other.arch, "model_config": other.config, "model": other.state_dict()})
+    third = gauntlet(other_path, registry=reg_path, games=2, max_moves=60, fairy_level=None, run="run-2")
+    assert [r["role"] for r in third["rows"]] == ["random", "baseline", "best"]
+    reg = load_registry(reg_path)
+    assert [m["status"] for m in reg["models"]] == ["promoted", "promoted" if third["promoted"] else "rejected"]
+    assert reg["models"][1]["parent"] == first["id"] and reg["models"][1]["run"] == "run-2"
+    assert reg["models"][1]["arch"] == "resnet"
+    table = rating_table(reg)
+    assert {r["player"] for r in table} == {"random", "baseline", first["id"], third["id"]}
+    assert sum(r["games"] for r in table) == 2 * sum(m["wins"] + m["draws"] + m["losses"] for m in reg["matches"])

@@ -10,9 +10,10 @@ import cshogi.CSA
 import numpy as np
 import pytest
 
-from maou_nb.play import (BLACK, ILLEGAL, RESIGN, WHITE, NetworkPlayer, Player, mate_in_one, RandomPlayer, elo_from_score,
-                          evaluate, format_table, play_games, play_match, plot_evaluation, random_openings,
-                          record_openings, verdict, wilson_interval)
+from maou_nb.arena import (BLACK, WHITE, elo_from_score, evaluate, format_table, place_on_ladder, play_match,
+                           plot_evaluation, random_openings, record_openings, verdict, wilson_interval)
+from maou_nb.players import ILLEGAL, RESIGN, NetworkPlayer, Player, RandomPlayer, _terminal_value, mate_in_one, mate_in_one_or
+from maou_nb.selfplay import play_pairs
 
 FAIRY = shutil.which("fairy-stockfish") or ("/usr/games/fairy-stockfish" if Path("/usr/games/fairy-stockfish").is_file() else None)
 
@@ -80,7 +81,7 @@ class Scripted(Player):
 def test_repetition_is_a_draw_on_the_fourth_occurrence():
     a = Scripted(["5i4i", "4i5i"], "a")
     b = Scripted(["5a4a", "4a5a"], "b")
-    (g,) = play_games([(a, b)], ["4k4/9/9/9/9/9/9/9/4K4 b G 1"])
+    (g,) = play_pairs([(a, b)], ["4k4/9/9/9/9/9/9/9/4K4 b G 1"])
     board, counts = replay(g)
     assert (g.winner, g.reason) == (None, "repetition")
     assert counts[position_key(board)] == 4 and max(counts.values()) == 4
@@ -91,7 +92,7 @@ def test_repetition_is_a_draw_on_the_fourth_occurrence():
 def test_perpetual_check_loses_for_the_checker():
     checker = Scripted(["9a9b", "9b9a"], "checker")
     king = Scripted(["1a1b", "1b1a"], "king")
-    (g,) = play_games([(checker, king)], ["R7k/9/9/9/9/9/9/9/4K4 w - 1"])
+    (g,) = play_pairs([(checker, king)], ["R7k/9/9/9/9/9/9/9/4K4 w - 1"])
     assert (g.winner, g.reason) == (WHITE, "perpetual_check")
     parsed = cshogi.CSA.Parser.parse_str(g.to_csa())[0]
     assert parsed.win == cshogi.WHITE_WIN and parsed.moves == g.moves
@@ -106,7 +107,7 @@ def test_resign_and_illegal_answers_lose():
         name = "cheat"
         def choose(self, board): return ILLEGAL
 
-    g1, g2 = play_games([(Resigner(), RandomPlayer()), (RandomPlayer(), Cheat())], [cshogi.STARTING_SFEN] * 2)
+    g1, g2 = play_pairs([(Resigner(), RandomPlayer()), (RandomPlayer(), Cheat())], [cshogi.STARTING_SFEN] * 2)
     assert (g1.winner, g1.reason, g1.plies) == (WHITE, "resign", 0)
     assert (g2.winner, g2.reason, g2.plies) == (BLACK, "illegal", 1)
     assert cshogi.CSA.Parser.parse_str(g2.to_csa())[0].win == cshogi.BLACK_WIN
@@ -231,7 +232,7 @@ def test_network_player_never_plays_an_illegal_move(small_checkpoint):
             assert m in set(b.legal_moves), (b.sfen(), m)
         assert player.last_values.shape == (len(boards),)
         assert ((player.last_values > 0) & (player.last_values < 1)).all()
-    probs, values = player.policy_value(boards[:20])
+    probs, values = player.evaluator.policy_value(boards[:20])
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-4)
 
 
@@ -322,58 +323,9 @@ def test_usi_opponent_fairy_stockfish_beats_random(tmp_path):
     assert result.summary()["wins"] == 2, str(result)
 
 
-# --- registry, gauntlet, ratings --------------------------------------------------------
+# --- the strength ladder ------------------------------------------------------------
 
-def test_fit_ratings_recovers_known_gaps():
-    rng = np.random.default_rng(1)
-    true = {"baseline": 0.0, "x": -150.0, "y": 250.0}
-    matches = []
-    for a, b in [("x", "baseline"), ("y", "x"), ("y", "baseline")]:
-        expected = 1 / (1 + 10 ** ((true[b] - true[a]) / 400))
-        w = int(rng.binomial(3000, expected))
-        matches.append({"a": a, "b": b, "wins": w, "draws": 0, "losses": 3000 - w})
-    from maou_nb.play import fit_ratings
-    fitted = fit_ratings(matches)
-    assert fitted["baseline"] == 0.0
-    for k, v in true.items():
-        assert abs(fitted[k] - v) < 30, fitted
-
-
-def test_gauntlet_records_decisions_in_the_registry(small_checkpoint, tmp_path):
-    torch = pytest.importorskip("torch")
-    from maou_nb.model import build_model
-    from maou_nb.play import gauntlet, load_registry, rating_table
-    from maou_nb.storage import save_checkpoint
-    reg_path = tmp_path / "models" / "registry.json"
-    # strict thresholds: 4 games cannot put the interval above 50%, so the candidate is rejected
-    first = gauntlet(small_checkpoint, registry=reg_path, games=4, max_moves=60, fairy_level=None)
-    assert not first["promoted"] and first["best"] is None
-    assert [r["role"] for r in first["rows"]] == ["random", "baseline"]
-    reg = load_registry(reg_path)
-    (entry,) = reg["models"]
-    assert entry["status"] == "rejected" and entry["id"] == first["id"] and len(reg["matches"]) == 2
-    # lenient thresholds promote it; a second model then also plays the current best
-    again = gauntlet(small_checkpoint, registry=reg_path, games=2, max_moves=60, fairy_level=None,
-                     thresholds={"random": 0.0, "baseline": 0.0}, require_interval=False)
-    assert again["promoted"] and again["id"] == first["id"] and again["best"] == first["id"]
-    torch.manual_seed(1)
-    other = build_model("resnet", preset="small")
-    other_path = tmp_path / "other.pt"
-    save_checkpoint(other_path, {"arch": other.arch, "model_config": other.config, "model": other.state_dict()})
-    third = gauntlet(other_path, registry=reg_path, games=2, max_moves=60, fairy_level=None, run="run-2")
-    assert [r["role"] for r in third["rows"]] == ["random", "baseline", "best"]
-    reg = load_registry(reg_path)
-    assert [m["status"] for m in reg["models"]] == ["promoted", "promoted" if third["promoted"] else "rejected"]
-    assert reg["models"][1]["parent"] == first["id"] and reg["models"][1]["run"] == "run-2"
-    assert reg["models"][1]["arch"] == "resnet"
-    table = rating_table(reg)
-    assert {r["player"] for r in table} == {"random", "baseline", first["id"], third["id"]}
-    assert sum(r["games"] for r in table) == 2 * sum(m["wins"] + m["draws"] + m["losses"] for m in reg["matches"])
-
-
-@pytest.mark.skipif(FAIRY is None, reason="fairy-stockfish not installed (apt-get install -y fairy-stockfish)")
 def test_ladder_stops_at_the_first_level_not_beaten(tmp_path):
-    from maou_nb.play import place_on_ladder
     ladder = place_on_ladder(RandomPlayer(), FAIRY, levels=(-20, -10), games=2, max_moves=200, out_dir=tmp_path)
     assert ladder["highest_beaten"] is None and [r["level"] for r in ladder["rows"]] == [-20]
     assert ladder["rows"][0]["losses"] == 2
@@ -381,7 +333,6 @@ def test_ladder_stops_at_the_first_level_not_beaten(tmp_path):
 
 
 def test_mate_in_one_plays_only_legal_mates():
-    from maou_nb.play import mate_in_one_or
     boards = sample_positions(400, seed=6)
     finder_illegal = mates = 0
     for b in boards:
@@ -395,3 +346,16 @@ def test_mate_in_one_plays_only_legal_mates():
         elif proposed and proposed in set(b.legal_moves) and not b.is_check():
             raise AssertionError(f"missed the mate {cshogi.move_to_usi(proposed)} in {b.sfen()}")
     assert mates > 0
+
+
+def test_search_ends_lines_by_the_game_rules():
+    # the side to move may declare an entering-king win: a won position for the search, as for a game
+    declare = cshogi.Board("+R+B1G1GS+P+P/1GS+P3+P+P/1S1+P1+PK2/+P+P7/9/9/9/9/k8 b RBGSNLPnl2n2l3p 1")
+    assert declare.is_nyugyoku()
+    assert _terminal_value(declare) == 1.0
+    mated = cshogi.Board("4k4/4G4/4G4/9/9/9/9/9/4K4 w - 1")
+    assert _terminal_value(mated) == 0.0 and _terminal_value(cshogi.Board()) is None
+    shuffle = cshogi.Board("4k4/9/9/9/9/9/9/9/4K4 b G 1")
+    for usi in ["5i4i", "5a4a", "4i5i", "4a5a"]:
+        shuffle.push_usi(usi)
+    assert shuffle.is_draw(16) == cshogi.REPETITION_DRAW and _terminal_value(shuffle) == 0.5

@@ -240,10 +240,30 @@ class ShufflePlayer:
 
 def test_fourfold_repetition_is_a_draw_and_max_moves_too(tmp_path):
     game = play_game(ShufflePlayer("2h3h", "3h2h"), ShufflePlayer("8b7b", "7b8b"), max_moves=256)
-    assert (len(game.moves), game.endgame, game.result) == (12, "%SENNICHITE", cshogi.DRAW)
+    assert (len(game.moves), game.csa_ending(), game.result) == (12, "%SENNICHITE", cshogi.DRAW)
     record = cshogi.Parser.parse_file(str(write_csa(game, tmp_path / "game.csa")))[0]
     check_result(game.board(), record, game.result, len(game.moves))
     short = play_game(BaselineEngine(seed=1), BaselineEngine(seed=2), max_moves=10)
-    assert (len(short.moves), short.endgame, short.result) == (10, "%JISHOGI", cshogi.DRAW)
-    assert (short.hcpe["gameResult"] == cshogi.DRAW).all()
+    assert (len(short.moves), short.csa_ending(), short.result) == (10, "%JISHOGI", cshogi.DRAW)
+    assert (short.to_hcpe()["gameResult"] == cshogi.DRAW).all()
 
+
+
+def test_one_record_gives_the_csa_and_the_hcpe_of_a_game(tmp_path):
+    from maou_nb.records import convert_records
+    from maou_nb.selfplay import game_end
+    game = play_game(BaselineEngine(seed=8), BaselineEngine(seed=9), max_moves=120)
+    hcpe = game.to_hcpe()
+    assert len(hcpe) == len(game.moves) == len(game.evals) and (hcpe["gameResult"] == game.result).all()
+    assert hcpe["eval"].tolist() == game.evals
+    # the CSA text goes through the records converter to the same rows (evaluations aside: CSA has none here)
+    write_csa(game, tmp_path / "csa" / "game.csa")
+    converted = np.asarray(load_hcpe(convert_records([tmp_path / "csa"], tmp_path / "hcpe", workers=1)[0]))
+    for field in ("hcp", "bestMove16", "gameResult"):
+        assert np.array_equal(converted[field], hcpe[field])
+    # the one rule ends the game where cshogi says it ends, and not before
+    board, seen = cshogi.Board(), Counter([cshogi.Board().zobrist_hash()])
+    for move in game.moves:
+        assert game_end(board, seen, 120) is None
+        board.push(move); seen[board.zobrist_hash()] += 1
+    assert game_end(board, seen, 120) == (game.winner, game.reason)

@@ -118,7 +118,7 @@ def test_unknown_train_key_is_refused_once_with_a_hint(tmp_path):
     ("preprocess", "maou_nb.preprocess.preprocess maou_nb.preprocess.split_hcpe", set()),
     ("stage_data", "maou_nb.preprocess.make_labelled_data", {"hcpe_train", "hcpe_val"}),
     ("export", "maou_nb.export.export_onnx", {"checkpoint", "positions_data", "verify_positions"}),
-    ("evaluate", "maou_nb.play.evaluate", {"ladder_levels"}),
+    ("evaluate", "maou_nb.arena.evaluate", {"ladder_levels"}),
 ])
 def test_parameter_names_are_the_library_names(step, function, extra):
     """A stage's parameters are its library function's argument names (plus the few listed here)."""

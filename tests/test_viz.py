@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from maou_nb.encoding import encode_position, legal_moves_label, move_label, reachable_squares_label
-from maou_nb.export import TorchPolicy
+from maou_nb.export import TorchEvaluator
 from maou_nb.model import build_model
 from maou_nb.viz import (LiveCurves, ModelViewer, board_from_arrays, board_svg, destination_weights, explore,
                          game_positions, hcpe_positions, parse_position, plot_run, read_metrics, save_run_plots,
@@ -126,7 +126,7 @@ def test_explorer_over_an_hcpe_shard(game_file, tmp_path):
 
 
 def test_model_viewer_and_explorer_with_a_model(game_file):
-    policy = TorchPolicy(build_model("vit", preset="small"))
+    policy = TorchEvaluator(build_model("vit", preset="small"))
     viewer = ModelViewer(policy, "startpos moves 2g2f 8c8d")
     heat = layer(viewer.svg, "maou-heat")
     assert squares(heat) == {cshogi.SQUARE_NAMES[cshogi.move_to(m)] for m in viewer.board.legal_moves}
@@ -164,7 +164,7 @@ def run_dir(tmp_path_factory) -> Path:
 def test_model_viewer_recovers_from_a_bad_position():
     """A position that does not parse empties the move list and disables play (no appending to bad text, no stale
     board); fixing the text clears the error, and play then appends to the position shown."""
-    policy = TorchPolicy(build_model("mlp-mixer", preset="small"))
+    policy = TorchEvaluator(build_model("mlp-mixer", preset="small"))
     viewer = ModelViewer(policy, "startpos moves 7g7f")
     viewer.text.value = "startpos moves 7g7f 7g7f"
     assert "cannot read the position" in viewer.error.value and "7g7f 7g7f" not in viewer.info.value
