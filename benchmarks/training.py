@@ -24,27 +24,11 @@ from maou_nb.train import TrainConfig, TrainRun, seed_everything, stage_trainer
 
 def make_data(root: Path, n_games: int, seed: int = 0) -> tuple[Path, Path]:
     """Preprocessed and Stage 2 folders from seeded random legal games."""
-    import cshogi
     from maou_nb.preprocess import make_stage2_data, preprocess
-    from maou_nb.storage import HCPE_DTYPE, save_hcpe, write_manifest
-    rng = np.random.default_rng(seed)
-    rows, ids = [], []
-    for g in range(n_games):
-        board = cshogi.Board()
-        for _ in range(int(rng.integers(40, 120))):
-            moves = list(board.legal_moves)
-            if not moves:
-                break
-            move = moves[int(rng.integers(len(moves)))]
-            row = np.zeros(1, HCPE_DTYPE)
-            board.to_hcp(row["hcp"][0])
-            row["bestMove16"] = np.uint16(cshogi.move16(move)).view(np.int16)
-            row["gameResult"] = int(rng.integers(3))
-            rows.append(row)
-            ids.append(g)
-            board.push(move)
-    hcpe = np.concatenate(rows)
-    save_hcpe(root / "hcpe" / "games.npy", hcpe, np.array(ids))
+    from maou_nb.records import random_games
+    from maou_nb.storage import save_hcpe, write_manifest
+    hcpe, ids = random_games(n_games, seed, branching=None, min_plies=40, max_plies=120)
+    save_hcpe(root / "hcpe" / "games.npy", hcpe, ids)
     write_manifest(root / "hcpe", "hcpe", [root / "hcpe" / "games.npy"], rows=len(hcpe))
     preprocess(root / "hcpe", root / "pre", progress=False)
     make_stage2_data(root / "hcpe", root / "stage2", progress=False)
