@@ -398,6 +398,8 @@ def convert_records(inputs, out_dir: str | os.PathLike, *, min_rating: float | N
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     earlier = _earlier_output(out_dir, overwrite)
+    for stale in out_dir.glob(".converting-*"):  # left by a conversion killed before its cleanup
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=out_dir))
     try:
         shards, problems, stats = _convert_into(files, staging, game_filter, errors,

@@ -3,6 +3,9 @@ against its own text, worker processes (crashes, worker counts), filters and ato
 (reading games, bad records raise or skip, refusals) are in nbs/02_records.ipynb."""
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import cshogi
@@ -238,6 +241,25 @@ def test_raise_on_the_first_of_many_files_leaves_nothing(records_dir, tmp_path):
     with pytest.raises(RecordError, match="a_truncated.csa"):
         convert(folder, tmp_path / "out", workers=1, rows_per_shard=256)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_staging_left_by_a_killed_conversion_is_removed_by_the_next(records_dir, tmp_path):
+    """A conversion SIGKILLed mid-way leaves its hidden staging folder; the next conversion there removes it."""
+    out = tmp_path / "out"
+    script = ("import os, signal, sys\n"
+              "from maou_nb import records\n"
+              "real = records._convert_into\n"
+              "def killed(files, folder, *a):\n"
+              "    result = real(files, folder, *a)\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)  # shards written in staging, not yet moved\n"
+              "records._convert_into = killed\n"
+              "records.convert_records(sys.argv[1], sys.argv[2], workers=1)\n")
+    run = subprocess.run([sys.executable, "-c", script, str(records_dir / "test_data_2.csa"), str(out)])
+    assert run.returncode == -signal.SIGKILL
+    assert [p.name for p in out.iterdir() if p.name.startswith(".converting-")], list(out.iterdir())
+    convert(records_dir / "test_data_2.csa", out)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], list(out.iterdir())
+    assert storage.read_manifest(out)["rows"] > 0
 
 
 def test_failed_overwrite_keeps_the_earlier_conversion(records_dir, tmp_path):
