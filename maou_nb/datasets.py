@@ -30,6 +30,7 @@ def _as_indices(index) -> tuple[np.ndarray, bool]:
         return np.array([int(index)], dtype=np.int64), True
     return np.asarray(index, dtype=np.int64).reshape(-1), False
 
+# %% ../nbs/06_datasets.ipynb #54a63b5a
 class ShardedDataset(Dataset):
     """Rows of several memory-mapped shards seen as one array; subclasses turn records into tensors."""
     kind: str = ""
@@ -108,8 +109,10 @@ def _folder_shards(path, kind: str) -> list[Path]:
     manifest = read_manifest(folder, expect_kind=kind)
     return [folder / s for s in manifest["shards"]]
 
+# %% ../nbs/06_datasets.ipynb #777f0d60
 _BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float32)  # byte -> 8 floats
 
+# %% ../nbs/06_datasets.ipynb #beca87c8
 def unpack_bits(packed: np.ndarray, n: int) -> np.ndarray:
     """float32 (B, n) 0/1 from (B, ceil(n/8)) bytes packed by `np.packbits` (one table lookup)."""
     out = np.take(_BITS, packed, axis=0).reshape(len(packed), -1)  # np.take: several times faster than []
@@ -126,6 +129,7 @@ class Stage1Dataset(ShardedDataset):
         return {"board": records["board"], "hand": records["hand"].astype(np.float32),
                 "reachable": unpack_bits(records["labels"], 81)}
 
+# %% ../nbs/06_datasets.ipynb #62d23062
 class Stage2Dataset(ShardedDataset):
     """Stage 2 data: board, hand and the multi-hot labels of its legal moves (kind "stage2")."""
     kind, dtypes = "stage2", (labelled_dtype(MOVE_LABELS_NUM),)
@@ -139,6 +143,7 @@ class Stage2Dataset(ShardedDataset):
 # %% ../nbs/06_datasets.ipynb #3158a6de
 POLICY_TARGETS = ("frequency", "win_rate", "both")
 
+# %% ../nbs/06_datasets.ipynb #150bf80c
 def _policy_target_name(name: str) -> str:
     """The canonical policy target name (`winrate` is accepted for `win_rate`)."""
     name = {"winrate": "win_rate"}.get(name, name)
@@ -146,12 +151,14 @@ def _policy_target_name(name: str) -> str:
         raise ValueError(f"policy_target={name!r}: must be one of {POLICY_TARGETS}")
     return name
 
+# %% ../nbs/06_datasets.ipynb #3a6912f6
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Concatenation of `arange(s, s + c)` for each (s, c), vectorised."""
     total = int(counts.sum())
     before = np.cumsum(counts) - counts
     return np.repeat(starts - before, counts) + np.arange(total)
 
+# %% ../nbs/06_datasets.ipynb #4375f989
 def policy_weights(moves: np.ndarray, row: np.ndarray, position_count: np.ndarray, n_rows: int,
                    target: str) -> np.ndarray:
     """Target probability of each gathered move record (`row` = its batch row) under `target`."""
@@ -163,6 +170,7 @@ def policy_weights(moves: np.ndarray, row: np.ndarray, position_count: np.ndarra
     rate = np.where(position_count[row] >= 2, rate, freq)
     return rate if target == "win_rate" else 0.5 * (freq + rate)
 
+# %% ../nbs/06_datasets.ipynb #2aa68a83
 class Stage3Dataset(ShardedDataset):
     """Stage 3 data from preprocessed shards: board, hand, policy distribution and value (kind "preprocessed")."""
     kind, dtypes = "preprocessed", (POSITION_DTYPE,)
@@ -259,12 +267,14 @@ class Rows:
         """Shard files of dataset rows (indices into the full dataset)."""
         return list(self.dataset.sources(np.asarray(rows)))
 
+# %% ../nbs/06_datasets.ipynb #a375cfe5
 def split_rows(n: int, test_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (train rows, validation rows); validation gets ceil(test_ratio * n), at least 1."""
     order = np.random.default_rng(seed).permutation(n)
     n_val = min(n - 1, max(1, math.ceil(test_ratio * n))) if n > 1 else 0
     return np.sort(order[n_val:]), np.sort(order[:n_val]) if n_val else order[:0]
 
+# %% ../nbs/06_datasets.ipynb #c36b8c3c
 def stage_datasets(stage: str, path, val_path=None, *, test_ratio: float = 0.1, seed: int = 0,
                    input_format: str | None = None, policy_target: str = "frequency") -> tuple[Rows, Rows]:
     """(train, validation) datasets of one stage: `val_path`'s data, else Stage 1's whole curriculum, else a seeded

@@ -85,7 +85,7 @@ class Bottleneck(nn.Module):
         y = self.bn3(self.conv3(y))
         return F.relu(y + self.shortcut(x))
 
-
+# %% ../nbs/10_model.ipynb #98f8bc7b
 class ResNetBackbone(nn.Module):
     """Stacked bottleneck layers on the 9x9 stem features; `layers` are the freezing groups."""
 
@@ -129,7 +129,7 @@ class SelfAttention(nn.Module):
         y = (attn @ v).transpose(1, 2).reshape(b, t, d)
         return self.proj_drop(self.proj(y))
 
-
+# %% ../nbs/10_model.ipynb #3e9d7dbf
 class TransformerBlock(nn.Module):
     """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
 
@@ -146,7 +146,7 @@ class TransformerBlock(nn.Module):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
-
+# %% ../nbs/10_model.ipynb #0125c702
 class ViTBackbone(nn.Module):
     """Square tokens + learned positions -> pre-LN transformer blocks -> final LayerNorm."""
 
@@ -184,7 +184,7 @@ class MixerBlock(nn.Module):
         x = x + self.token_mlp(self.norm1(x).transpose(1, 2)).transpose(1, 2)
         return x + self.channel_mlp(self.norm2(x))
 
-
+# %% ../nbs/10_model.ipynb #68fe495f
 class MixerBackbone(nn.Module):
     """Square tokens -> Mixer blocks -> final LayerNorm."""
 
@@ -214,7 +214,7 @@ class MeanPool(nn.Module):
         """Pooled features."""
         return x.mean(dim=(2, 3)) if self.layout == "spatial" else x.mean(dim=1)
 
-
+# %% ../nbs/10_model.ipynb #d31f2b5a
 def make_head(name: str, feature_dim: int, legal_hidden: int | None = None, legal_dropout: float = 0.1) -> nn.Module:
     """The head called `name` on features of width `feature_dim`."""
     out = {"policy": MOVE_LABELS_NUM, "value": 1, "reachable": NUM_SQUARES, "legal": MOVE_LABELS_NUM}[name]
@@ -240,31 +240,31 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-
+# %% ../nbs/10_model.ipynb #a1a6c706
 def model_config_keys(name: str) -> list[str]:
     """The config keys `build_model(name, ...)` accepts (besides `preset`)."""
     _check_arch(name)
     return list(PRESETS[name]["default"]) + list(COMMON_DEFAULTS)
 
-
+# %% ../nbs/10_model.ipynb #e17afe74
 def _check_arch(name: str) -> None:
     """Raise a clear error for an unknown architecture name."""
     if name not in PRESETS:
         raise ValueError(f"model name {name!r} is unknown: expected one of {list(PRESETS)}")
 
-
+# %% ../nbs/10_model.ipynb #e5d9e54f
 def _bad(key: str, value: Any, allowed: str) -> ValueError:
     """A ValueError naming the config key, its value and what is allowed."""
     return ValueError(f"model config {key}={value!r} is invalid: expected {allowed}")
 
-
+# %% ../nbs/10_model.ipynb #85b4f6de
 def _check_int(cfg: dict, key: str, low: int = 1) -> None:
     """Config value must be an int >= low."""
     v = cfg[key]
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
         raise _bad(key, v, f"an integer >= {low}")
 
-
+# %% ../nbs/10_model.ipynb #114331eb
 def _check_float(cfg: dict, key: str, low: float, high: float, low_open: bool = False) -> None:
     """Config value must be a number in [low, high) (or (low, high) with low_open)."""
     v = cfg[key]
@@ -272,7 +272,7 @@ def _check_float(cfg: dict, key: str, low: float, high: float, low_open: bool = 
     if not ok:
         raise _bad(key, v, f"a number in {'(' if low_open else '['}{low}, {high})")
 
-
+# %% ../nbs/10_model.ipynb #0c10017a
 def _check_int_list(cfg: dict, key: str, length: int | None, low: int = 1) -> None:
     """Config value must be a non-empty list of ints >= low (of the given length)."""
     v = cfg[key]
@@ -280,7 +280,7 @@ def _check_int_list(cfg: dict, key: str, length: int | None, low: int = 1) -> No
     if not ok or (length is not None and len(v) != length):
         raise _bad(key, v, f"a non-empty list of integers >= {low}" + (f" with {length} entries (one per layer)" if length else ""))
 
-
+# %% ../nbs/10_model.ipynb #68bfbd29
 def _validate(name: str, cfg: dict) -> None:
     """Check every value of a resolved config; raise naming the key, the value and what is allowed."""
     heads = cfg["heads"]
@@ -307,7 +307,7 @@ def _validate(name: str, cfg: dict) -> None:
             _check_int(cfg, key)
         _check_float(cfg, "mixer_dropout", 0.0, 1.0)
 
-
+# %% ../nbs/10_model.ipynb #d86bb8f8
 def resolve_config(name: str, preset: str | None = "default", **config: Any) -> dict[str, Any]:
     """Full, validated, JSON-able config for architecture `name`: preset values overridden by `config`."""
     _check_arch(name)
@@ -361,7 +361,7 @@ class ShogiNet(nn.Module):
         feats = self.features(board, hand)
         return {name: head(feats) for name, head in self.heads.items()}
 
-
+# %% ../nbs/10_model.ipynb #36e4619c
 def _check_inputs(board: torch.Tensor, hand: torch.Tensor) -> None:
     """Clear errors for inputs of the wrong shape or dtype."""
     if board.dim() != 3 or tuple(board.shape[1:]) != (9, 9) or board.is_floating_point():
@@ -369,7 +369,7 @@ def _check_inputs(board: torch.Tensor, hand: torch.Tensor) -> None:
     if hand.dim() != 2 or hand.shape[1] != HAND_SIZE or hand.shape[0] != board.shape[0]:
         raise ValueError(f"hand must have shape (B, 14) with B={board.shape[0]} like board, got {tuple(hand.shape)}")
 
-
+# %% ../nbs/10_model.ipynb #ad2b6624
 def build_model(name: str, **config: Any) -> ShogiNet:
     """Build the network `name` ("resnet", "vit", "mlp-mixer") from a preset and config overrides."""
     return ShogiNet(name, resolve_config(name, **config))
@@ -381,12 +381,12 @@ def _numel(module: nn.Module | None, trainable_only: bool = False) -> int:
         return 0
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
-
+# %% ../nbs/10_model.ipynb #44d4cd87
 def unwrap_model(model: nn.Module) -> ShogiNet:
     """The ShogiNet inside a torch.compile wrapper (or the model itself)."""
     return getattr(model, "_orig_mod", model)
 
-
+# %% ../nbs/10_model.ipynb #402b5611
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Parameter counts per part, plus "reference" (stem+backbone+policy+value), "total" and "trainable"."""
     m = unwrap_model(model)
@@ -397,7 +397,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     counts["trainable"] = _numel(m, trainable_only=True)
     return counts
 
-
+# %% ../nbs/10_model.ipynb #05b15157
 def model_summary(model: nn.Module) -> str:
     """A readable table: architecture, config, and total / trainable parameters per part."""
     m = unwrap_model(model)
@@ -436,7 +436,7 @@ def apply_freezing(model: nn.Module, freeze_backbone: bool = False, trainable_la
 # %% ../nbs/10_model.ipynb #67fc863e
 PARTS = ("backbone",) + HEAD_NAMES
 
-
+# %% ../nbs/10_model.ipynb #3936fe31
 def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     """Strip torch.compile's `_orig_mod.` (and an EMA wrapper's leading `module.` / `n_averaged`) from keys."""
     cleaned = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items() if k != "n_averaged"}
@@ -444,7 +444,7 @@ def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
         cleaned = {k[len("module."):]: v for k, v in cleaned.items()}
     return cleaned
 
-
+# %% ../nbs/10_model.ipynb #5aac335c
 def _part_prefixes(model: ShogiNet, part: str) -> tuple[str, ...]:
     """Key prefixes of a part of the model."""
     if part == "backbone":
@@ -455,19 +455,19 @@ def _part_prefixes(model: ShogiNet, part: str) -> tuple[str, ...]:
         return (f"heads.{part}.",)
     raise ValueError(f"part={part!r} is unknown: expected one of {list(PARTS)}")
 
-
+# %% ../nbs/10_model.ipynb #1a34c0fd
 def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state dict, free of torch.compile prefixes."""
     return clean_state_dict(unwrap_model(model).state_dict())
 
-
+# %% ../nbs/10_model.ipynb #07751710
 def part_state_dict(model: nn.Module, part: str) -> dict[str, torch.Tensor]:
     """State dict of one part ("backbone", "policy", "value", "reachable", "legal") with full key names."""
     m = unwrap_model(model)
     prefixes = _part_prefixes(m, part)
     return {k: v for k, v in model_state_dict(m).items() if k.startswith(prefixes)}
 
-
+# %% ../nbs/10_model.ipynb #8e78b2da
 def load_part_state_dict(model: nn.Module, part: str, state_dict: dict[str, Any]) -> None:
     """Load one part from a part or whole-model state dict; clear errors for missing keys or shape mismatches."""
     m = unwrap_model(model)
@@ -491,7 +491,7 @@ def checkpoint_payload(model: nn.Module, ema_model: nn.Module | None = None, **e
     return {"arch": m.arch, "model_config": copy.deepcopy(m.config), "model": model_state_dict(m),
             "ema": None if ema is None else model_state_dict(ema), **extra}
 
-
+# %% ../nbs/10_model.ipynb #cc411e32
 def model_from_payload(payload: dict[str, Any], *, ema: bool = False, source: str = "checkpoint") -> ShogiNet:
     """Rebuild a model from a checkpoint payload (eval mode); `source` names the file in errors."""
     for key in ("arch", "model_config", "model"):
@@ -510,7 +510,7 @@ def model_from_payload(payload: dict[str, Any], *, ema: bool = False, source: st
     model.load_state_dict(state)
     return model.eval()
 
-
+# %% ../nbs/10_model.ipynb #0dba9b76
 def load_model(path: str | Path, *, ema: bool = False, map_location: str | torch.device = "cpu") -> ShogiNet:
     """Rebuild a model (eval mode) from a checkpoint file saved with `maou_nb.storage.save_checkpoint`."""
     return model_from_payload(load_checkpoint(path, map_location=map_location), ema=ema, source=str(path)).to(map_location)
@@ -518,7 +518,7 @@ def load_model(path: str | Path, *, ema: bool = False, map_location: str | torch
 # %% ../nbs/10_model.ipynb #dccef23c
 STAGE_HEADS = {"1": ("reachable",), "2": ("legal",), "3": ("policy", "value")}
 
-
+# %% ../nbs/10_model.ipynb #930cd3c9
 def build_train_model(arch: str, stages: list[str], model_config: dict | None = None,
                       preset: str | None = None) -> ShogiNet:
     """A fresh model with the heads of the training `stages` (and Stage 3's policy and value always)."""
@@ -528,7 +528,7 @@ def build_train_model(arch: str, stages: list[str], model_config: dict | None = 
         config["preset"] = preset
     return build_model(arch, heads=heads, **config)
 
-
+# %% ../nbs/10_model.ipynb #088a7e54
 def load_parts(model: nn.Module, sources: dict[str, str | Path]) -> list[str]:
     """Load each part named in `sources` (backbone, policy, value, reachable, legal) from its checkpoint file."""
     for part, path in sources.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -28,10 +29,12 @@ import torch.nn.functional as F
 
 from . import __version__
 from .datasets import make_loader, stage_datasets
-from .model import apply_freezing, build_model, build_train_model, checkpoint_payload, clean_state_dict, load_parts
+from .model import (
+    apply_freezing, build_model, build_train_model, checkpoint_payload, clean_state_dict, load_parts, resolve_config)
+from .settings import _duration, progress, progress_form, resolve_device, setting
 from .storage import (
-    ParamError, Rule, ShardError, atomic_path, check_params, disk_error, load_checkpoint, read_manifest, remove_stale_temps,
-    save_checkpoint, write_json)
+    ParamError, Rule, ShardError, atomic_path, check_params, disk_error, list_shards, load_checkpoint, load_hcpe, read_manifest,
+    read_yaml, remove_stale_temps, save_checkpoint, write_json)
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'MODEL_NAMES', 'DATA_KIND', 'PART_KEYS', 'NORM_TYPES', 'knob', 'check_fields', 'ConfigError',
@@ -47,6 +50,7 @@ def knob(default, **rule):
     """A config field's default with its rule beside it: `storage.Rule`'s bounds or choices (`min=1`, `choices=...`)."""
     return field(default=default, metadata={"rule": rule})
 
+# %% ../nbs/11_train.ipynb #14baf482
 def check_fields(obj, error: type[Exception] = ParamError) -> None:
     """Check every field of a config dataclass that has a rule (`knob`); its kind comes from the field's type
     (`X | None`: null allowed). Raises `error` naming the field, its value and what is allowed."""
@@ -65,9 +69,11 @@ def check_fields(obj, error: type[Exception] = ParamError) -> None:
 class ConfigError(ParamError):
     """A training parameter is unknown, mistyped, out of range, or points at missing or wrong data."""
 
+# %% ../nbs/11_train.ipynb #cca308b4
 SCHEDULERS = ("Warmup+CosineDecay", "CosineAnnealingLR")
 MODEL_NAMES = ("resnet", "vit", "mlp-mixer")
 
+# %% ../nbs/11_train.ipynb #c3d3b5c4
 @dataclass
 class TrainConfig:
     """Every knob of a training run; `TrainConfig.from_dict(...)` / `from_yaml(...)` check them all."""
@@ -168,7 +174,6 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, *, check_files: bool = True) -> TrainConfig:
         """A checked config from a YAML file."""
-        from maou_nb.storage import read_yaml
         path = Path(path)
         try:
             params = read_yaml(path)
@@ -202,11 +207,12 @@ def scheduler_name(name: str) -> str:
     raise ConfigError(f"lr_scheduler={name!r}: unknown scheduler. Allowed: {list(SCHEDULERS)} "
                       "(any case; snake_case such as 'warmup_cosine_decay' also works)")
 
+# %% ../nbs/11_train.ipynb #278e1a89
 def _closest(name: str, known) -> str | None:
-    import difflib
     hits = difflib.get_close_matches(name, sorted(known), n=1)
     return hits[0] if hits else None
 
+# %% ../nbs/11_train.ipynb #eff201c5
 def _check_type(name: str, value, hint) -> Any:
     """`value` converted to the annotated type, or a ConfigError naming key, value and type."""
     args = typing.get_args(hint) or (hint,)
@@ -229,9 +235,11 @@ def _check_type(name: str, value, hint) -> Any:
             return dict(value)
     raise ConfigError(f"{name}={value!r}: wrong type {type(value).__name__}; expected {_type_text(args)}")
 
+# %% ../nbs/11_train.ipynb #3d0c352b
 def _type_text(args) -> str:
     return " or ".join("null" if t is type(None) else t.__name__ for t in args)
 
+# %% ../nbs/11_train.ipynb #6f259099
 def check_config(config: TrainConfig) -> None:
     """Check types, choices and ranges of every field (no file access); normalise spellings in place."""
     hints = typing.get_type_hints(TrainConfig)
@@ -261,9 +269,9 @@ def check_config(config: TrainConfig) -> None:
             raise ConfigError(f"tensorboard_histogram_module={config.tensorboard_histogram_module!r}: "
                               f"not a valid regular expression ({e})") from None
 
+# %% ../nbs/11_train.ipynb #e8187385
 def check_model_config(config: TrainConfig) -> None:
     """Check `model`, `preset`, `model_config` and the freezing knobs against the model's own rules (no tensors built)."""
-    from maou_nb.model import resolve_config
     try:
         resolved = resolve_config(config.model, preset=config.preset or "default", **config.model_config)
     except (ValueError, TypeError) as e:
@@ -280,10 +288,10 @@ def check_model_config(config: TrainConfig) -> None:
 # %% ../nbs/11_train.ipynb #37dcdab8
 DATA_KIND = {"1": "stage1", "2": "stage2"}
 
+# %% ../nbs/11_train.ipynb #47ea2ddd
 def _check_data_folder(key: str, path: str, kind: str) -> None:
     p = Path(path)
     if kind == "hcpe" and (p.is_file() or (p.is_dir() and not (p / "manifest.json").is_file())):
-        from maou_nb.storage import list_shards, load_hcpe
         try:
             for shard in list_shards(p):  # HCPE files from anywhere (records, other tools) need no manifest
                 load_hcpe(shard)
@@ -298,6 +306,7 @@ def _check_data_folder(key: str, path: str, kind: str) -> None:
     except ShardError as e:
         raise ConfigError(f"{key}={path!r}: {e}") from None
 
+# %% ../nbs/11_train.ipynb #3128f931
 def check_files_exist(config: TrainConfig) -> None:
     """Check the data folders of the stages that will run and every resume file, before any compute."""
     for stage in config.stages():
@@ -314,10 +323,12 @@ def check_files_exist(config: TrainConfig) -> None:
         if path is not None and resolve_checkpoint(path) is None:
             raise ConfigError(f"{key}={path!r}: no such checkpoint file (or run folder with checkpoints/last.pt)")
 
+# %% ../nbs/11_train.ipynb #4dd380db
 PART_KEYS = {"backbone": "resume_backbone_from", "policy": "resume_policy_head_from",
              "value": "resume_value_head_from", "reachable": "resume_reachable_head_from",
              "legal": "resume_legal_moves_head_from"}
 
+# %% ../nbs/11_train.ipynb #4631bce0
 def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
     """A checkpoint file: `path` itself, or `<path>/checkpoints/last.pt` for a run folder; None if neither."""
     p = Path(path)
@@ -343,6 +354,7 @@ def multilabel_loss(logits: torch.Tensor, target: torch.Tensor, *, pos_weight: f
     neg = (1 - target) * log_not_p * p_neg.pow(gamma_neg)
     return -(pos + neg).mean()
 
+# %% ../nbs/11_train.ipynb #a9cafea8
 def policy_loss_rows(logits: torch.Tensor, target: torch.Tensor, q: float = 0.0) -> torch.Tensor:
     """Per-row policy loss against a soft target: cross-entropy (q=0) or generalised cross-entropy."""
     total = target.sum(1, keepdim=True)
@@ -352,6 +364,7 @@ def policy_loss_rows(logits: torch.Tensor, target: torch.Tensor, q: float = 0.0)
         return -(target * log_p).sum(1)
     return (target * -torch.expm1(q * log_p) / q).sum(1)   # (1 - p^q) / q, stable as q -> 0
 
+# %% ../nbs/11_train.ipynb #f473547b
 def multilabel_metrics(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> dict:
     """(sum, count) of loss, element-wise accuracy, exact-match rate and per-position F1."""
     pred, truth = logits > 0, target > 0.5
@@ -362,6 +375,7 @@ def multilabel_metrics(logits: torch.Tensor, target: torch.Tensor, loss: torch.T
     return {"loss": (loss.item() * rows, rows), "accuracy": ((pred == truth).sum().item(), pred.numel()),
             "exact": ((wrong == 0).sum().item(), rows), "f1": (f1.sum().item(), rows)}
 
+# %% ../nbs/11_train.ipynb #95425ce1
 def stage3_losses(out: dict, batch: dict, q: float, policy_ratio: float, value_ratio: float) -> dict:
     """Policy, value and total loss of one batch (tensors)."""
     target = batch["policy"]
@@ -370,6 +384,7 @@ def stage3_losses(out: dict, batch: dict, q: float, policy_ratio: float, value_r
     value = F.binary_cross_entropy_with_logits(out["value"].float().reshape(-1), batch["value"].float())
     return {"loss": policy_ratio * policy + value_ratio * value, "policy_loss": policy, "value_loss": value}
 
+# %% ../nbs/11_train.ipynb #a32c8340
 def stage3_metrics(out: dict, batch: dict, losses: dict) -> dict:
     """(sum, count) of losses, top-1/top-5 against the target's best move, value accuracy and Brier score."""
     target, value = batch["policy"], batch["value"].float()
@@ -389,6 +404,7 @@ def stage3_metrics(out: dict, batch: dict, losses: dict) -> dict:
             "value_accuracy": (agree.sum().item(), int(decisive.sum())),
             "brier": (((prob - value) ** 2).sum().item(), rows)}
 
+# %% ../nbs/11_train.ipynb #0566e68f
 def summarise(sums: dict) -> dict:
     """Metric values from accumulated (sum, count) pairs."""
     return {k: (s / n if n else float("nan")) for k, (s, n) in sums.items()}
@@ -412,6 +428,7 @@ class StageSpec:
         """Whether validation `metrics` meet the threshold (never without a threshold or before any validation)."""
         return self.threshold is not None and bool(metrics) and self.gate(metrics) >= self.threshold
 
+# %% ../nbs/11_train.ipynb #382f6983
 def stage_spec(stage: str, config: TrainConfig) -> StageSpec:
     """The spec of stage "1", "2" or "3" under `config`."""
     c = config
@@ -432,21 +449,25 @@ def stage_spec(stage: str, config: TrainConfig) -> StageSpec:
                      threshold=c.stage1_threshold if stage == "1" else c.stage2_threshold,
                      max_epochs=c.stage1_max_epochs if stage == "1" else c.stage2_max_epochs)
 
+# %% ../nbs/11_train.ipynb #eabe70e1
 def stage_gate(stage: str, stage_metric: str) -> tuple[Callable[[dict], float], str]:
     """The function that turns validation metrics into the gated value, and its name."""
     if stage_metric == "accuracy" and stage == "2":
         return (lambda m: min(m["accuracy"], m["f1"])), "min(accuracy, f1)"
     return (lambda m: m[stage_metric]), stage_metric
 
+# %% ../nbs/11_train.ipynb #84c7e1c3
 class StageThresholdError(RuntimeError):
     """A stage ended its epoch cap without reaching its threshold."""
 
+# %% ../nbs/11_train.ipynb #348c7091
 class NonFiniteLossError(FloatingPointError):
     """A training loss was NaN or infinite; the message names the step, the shard and the last good checkpoint."""
 
 # %% ../nbs/11_train.ipynb #73056901
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
+# %% ../nbs/11_train.ipynb #49e19eff
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters split into a decayed group (>= 2-d, not norms) and a non-decayed one."""
     norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
@@ -456,6 +477,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             (decay if p.ndim >= 2 and id(p) not in norm_params else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+# %% ../nbs/11_train.ipynb #672eb66b
 def make_optimizer(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
     """AdamW or SGD over the trainable parameters."""
     groups = param_groups(model, c.weight_decay)
@@ -463,6 +485,7 @@ def make_optimizer(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.SGD(groups, lr=c.learning_rate, momentum=c.momentum)
     return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.optimizer_beta1, c.optimizer_beta2), eps=c.optimizer_eps)
 
+# %% ../nbs/11_train.ipynb #9b286b8e
 def make_scheduler(optimizer, name: str, steps_per_epoch: int, total_steps: int):
     """The learning-rate schedule `name` (any spelling) over `total_steps` optimiser steps."""
     name = scheduler_name(name)
@@ -476,6 +499,7 @@ def make_scheduler(optimizer, name: str, steps_per_epoch: int, total_steps: int)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
+# %% ../nbs/11_train.ipynb #1e1934d6
 class EMA:
     """An exponential moving average of a model's weights (buffers copied)."""
     def __init__(self, model: nn.Module, decay: float):
@@ -498,6 +522,7 @@ def rng_state() -> dict:
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
+# %% ../nbs/11_train.ipynb #68a91676
 def set_rng_state(state: dict) -> None:
     """Restore the RNG states saved by `rng_state`."""
     version, internal, gauss = state["python"]
@@ -508,6 +533,7 @@ def set_rng_state(state: dict) -> None:
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
+# %% ../nbs/11_train.ipynb #615f20e7
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch."""
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
@@ -557,7 +583,6 @@ class RunLog:
 
     def _echo(self, kind: str, info: dict, eta_s: float | None) -> None:
         """Print the record's line: every validation; a train line at most every `echo_every_s` per stage."""
-        from maou_nb.settings import progress_form
         if self.echo is None or progress_form(True) == "off":
             return
         stage, now = info.get("stage"), time.time()
@@ -570,7 +595,6 @@ class RunLog:
     @staticmethod
     def line(kind: str, info: dict, eta_s: float | None = None) -> str:
         """One record as a short line: `stage 1 epoch 0 step 20: loss 0.41, 1830 samples/s, ETA 1m05s`."""
-        from maou_nb.settings import _duration
         head = f"stage {info.get('stage')} epoch {info.get('epoch')} step {info.get('step')}"
         if kind == "train":
             parts = [f"loss {info['loss']:.4g}"] if isinstance(info.get("loss"), float) else []
@@ -644,7 +668,7 @@ class StageTrainer:
         state = torch.get_rng_state()
         batches = iter(self.loader)
         torch.set_rng_state(state)
-        from maou_nb.settings import progress  # a live bar; in batch runs RunLog's lines are the record (text=False)
+        # a live bar; in batch runs RunLog's lines are the record (text=False)
         bar = progress(batches, total=self.batches_per_epoch, initial=self.batch, leave=False, unit="batch",
                        desc=f"stage {self.spec.stage} epoch {epoch}", show=self.progress, text=False)
         for batch in bar:
@@ -741,6 +765,7 @@ class StageTrainer:
             self.metrics = self.evaluate()
         set_rng_state(payload["rng"])
 
+# %% ../nbs/11_train.ipynb #4bbd2872
 def position_sampler(sampler, epoch: int, start_batch: int) -> None:
     """Point the epoch sampler at batch `start_batch` of epoch `epoch`."""
     sampler.set_epoch(epoch, start_batch)
@@ -779,6 +804,7 @@ def run_token(c: TrainConfig) -> str:
     params = {k: v for k, v in c.to_dict().items() if k not in ("resume_from", "max_steps")}
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+# %% ../nbs/11_train.ipynb #646e6be1
 class TrainRun:
     """A training run's folder, counters, logging and checkpointing."""
     def __init__(self, out_dir: Path, c: TrainConfig, callback: Callable[[dict], None] | None = None):
@@ -852,6 +878,7 @@ def progress_of(payload: dict) -> tuple:
     """Where a checkpoint stands in its run (global step, stages completed, epoch): later compares greater."""
     return (payload.get("global_step", 0), len(payload.get("completed_stages", [])), payload.get("epoch", 0))
 
+# %% ../nbs/11_train.ipynb #c1572f97
 def resume_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
     """(path, payload) to resume from: the checkpoint `path` names, except that a run's `last.pt` yields to a
     later `stage<N>.pt` of the same run beside it (a kill between writing `stage<N>.pt` and `last.pt`)."""
@@ -871,7 +898,6 @@ def resume_checkpoint(path: str | os.PathLike) -> tuple[Path, dict]:
             path, payload = sibling, other
     return path, payload
 
-
 # %% ../nbs/11_train.ipynb #18db9586
 @dataclass
 class TrainResult:
@@ -886,6 +912,7 @@ class TrainResult:
         """JSON-able summary."""
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
+# %% ../nbs/11_train.ipynb #1c8087c4
 def as_config(config: TrainConfig | dict | str | os.PathLike) -> TrainConfig:
     """A checked TrainConfig from a config, a dict or a YAML path (files checked too)."""
     if isinstance(config, TrainConfig):
@@ -896,6 +923,7 @@ def as_config(config: TrainConfig | dict | str | os.PathLike) -> TrainConfig:
         return TrainConfig.from_dict(config)
     return TrainConfig.from_yaml(config)
 
+# %% ../nbs/11_train.ipynb #df8de4e6
 def stage_trainer(stage: str, c: TrainConfig, model: nn.Module, log: RunLog, device: str, progress: bool) -> StageTrainer:
     """A stage's trainer: the freezing knobs where they apply (with stage "all", Stage 3 only: Stages 1 and 2 train
     the whole backbone), the stage's data, a fresh optimiser and schedule."""
@@ -907,10 +935,10 @@ def stage_trainer(stage: str, c: TrainConfig, model: nn.Module, log: RunLog, dev
                           test_ratio=c.test_ratio, seed=c.seed, input_format=c.input_format, policy_target=c.policy_target)
     return StageTrainer(stage_spec(stage, c), model, c, log, device, data, progress)
 
+# %% ../nbs/11_train.ipynb #bb7e1239
 def train(config: TrainConfig | dict | str | os.PathLike, *, progress: bool = True,
           callback: Callable[[dict], None] | None = None) -> TrainResult:
     """Train the stages of `config` (all parameters and files checked first); `callback(info)` after each step."""
-    from maou_nb.settings import resolve_device, setting
     c = as_config(config)
     device = resolve_device(c.device)
     out_dir = Path(c.out_dir) if c.out_dir else Path(setting("runs_root")) / "train"
