@@ -40,7 +40,7 @@ def wilson_interval(score: float, n: int, z: float = Z95) -> tuple[float, float]
     half = z / (1 + z * z / n) * math.sqrt(score * (1 - score) / n + z * z / (4 * n * n))
     return max(0.0, centre - half), min(1.0, centre + half)
 
-
+# %% ../nbs/31_arena.ipynb #5b554c4c
 def elo_from_score(score: float) -> float:
     "Elo difference that predicts the expected `score` (±inf at 0 and 1)."
     if score <= 0:
@@ -49,7 +49,7 @@ def elo_from_score(score: float) -> float:
         return math.inf
     return 400.0 * math.log10(score / (1 - score))
 
-
+# %% ../nbs/31_arena.ipynb #8c038707
 def verdict(low: float, high: float) -> str:
     "'stronger' / 'weaker' when the interval excludes 50%, else 'not significant'."
     if low > 0.5:
@@ -74,7 +74,7 @@ def random_openings(n: int, plies: int = 4, seed: int = 0) -> list[str]:
             break
     return out
 
-
+# %% ../nbs/31_arena.ipynb #5c8d1c74
 def record_openings(paths: Iterable[str | Path], plies: int = 16) -> list[str]:
     "SFENs after the first `plies` moves of each game in CSA/KIF records (shorter games skipped)."
     from cshogi import CSA, KIF
@@ -152,12 +152,12 @@ class MatchResult:
                 f"Elo {s['elo']} [{s['elo_low']}, {s['elo_high']}] ({s['verdict']}), "
                 f"{s['avg_plies']} plies/game")
 
-
+# %% ../nbs/31_arena.ipynb #1f72163d
 def _safe_name(name: str) -> str:
     "A file-name-safe version of a player name."
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40] or "player"
 
-
+# %% ../nbs/31_arena.ipynb #c1e714be
 def save_games(result: MatchResult, out_dir: str | Path) -> list[Path]:
     "Write each game of `result` as CSA plus `match.json` into `out_dir` (atomic writes)."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ def save_games(result: MatchResult, out_dir: str | Path) -> list[Path]:
     write_json(out_dir / "match.json", {**result.summary(), "files": [p.name for p in paths]})
     return paths
 
-
+# %% ../nbs/31_arena.ipynb #41d00f5f
 def play_match(player_a, player_b, games: int = 10, *, openings: Sequence[str] | None = None,
                max_moves: int = 256, seed: int = 0, out_dir: str | Path | None = None,
                progress: bool | None = False) -> MatchResult:
@@ -222,7 +222,7 @@ def evaluate(model, opponents: Sequence = ("random", "baseline"), games: int = 1
         write_json(Path(out_dir) / "evaluation.json", {"rows": rows})
     return rows
 
-
+# %% ../nbs/31_arena.ipynb #028150e6
 def format_table(rows: Sequence[dict]) -> str:
     "The evaluation rows as a plain-text table."
     head = f"{'opponent':<24}{'games':>6}{'W':>5}{'D':>5}{'L':>5}{'score':>8}  {'95% interval':<16}{'Elo':>8}  verdict"
@@ -234,7 +234,7 @@ def format_table(rows: Sequence[dict]) -> str:
                      + f"{elo:>8}  {r['verdict']}")
     return "\n".join(lines)
 
-
+# %% ../nbs/31_arena.ipynb #dcb3f593
 def plot_evaluation(rows: Sequence[dict], ax=None):
     "Bar chart of the score against each opponent with its 95% interval and the 50% line."
     import matplotlib.pyplot as plt
@@ -259,7 +259,7 @@ def find_engine(name: str = "fairy-stockfish") -> str | None:
         found = str(Path("/usr/games", name))
     return found
 
-
+# %% ../nbs/31_arena.ipynb #1dd409a6
 def place_on_ladder(model, engine: str | None = None, levels: Sequence[int] = (-20, -15, -10, -5, 0, 5, 10),
                     *, option: str = "Skill Level", games: int = 20, byoyomi: int = 100,
                     stop_early: bool = True, seed: int = 0, max_moves: int = 256, simulations: int = 0,
@@ -313,6 +313,7 @@ def _spec_problem(spec) -> str | None:
             return str(e)
     return None
 
+# %% ../nbs/31_arena.ipynb #7bc4266c
 def check_evaluate_params(params: dict, *, check_files: bool = True) -> dict:
     """Check the evaluate step's parameters, and that its opponents (and, with `check_files`, the model) exist."""
     check_params(params, EVALUATE_RULES, "evaluate")

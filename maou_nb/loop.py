@@ -23,7 +23,7 @@ from .preprocess import preprocess
 from .settings import setting
 from .storage import (game_id, load_checkpoint, read_json, remove_stale_temps, save_hcpe, sha256_file,
                              write_json, write_manifest)
-from .train import TrainConfig, train
+from .train import TrainConfig, check_fields, knob, train
 
 # %% auto #0
 __all__ = ['DEFAULT_THRESHOLDS', 'LoopParams', 'default_registry_path', 'load_registry', 'save_registry', 'registry_entry',
@@ -31,8 +31,6 @@ __all__ = ['DEFAULT_THRESHOLDS', 'LoopParams', 'default_registry_path', 'load_re
            'self_play', 'train_candidate', 'run_iteration', 'registry_best_path', 'recorded_iteration', 'run']
 
 # %% ../nbs/33_loop.ipynb #480900ac
-from .train import check_fields, knob
-
 @dataclass
 class LoopParams:
     "Every knob of a self-improvement run."
@@ -87,7 +85,7 @@ def default_registry_path() -> Path:
     "models_root/registry.json (from settings)."
     return Path(setting("models_root")) / "registry.json"
 
-
+# %% ../nbs/33_loop.ipynb #d3d3affb
 def load_registry(path: str | Path | None = None) -> dict:
     "The registry at `path` (an empty one if the file does not exist yet)."
     path = Path(path) if path else default_registry_path()
@@ -99,14 +97,14 @@ def load_registry(path: str | Path | None = None) -> dict:
                          "move it away and let gauntlet() create a new one")
     return reg
 
-
+# %% ../nbs/33_loop.ipynb #e5a5fa06
 def save_registry(reg: dict, path: str | Path | None = None) -> Path:
     "Write the registry atomically."
     path = Path(path) if path else default_registry_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_json(path, reg)
 
-
+# %% ../nbs/33_loop.ipynb #a281f25d
 def registry_entry(reg: dict, model_id: str) -> dict:
     "The entry of `model_id`."
     for entry in reg["models"]:
@@ -114,7 +112,7 @@ def registry_entry(reg: dict, model_id: str) -> dict:
             return entry
     raise KeyError(f"model {model_id} is not in the registry")
 
-
+# %% ../nbs/33_loop.ipynb #012a8cb0
 def model_metadata(path: str | Path) -> dict:
     "Architecture (and training run when recorded) of a checkpoint or of an ONNX file's sidecar."
     path = Path(path)
@@ -127,7 +125,7 @@ def model_metadata(path: str | Path) -> dict:
     except Exception:
         return {"arch": None, "run": None}
 
-
+# %% ../nbs/33_loop.ipynb #40e0fcfc
 def register_model(reg: dict, path: str | Path, *, run: str | None = None, parent: str | None = None,
                    arch: str | None = None) -> dict:
     "Add a model file to `reg` as a candidate (or return its entry if the same bytes are registered)."
@@ -146,7 +144,7 @@ def register_model(reg: dict, path: str | Path, *, run: str | None = None, paren
     reg["models"].append(entry)
     return entry
 
-
+# %% ../nbs/33_loop.ipynb #b5bf52bb
 def gauntlet(candidate: str | Path, *, registry: str | Path | None = None, games: int = 100,
              thresholds: dict | None = None, require_interval: bool = True, fairy_level: int | None = -20,
              simulations: int = 0, onnx: bool = False, run: str | None = None,
@@ -201,7 +199,7 @@ def gauntlet(candidate: str | Path, *, registry: str | Path | None = None, games
     save_registry(reg, reg_path)
     return {"id": entry["id"], "promoted": promoted, "best": reg["best"], "rows": rows}
 
-
+# %% ../nbs/33_loop.ipynb #1d70fe03
 def fit_ratings(matches: Sequence[dict], anchor: str = "baseline", iterations: int = 500) -> dict[str, float]:
     "Elo ratings fitted to match records {a, b, wins, draws, losses} (Bradley–Terry, draws as half wins)."
     players = sorted({m["a"] for m in matches} | {m["b"] for m in matches})
@@ -224,7 +222,7 @@ def fit_ratings(matches: Sequence[dict], anchor: str = "baseline", iterations: i
     elo -= elo[idx[anchor]] if anchor in idx else elo.mean()
     return {p: float(e) for p, e in zip(players, elo)}
 
-
+# %% ../nbs/33_loop.ipynb #3d8275ec
 def rating_table(reg: dict) -> list[dict]:
     "Elo of every player in the registry's recorded games, highest first, with status and games played."
     ratings = fit_ratings(reg["matches"])
@@ -237,7 +235,7 @@ def rating_table(reg: dict) -> list[dict]:
             for p, e in ratings.items()]
     return sorted(rows, key=lambda r: -r["elo"])
 
-
+# %% ../nbs/33_loop.ipynb #1dab4a78
 def plot_ratings(rows: Sequence[dict], ax=None):
     "Horizontal bar chart of a rating table."
     import matplotlib.pyplot as plt
@@ -255,7 +253,7 @@ def use_onnx(p: LoopParams) -> bool:
     "Whether the players evaluate ONNX twins of the checkpoints (asked for, and the players run on a CPU)."
     return p.onnx and p.device == "cpu"
 
-
+# %% ../nbs/33_loop.ipynb #3bc95e0d
 def self_play(model: str, out_dir: Path, hcpe_dir: Path, p: LoopParams, seed: int) -> dict:
     """The best model plays itself (sampled first plies, then greedy): CSA games in `out_dir`, and their
     positions straight from the game records as an HCPE shard in `hcpe_dir` (one game id per CSA file)."""
@@ -274,7 +272,7 @@ def self_play(model: str, out_dir: Path, hcpe_dir: Path, p: LoopParams, seed: in
     write_manifest(hcpe_dir, "hcpe", [shard], rows=len(ids), games=len(rows), source="loop self-play")
     return result.summary()
 
-
+# %% ../nbs/33_loop.ipynb #b4c3a418
 def train_candidate(best: str, data_dir: Path, out_dir: Path, p: LoopParams, seed: int) -> Path:
     "Continue Stage 3 training from the best checkpoint's weights on `data_dir`; the candidate checkpoint."
     payload = load_checkpoint(best)
@@ -289,7 +287,7 @@ def train_candidate(best: str, data_dir: Path, out_dir: Path, p: LoopParams, see
         raise RuntimeError(f"training in {out_dir} wrote no checkpoint; see {out_dir}/metrics.jsonl")
     return Path(candidate)
 
-
+# %% ../nbs/33_loop.ipynb #6e9cf144
 def run_iteration(i: int, best: str, root: Path, p: LoopParams) -> dict:
     "Self-play (to HCPE), preprocess the window, train, gauntlet: the iteration's summary."
     it = root / f"iter_{i:03d}"
@@ -319,7 +317,7 @@ def registry_best_path(root: Path) -> str | None:
             return entry["path"]
     return None
 
-
+# %% ../nbs/33_loop.ipynb #67f44abb
 def recorded_iteration(root: Path, i: int) -> dict | None:
     "Iteration `i`'s summary rebuilt from the registry when its gauntlet was recorded but its done.json was not."
     reg = load_registry(root / "registry.json")
@@ -335,7 +333,7 @@ def recorded_iteration(root: Path, i: int) -> dict | None:
                     "seconds": None, "recovered": "from registry.json (killed before done.json)"}
     return None
 
-
+# %% ../nbs/33_loop.ipynb #06833d86
 def run(params, *, progress: bool | None = None) -> list[dict]:
     "Run (or resume) the self-improvement loop; one summary per iteration."
     p = LoopParams.load(params)

@@ -47,7 +47,7 @@ class Player:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
-
+# %% ../nbs/30_players.ipynb #8396f2a5
 class RandomPlayer(Player):
     "Plays a uniformly random legal move."
     name = "random"
@@ -95,12 +95,12 @@ def mate_in_one(board: cshogi.Board) -> int:
     mate = board.mate_move_in_1ply()
     return mate if mate and board.is_legal(mate) else 0
 
-
+# %% ../nbs/30_players.ipynb #077b25b7
 def mate_in_one_or(board: cshogi.Board, move: int) -> int:
     "A legal mate in one of `board` if cshogi finds one, else `move`."
     return mate_in_one(board) or move
 
-
+# %% ../nbs/30_players.ipynb #5258b49d
 class NetworkPlayer(Player):
     "A policy/value network as a player: legal moves only, greedy or sampled, batched over boards."
 
@@ -151,7 +151,7 @@ class _Node:
         self.values = np.zeros(len(moves), dtype=np.float64)
         self.children: dict[int, _Node] = {}
 
-
+# %% ../nbs/30_players.ipynb #b7726185
 def _expand(player: NetworkPlayer, boards: list[cshogi.Board]) -> list[_Node]:
     "Evaluate `boards` in one batch and make a node for each (a mate in one makes its value 1)."
     logits, legal, value, tables = player.evaluator.evaluate_many(boards)
@@ -160,7 +160,7 @@ def _expand(player: NetworkPlayer, boards: list[cshogi.Board]) -> list[_Node]:
     return [_Node(moves, p[labels].astype(np.float64), 1.0 if mate else float(v), mate)
             for (moves, labels), p, v, mate in zip(tables, probs, value, mates)]
 
-
+# %% ../nbs/30_players.ipynb #552d34c0
 def _terminal_value(board: cshogi.Board) -> float | None:
     "The mover's result in a finished position (0 loss, 0.5 draw, 1 win) by `game_end`, or None while play goes on."
     end = game_end(board)
@@ -169,7 +169,7 @@ def _terminal_value(board: cshogi.Board) -> float | None:
     winner, _ = end
     return 0.5 if winner is None else float(winner == board.turn)
 
-
+# %% ../nbs/30_players.ipynb #be180d4c
 def puct_search(player: NetworkPlayer, boards: list[cshogi.Board], simulations: int, c_puct: float,
                 temperatures: np.ndarray, rng: np.random.Generator,
                 time_limit: float | None = None, stop=None) -> tuple[list[int], np.ndarray]:
@@ -242,14 +242,14 @@ def game_root(board: cshogi.Board) -> tuple[str, list[int]]:
         root.pop()
     return root.sfen(), moves
 
-
+# %% ../nbs/30_players.ipynb #e0560c89
 def usi_position_args(board: cshogi.Board) -> tuple[str, list[str]]:
     "The `sfen` and `moves` arguments of `cshogi.usi.Engine.position` for `board`'s game."
     sfen, moves = game_root(board)
     start = "startpos" if sfen.split(" ")[:3] == cshogi.STARTING_SFEN.split(" ")[:3] else "sfen " + sfen
     return start, [cshogi.move_to_usi(m) for m in moves]
 
-
+# %% ../nbs/30_players.ipynb #4da4936b
 def parse_engine_move(board: cshogi.Board, bestmove: str | None) -> int:
     "The legal move named by an engine's `bestmove` answer, `RESIGN`, or `ILLEGAL`."
     if bestmove == "resign":
@@ -257,7 +257,7 @@ def parse_engine_move(board: cshogi.Board, bestmove: str | None) -> int:
     legal = {cshogi.move_to_usi(m): m for m in board.legal_moves}
     return legal.get(bestmove or "", ILLEGAL)
 
-
+# %% ../nbs/30_players.ipynb #0fce7fa7
 class USIPlayer(Player):
     "A USI engine (any executable) as a player, limited by `byoyomi` ms and/or `nodes`."
 
@@ -303,7 +303,7 @@ def _parse_kwargs(text: str) -> dict:
                 out[k.strip()] = v.strip()
     return out
 
-
+# %% ../nbs/30_players.ipynb #3135b2ee
 PLAYER_KINDS = ("random", "baseline", "usi", "model")
 
 

@@ -40,13 +40,13 @@ def run_finish_time(run_dir: Path) -> float:
     except (OSError, ValueError, KeyError, TypeError):  # no run.json, unreadable, or the run has not finished
         return (run_dir / "models" / "model.onnx").stat().st_mtime
 
-
+# %% ../nbs/32_usi.ipynb #31d208b7
 def newest_run_model(runs_root: str | Path) -> Path | None:
     "The exported model of the run that finished last: `runs_root/*/models/model.onnx` (None when there is none)."
     found = [p for p in Path(runs_root).glob("*/models/model.onnx") if p.is_file()]
     return max(found, key=lambda p: (run_finish_time(p.parents[1]), p.stat().st_mtime), default=None)
 
-
+# %% ../nbs/32_usi.ipynb #8e559eac
 def default_model() -> tuple[Path | None, str]:
     """The model the engine plays when none is named, and where it was found: a model the user put in `models_root`
     (`best.onnx`, `model.onnx`, `best.pt`), else the best of `models_root/registry.json`, else the newest run's
@@ -88,7 +88,7 @@ def engine_options() -> dict[str, dict]:
         "ByoyomiMargin": {"type": "spin", "default": 200, "min": 0, "max": 60000},
     }
 
-
+# %% ../nbs/32_usi.ipynb #7147ddfd
 def option_line(name: str, spec: dict) -> str:
     "The `option name …` line announcing one option."
     line = f"option name {name} type {spec['type']} default {spec['default'] if spec['default'] != '' else '<empty>'}"
@@ -102,7 +102,7 @@ def option_line(name: str, spec: dict) -> str:
 class USIError(ValueError):
     "A command the engine cannot follow (answered with `info string error …`)."
 
-
+# %% ../nbs/32_usi.ipynb #7a830e70
 PIECE_LIMITS = {"P": 18, "L": 4, "N": 4, "S": 4, "G": 4, "B": 2, "R": 2}  # each kind in a game: board + both hands
 PIECE_NAMES = {"P": "pawn", "L": "lance", "N": "knight", "S": "silver", "G": "gold", "B": "bishop", "R": "rook",
                "K": "king"}
@@ -153,7 +153,7 @@ def _check_placement(placement: str) -> tuple[dict[str, int], dict[str, int]]:
             raise USIError(f"{where} covers {squares} squares; each rank needs exactly 9 (pieces plus digits 1-9)")
     return counts, kings
 
-
+# %% ../nbs/32_usi.ipynb #3b5927cc
 def _check_hand(hand: str, counts: dict[str, int]) -> dict[str, dict[str, int]]:
     "Adds an SFEN hand's pieces to `counts`; the hands as {side: {kind: n}}; USIError on a bad one."
     hands = {"b": {}, "w": {}}
@@ -175,7 +175,7 @@ def _check_hand(hand: str, counts: dict[str, int]) -> dict[str, dict[str, int]]:
         counts[kind] += hands[side][kind]
     return hands
 
-
+# %% ../nbs/32_usi.ipynb #612cf799
 def check_sfen(placement: str, turn: str, hand: str, ply: str = "1") -> str:
     """The SFEN `placement turn hand ply` once it describes a position that can arise in a game: 9 ranks of 9
     squares, known pieces, promotions only of P L N S B R, no unpromoted P/L/N where it could never move, no two
@@ -228,7 +228,7 @@ def parse_position(args: list[str]) -> cshogi.Board:
         board.push(legal[usi])
     return board
 
-
+# %% ../nbs/32_usi.ipynb #8484f7d8
 GO_INT_ARGS = {"btime": 0, "wtime": 0, "byoyomi": 0, "binc": 0, "winc": 0, "movetime": 0, "nodes": 1, "depth": 1,
                "mate": 1}  # name -> smallest value
 GO_FLAGS = ("infinite", "ponder")
@@ -277,7 +277,7 @@ def parse_go(args: list[str], board: cshogi.Board | None = None) -> dict:
             raise USIError(f"unknown go argument {key!r}; go takes {known}")
     return limits
 
-
+# %% ../nbs/32_usi.ipynb #9d449a32
 def time_budget(limits: dict, turn: int, margin_ms: int = 200) -> float | None:
     "Seconds to think for this move under `limits` (None: no clock, e.g. infinite)."
     if "movetime" in limits:
@@ -319,11 +319,11 @@ def score_cp(win_probability: float) -> int:
     p = min(max(float(win_probability), 1e-6), 1 - 1e-6)
     return int(round(600 * math.log(p / (1 - p))))
 
-
+# %% ../nbs/32_usi.ipynb #b2d9b3be
 class ModelError(USIError):
     "A model that was asked for (`--model`, `setoption name ModelPath`) and cannot be loaded: the engine will not play."
 
-
+# %% ../nbs/32_usi.ipynb #f5b57cbd
 class _Search:
     "A `go infinite` / `go ponder` running in a thread: its clock, and whether its bestmove may be sent yet."
 
@@ -332,7 +332,7 @@ class _Search:
         self.released, self.discard = threading.Event(), False
         self.thread: threading.Thread | None = None
 
-
+# %% ../nbs/32_usi.ipynb #071342ac
 class USIEngine:
     "A USI protocol engine over a `maou_nb.players` player."
     name = "maou_nb"
