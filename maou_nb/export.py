@@ -23,6 +23,7 @@ import maou_nb
 from .encoding import MOVE_LABELS_NUM, encode_boards, encode_hcps, legal_mask, legal_moves_and_labels
 from .model import load_model, unwrap_model
 from .storage import load_checkpoint, atomic_path, read_json, sha256_file, write_json
+from .storage import ParamError, Rule, check_params
 
 # %% auto #0
 __all__ = ['ONNX_INPUTS', 'ONNX_OUTPUTS', 'FP32_TOLERANCE', 'FP16_TOLERANCE', 'EXPORT_RULES', 'TOLERANCE_RULES',
@@ -68,6 +69,7 @@ def playout_boards(n: int, seed: int = 0, max_plies: int = 160) -> list[cshogi.B
         out.append(cshogi.Board(board.sfen()))
     return out
 
+# %% ../nbs/20_export.ipynb #618c7ab5
 def scrambled_inputs(board: np.ndarray, hand: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Off-distribution inputs: each board's squares permuted, hands shuffled between rows."""
     rng = np.random.default_rng(seed)
@@ -80,6 +82,7 @@ ONNX_INPUTS = {"board": "tensor(int32)", "hand": "tensor(float)"}   # name -> on
 ONNX_OUTPUTS = ("policy", "value")
 _DYNAMIC_BATCH = {name: {0: "batch"} for name in (*ONNX_INPUTS, *ONNX_OUTPUTS)}
 
+# %% ../nbs/20_export.ipynb #5ff8888a
 class PolicyValueGraph(torch.nn.Module):
     """`model` seen through Maou's ONNX interface: (board, hand) -> (policy logits, value logit)."""
     def __init__(self, model: torch.nn.Module):
@@ -90,6 +93,7 @@ class PolicyValueGraph(torch.nn.Module):
         out = self.model(board, hand)
         return out["policy"], out["value"]
 
+# %% ../nbs/20_export.ipynb #3662f4bf
 def write_graph(model: torch.nn.Module, path: Path, opset: int = 20) -> int:
     """Export `model` (through `PolicyValueGraph`) to `path`; returns the opset actually used."""
     graph = PolicyValueGraph(model).eval()
@@ -112,14 +116,17 @@ def write_graph(model: torch.nn.Module, path: Path, opset: int = 20) -> int:
 _FLOAT, _HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 _F16_MAX = float(np.finfo(np.float16).max)
 
+# %% ../nbs/20_export.ipynb #7cee1899
 def _half_tensor(tensor: TensorProto) -> TensorProto:
     """A float16 copy of the float32 `tensor`, clipped to float16's range."""
     values = np.clip(numpy_helper.to_array(tensor), -_F16_MAX, _F16_MAX).astype(np.float16)
     return numpy_helper.from_array(values, tensor.name)
 
+# %% ../nbs/20_export.ipynb #25a40c9f
 def _set_elem_type(value_info, elem_type: int) -> None:
     value_info.type.tensor_type.elem_type = elem_type
 
+# %% ../nbs/20_export.ipynb #ee39ff39
 def float16_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A float16 copy of `model` that keeps float32 inputs and outputs (casts at the edges)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -159,11 +166,13 @@ def float16_model(model: onnx.ModelProto) -> onnx.ModelProto:
 FP32_TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
 FP16_TOLERANCE = {"atol": 1e-2, "rtol": 1e-2}
 
+# %% ../nbs/20_export.ipynb #c6a06e03
 def is_float16_model(path: str | Path) -> bool:
     """Whether the ONNX file at `path` holds float16 weights."""
     model = onnx.load(str(path), load_external_data=False)
     return any(t.data_type == _HALF for t in model.graph.initializer)
 
+# %% ../nbs/20_export.ipynb #b3d26a29
 def open_session(path: str | Path, threads: int | None = None,
                  providers: list[str] | None = None) -> ort.InferenceSession:
     """An onnxruntime session for `path`; fp16 files skip the CPU layout optimisations, which crash on them."""
@@ -174,14 +183,17 @@ def open_session(path: str | Path, threads: int | None = None,
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
+# %% ../nbs/20_export.ipynb #6d19bbbf
 class OnnxVerificationError(ValueError):
     """onnxruntime's outputs differ from PyTorch's by more than the tolerance."""
 
+# %% ../nbs/20_export.ipynb #7b5ae35f
 def torch_outputs(model: torch.nn.Module, board: np.ndarray, hand: np.ndarray,
                   batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(policy float32[N,1496], value float32[N,1]) of `model` on the inputs, in batches."""
     return graph_outputs(PolicyValueGraph(model).eval(), board, hand, batch_size)
 
+# %% ../nbs/20_export.ipynb #0a54715d
 def graph_outputs(graph: PolicyValueGraph, board: np.ndarray, hand: np.ndarray, batch_size: int = 256,
                   device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """`torch_outputs` through an already wrapped model on `device` (players call it per batch)."""
@@ -193,6 +205,7 @@ def graph_outputs(graph: PolicyValueGraph, board: np.ndarray, hand: np.ndarray, 
             policy.append(p.float().cpu().numpy()), value.append(v.float().cpu().numpy())
     return np.concatenate(policy), np.concatenate(value)
 
+# %% ../nbs/20_export.ipynb #060e1003
 def session_outputs(session: ort.InferenceSession, board: np.ndarray, hand: np.ndarray,
                     batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(policy, value) of an onnxruntime session on the inputs, in batches."""
@@ -200,6 +213,7 @@ def session_outputs(session: ort.InferenceSession, board: np.ndarray, hand: np.n
              for s in range(0, len(board), batch_size)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
+# %% ../nbs/20_export.ipynb #3b796649
 def compare_outputs(got: tuple[np.ndarray, np.ndarray], want: tuple[np.ndarray, np.ndarray],
                     atol: float, rtol: float) -> dict:
     """Largest differences between two (policy, value) pairs, and whether they are within tolerance."""
@@ -219,11 +233,13 @@ def sidecar_path(onnx_path: str | Path) -> Path:
     onnx_path = Path(onnx_path)
     return onnx_path.with_name(onnx_path.name + ".json")
 
+# %% ../nbs/20_export.ipynb #eb1ced6b
 def fp16_path(onnx_path: str | Path) -> Path:
     """Where the fp16 variant of `onnx_path` goes: `model.onnx` -> `model_fp16.onnx`."""
     onnx_path = Path(onnx_path)
     return onnx_path.with_name(onnx_path.stem + "_fp16" + onnx_path.suffix)
 
+# %% ../nbs/20_export.ipynb #f288d0da
 def _source_model(model_or_path, ema: bool) -> tuple[torch.nn.Module, dict]:
     """The model to export and a description of where its weights come from."""
     if isinstance(model_or_path, torch.nn.Module):  # a CPU copy: the caller's module keeps its device and mode
@@ -239,6 +255,7 @@ def _source_model(model_or_path, ema: bool) -> tuple[torch.nn.Module, dict]:
     return model, {"checkpoint": str(path), "checkpoint_sha256": sha256_file(path),
                    "weights": "ema" if use_ema else "model"}
 
+# %% ../nbs/20_export.ipynb #c063bebd
 def _verify_file(path: Path, inputs: dict, references: dict, tolerance: dict, batch_size: int) -> dict:
     """Check the ONNX file at `path` and compare it with PyTorch on every input set; raise if out of tolerance."""
     onnx.checker.check_model(str(path), full_check=True)
@@ -254,6 +271,7 @@ def _verify_file(path: Path, inputs: dict, references: dict, tolerance: dict, ba
     return {"tolerance": dict(tolerance), **figures,
             "max_abs_diff": max(max(f["policy_max_abs_diff"], f["value_max_abs_diff"]) for f in figures.values())}
 
+# %% ../nbs/20_export.ipynb #83616339
 def _sidecar(variant: str, path: Path, model: torch.nn.Module, source: dict, opset: int, verification: dict) -> dict:
     """The JSON sidecar contents of one exported file."""
     return {"format": "maou_nb onnx", "variant": variant, "file": path.name,
@@ -266,6 +284,7 @@ def _sidecar(variant: str, path: Path, model: torch.nn.Module, source: dict, ops
                          "onnxruntime": ort.__version__},
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
+# %% ../nbs/20_export.ipynb #0a529046
 def export_onnx(model_or_checkpoint, out_path: str | Path, *, positions=None, opset: int = 20,
                 fp16: bool = True, ema: bool = True, tolerance: dict | None = None,
                 fp16_tolerance: dict | None = None, n_default_positions: int = 64, seed: int = 0,
@@ -299,8 +318,6 @@ def export_onnx(model_or_checkpoint, out_path: str | Path, *, positions=None, op
             "source": source, **figures, "seconds": round(time.perf_counter() - started, 3)}
 
 # %% ../nbs/20_export.ipynb #e36eb2fc
-from .storage import ParamError, Rule, check_params
-
 EXPORT_RULES = {
     "checkpoint": Rule(str), "positions_data": Rule(str),
     "verify_positions": Rule(int, min=1),
@@ -312,6 +329,7 @@ EXPORT_RULES = {
 }
 TOLERANCE_RULES = {"atol": Rule(float, min=0), "rtol": Rule(float, min=0)}
 
+# %% ../nbs/20_export.ipynb #5abe09e6
 def check_export_params(params: dict) -> dict:
     """Check the export step's parameters (those of `export_onnx`) before the checkpoint is loaded."""
     check_params(params, EXPORT_RULES, "export")
@@ -327,10 +345,12 @@ def check_export_params(params: dict) -> dict:
 class OnnxModelError(ValueError):
     """An ONNX file that is missing, unreadable, or lacks Maou's interface."""
 
+# %% ../nbs/20_export.ipynb #f9fbbd32
 def sigmoid(x: np.ndarray) -> np.ndarray:
     """The logistic function: a value logit as the mover's winning probability."""
     return 1.0 / (1.0 + np.exp(-x))
 
+# %% ../nbs/20_export.ipynb #f5bbdd94
 def masked_softmax(logits: np.ndarray, mask: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Softmax of `logits / temperature` over the True entries of `mask` (zero elsewhere), float32."""
     z = np.where(mask, logits / max(temperature, 1e-6), -np.inf)
@@ -338,6 +358,7 @@ def masked_softmax(logits: np.ndarray, mask: np.ndarray, temperature: float = 1.
     p = np.where(mask, np.exp(z), 0.0)
     return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
 
+# %% ../nbs/20_export.ipynb #74865f28
 def legal_move_probabilities(moves: np.ndarray, labels: np.ndarray, policy_logits: np.ndarray,
                              temperature: float = 1.0) -> dict[int, float]:
     """{cshogi move: probability}: softmax (float64) of `policy_logits` over the labels of the legal `moves`."""
@@ -347,6 +368,7 @@ def legal_move_probabilities(moves: np.ndarray, labels: np.ndarray, policy_logit
     probs = np.exp(logits - logits.max())
     return dict(zip(moves.tolist(), (probs / probs.sum()).tolist()))
 
+# %% ../nbs/20_export.ipynb #d1f8a566
 class Evaluator:
     """The network front end: boards (or encoded positions) in, policy over legal moves and value out.
 
@@ -391,6 +413,7 @@ class Evaluator:
         best = sorted(probs.items(), key=lambda item: -item[1])[:k]
         return [(cshogi.move_to_usi(m), p) for m, p in best]
 
+# %% ../nbs/20_export.ipynb #cc5956af
 class OnnxEvaluator(Evaluator):
     """An onnxruntime session over a Maou-interface ONNX file, taking cshogi boards."""
     def __init__(self, session: ort.InferenceSession, path: Path, meta: dict):
@@ -405,6 +428,7 @@ class OnnxEvaluator(Evaluator):
     def __repr__(self) -> str:
         return f"OnnxEvaluator({self.path}, arch={self.meta.get('arch', '?')})"
 
+# %% ../nbs/20_export.ipynb #83e2058c
 class TorchEvaluator(Evaluator):
     """A PyTorch model with the same interface as `OnnxEvaluator`, on `device`, using `threads` CPU threads."""
     def __init__(self, model: torch.nn.Module, meta: dict | None = None, *, device: str = "cpu",
@@ -422,8 +446,10 @@ class TorchEvaluator(Evaluator):
         finally:
             torch.set_num_threads(before)
 
+# %% ../nbs/20_export.ipynb #4b5d700d
 ONNX_HAND_TYPES = ("tensor(float)", "tensor(float16)")  # float16 inputs: files converted with their inputs too
 
+# %% ../nbs/20_export.ipynb #76f51d31
 def _check_interface(session: ort.InferenceSession, path: Path) -> None:
     """Raise `OnnxModelError` unless the session has Maou's inputs and outputs."""
     inputs = {i.name: i.type for i in session.get_inputs()}
@@ -434,6 +460,7 @@ def _check_interface(session: ort.InferenceSession, path: Path) -> None:
         raise OnnxModelError(f"{path} has inputs {inputs} and outputs {outputs}; a maou_nb/Maou model has inputs "
                              f"{ONNX_INPUTS} and outputs {list(ONNX_OUTPUTS)}. Export it with maou_nb.export.export_onnx")
 
+# %% ../nbs/20_export.ipynb #b673f3b4
 def load_onnx(path: str | Path, *, threads: int | None = None, providers: list[str] | None = None) -> OnnxEvaluator:
     """Open an exported ONNX file as an `OnnxEvaluator` (checks it exists, parses, and has Maou's interface)."""
     path = Path(path)
@@ -450,6 +477,7 @@ def load_onnx(path: str | Path, *, threads: int | None = None, providers: list[s
     meta = read_json(sidecar_path(path)) if sidecar_path(path).is_file() else {}
     return OnnxEvaluator(session, path, meta)
 
+# %% ../nbs/20_export.ipynb #73c6ffb1
 def load_policy(model, *, ema: bool = True, device: str = "cpu", threads: int | None = None) -> Evaluator:
     """The `Evaluator` of an .onnx file (`load_onnx`), a checkpoint (EMA weights when present) or a torch module;
     an `Evaluator` passes through."""

@@ -18,6 +18,7 @@ import numpy as np
 
 from .settings import progress as progress_bar
 from .storage import HCPE_DTYPE, atomic_path, game_id, save_hcpe, write_manifest
+from .storage import Rule, check_params
 
 # %% auto #0
 __all__ = ['MATE', 'PIECE_VALUES', 'UNPROMOTED', 'HAND_VALUES', 'CAPTURE_SWING', 'FEATURES1', 'FEATURES2', 'OPPONENT',
@@ -47,6 +48,7 @@ HAND_PLANE_VALUES = HAND_VALUES[HAND_PLANE_TYPES]
 KING_GUARDS = [t - 1 for t in (cshogi.SILVER, cshogi.GOLD, cshogi.PROM_PAWN, cshogi.PROM_LANCE,
                                cshogi.PROM_KNIGHT, cshogi.PROM_SILVER)]
 
+# %% ../nbs/03_selfplay.ipynb #4d6f88ed
 def king_zones() -> np.ndarray:
     """float32[81, 81]: row k marks the (up to 8) squares next to square k."""
     square = np.arange(81)
@@ -56,6 +58,7 @@ def king_zones() -> np.ndarray:
 
 KING_ZONES = king_zones()
 
+# %% ../nbs/03_selfplay.ipynb #483047d1
 def feature_planes(board: cshogi.Board) -> tuple[np.ndarray, np.ndarray]:
     """The dlshogi feature planes of one position: float32[62, 81] board planes and float32[57] hand/check values."""
     board_planes, hand_planes = np.empty((FEATURES1, 81), np.float32), np.empty((FEATURES2, 81), np.float32)
@@ -65,6 +68,7 @@ def feature_planes(board: cshogi.Board) -> tuple[np.ndarray, np.ndarray]:
 # %% ../nbs/03_selfplay.ipynb #da671dd1
 CONTROL_WEIGHT, GUARD_WEIGHT, DANGER_WEIGHT = 2.0, 12.0, 18.0
 
+# %% ../nbs/03_selfplay.ipynb #d4a6ce41
 def static_evals(board_planes: np.ndarray, hand_planes: np.ndarray) -> np.ndarray:
     """Static evaluations (mover's view, centipawns) of a batch: float32[N, 62, 81] and float32[N, 57] planes."""
     counts = board_planes.sum(-1)                                    # (N, 62): pieces per type, attacked squares
@@ -79,6 +83,7 @@ def static_evals(board_planes: np.ndarray, hand_planes: np.ndarray) -> np.ndarra
         return GUARD_WEIGHT * guards - DANGER_WEIGHT * danger
     return material + in_hand + CONTROL_WEIGHT * control + king_term(0, OPPONENT) - king_term(OPPONENT, 0)
 
+# %% ../nbs/03_selfplay.ipynb #a6a7f917
 def static_eval(board: cshogi.Board) -> float:
     """Static evaluation of one position from the mover's view (no search)."""
     board_planes, hand_planes = feature_planes(board)
@@ -93,6 +98,7 @@ def decode_moves(moves: np.ndarray) -> dict[str, np.ndarray]:
     piece = np.where(drop, origin - 80, (moves >> 16) & 0xF)
     return dict(to=to, origin=origin, promotion=(moves >> 14) & 1, drop=drop, piece=piece, captured=(moves >> 20) & 0xF)
 
+# %% ../nbs/03_selfplay.ipynb #1e8530ab
 def legal_moves(board: cshogi.Board) -> np.ndarray:
     """The legal moves of a position as an int64 array (cshogi's order)."""
     return np.fromiter(board.legal_moves, np.int64)
@@ -100,6 +106,7 @@ def legal_moves(board: cshogi.Board) -> np.ndarray:
 # %% ../nbs/03_selfplay.ipynb #50580414
 REPLY_THREAT_WEIGHT = 0.9   # how much of the opponent's best static capture we expect them to get
 
+# %% ../nbs/03_selfplay.ipynb #1245f9f8
 def _children_scores(board: cshogi.Board, moves: np.ndarray) -> np.ndarray:
     """Depth-1 scores (mover's view) of `moves`: minus each child's static value plus its best static capture."""
     n = len(moves)
@@ -116,6 +123,7 @@ def _children_scores(board: cshogi.Board, moves: np.ndarray) -> np.ndarray:
     scores = -(quiet_values + REPLY_THREAT_WEIGHT * _best_captures(board, board_planes, replies))
     return np.where(np.isnan(terminal), scores, terminal).astype(np.float32)
 
+# %% ../nbs/03_selfplay.ipynb #17296d09
 def _terminal_score(child: cshogi.Board, n_replies: int, mate_in_one: bool) -> float:
     """The score (for the player who just moved) of a child that ends the line, else NaN."""
     if n_replies == 0:
@@ -131,6 +139,7 @@ def _terminal_score(child: cshogi.Board, n_replies: int, mate_in_one: bool) -> f
         return -(MATE - 2)
     return math.nan
 
+# %% ../nbs/03_selfplay.ipynb #8aeaea15
 def _best_captures(board: cshogi.Board, child_planes: np.ndarray, replies: list[np.ndarray]) -> np.ndarray:
     """For each child, the opponent's best capture gain, judged statically (0 when no capture gains)."""
     n = len(replies)
@@ -219,6 +228,7 @@ ILLEGAL = -1  # an outside engine answered with a move that is not legal here
 
 _RESULTS = {None: cshogi.DRAW, cshogi.BLACK: cshogi.BLACK_WIN, cshogi.WHITE: cshogi.WHITE_WIN}
 
+# %% ../nbs/03_selfplay.ipynb #164654cb
 @dataclass
 class GameRecord:
     """One finished game: where it started, the moves, who played, how it ended, the movers' evaluations."""
@@ -315,6 +325,7 @@ def _choose(player, boards: list[cshogi.Board]) -> tuple[list[int], list[int]]:
     evals = getattr(player, "last_evals", None)
     return moves, (list(evals) if evals is not None and len(evals) == len(boards) else [0] * len(boards))
 
+# %% ../nbs/03_selfplay.ipynb #87267839
 def play_pairs(pairs: Sequence[tuple], openings: Sequence[str], *, max_moves: int = 256,
                names: Sequence[tuple[str, str]] | None = None, progress: bool | None = False) -> list[GameRecord]:
     """Play one game per (black, white) pair from the matching opening SFEN, all games stepped together."""
@@ -368,10 +379,12 @@ def game_seed(seed: int, index: int) -> int:
     """The seed of game `index` of a self-play run: a function of (seed, index) only."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
 
+# %% ../nbs/03_selfplay.ipynb #fcaaa939
 def game_name(seed: int, index: int) -> str:
     """The name (and game-id key) of game `index` of a self-play run."""
     return f"selfplay-{seed}-{index}"
 
+# %% ../nbs/03_selfplay.ipynb #7a6c4bdf
 def _play_selfplay_game(job: tuple) -> tuple[int, np.ndarray]:
     """Worker: play one seeded baseline-vs-baseline game, write its CSA file, return (index, hcpe rows)."""
     index, seed, depth, temperature, max_moves, csa_dir = job
@@ -384,10 +397,12 @@ def _play_selfplay_game(job: tuple) -> tuple[int, np.ndarray]:
     write_csa(game, Path(csa_dir) / f"{game_name(seed, index)}.csa", comment=f"game {game_name(seed, index)}")
     return index, game.to_hcpe()
 
+# %% ../nbs/03_selfplay.ipynb #21e7ef8b
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name}={value!r}: must be an int >= {minimum}.")
 
+# %% ../nbs/03_selfplay.ipynb #3ac55c15
 class _InlineExecutor:
     """Runs `map` in this process (workers=1), with the executor interface."""
     def __enter__(self): return self
@@ -395,10 +410,12 @@ class _InlineExecutor:
     def map(self, fn: Callable, items: Sequence, chunksize: int = 1):
         return map(fn, items)
 
+# %% ../nbs/03_selfplay.ipynb #c4951d47
 def available_cpus() -> int:
     """CPUs this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
+# %% ../nbs/03_selfplay.ipynb #d954872b
 def play_games(n: int, out_dir: str | os.PathLike, *, seed: int = 0, depth: int = 1, temperature: float = 40.0,
                max_moves: int = 256, workers: int | None = None, games_per_shard: int = 1000,
                progress: bool = True) -> list[Path]:
@@ -431,8 +448,6 @@ def play_games(n: int, out_dir: str | os.PathLike, *, seed: int = 0, depth: int 
     return shards
 
 # %% ../nbs/03_selfplay.ipynb #98f32b57
-from .storage import Rule, check_params
-
 SELFPLAY_RULES = {
     "games": Rule(int, min=1),                     # a run needs at least one game
     "seed": Rule(int, min=0),
@@ -443,6 +458,7 @@ SELFPLAY_RULES = {
     "games_per_shard": Rule(int, min=1),
 }
 
+# %% ../nbs/03_selfplay.ipynb #e1f373fc
 def check_selfplay_params(params: dict) -> dict:
     """Check the self-play step's parameters (as `play_games` takes them, `games` for `n`) before any game is played."""
     return check_params(params, SELFPLAY_RULES, "selfplay")

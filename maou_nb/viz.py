@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .encoding import MOVE_LABELS_NUM, move_label, mover_square, reachable_squares_label
+from .settings import setting
 from .storage import atomic_path, load_hcpe
 
 # %% auto #0
@@ -37,6 +38,7 @@ CELL = 20.0                       # side of one square in cshogi's viewBox units
 BOARD_ORIGIN = (20.5, 10.5)       # top-left corner of 9一 (cshogi square 72)
 VIEWBOX = (230.0, 192.0)
 
+# %% ../nbs/21_viz.ipynb #575551a7
 def square_corner(sq: int) -> tuple[float, float]:
     """Top-left corner (x, y) of cshogi square `sq` in `Board.to_svg`'s viewBox."""
     file, rank = divmod(int(sq), 9)
@@ -48,6 +50,7 @@ class BoardSvg(str):
     def _repr_svg_(self) -> str:
         return str(self)
 
+# %% ../nbs/21_viz.ipynb #298e92bf
 def save_svg(svg: str, path: str | Path) -> Path:
     """Write an SVG string to `path` atomically (for `summary.md` and reports)."""
     path = Path(path)
@@ -55,6 +58,7 @@ def save_svg(svg: str, path: str | Path) -> Path:
         tmp.write_text(str(svg), encoding="utf-8")
     return path
 
+# %% ../nbs/21_viz.ipynb #8942cde0
 def _heat_layer(weights: np.ndarray, color: str, vmax: float) -> str:
     """SVG rects shading each square by its weight (opacity ∝ weight / vmax), with percentages ≥ 1%."""
     parts = ['<g class="maou-heat">']
@@ -68,6 +72,7 @@ def _heat_layer(weights: np.ndarray, color: str, vmax: float) -> str:
     parts.append("</g>")
     return "".join(parts)
 
+# %% ../nbs/21_viz.ipynb #d9e5b4ac
 def _percent_layer(weights: np.ndarray) -> str:
     """Small percentage labels (≥ 1%) in the bottom-right corner of each square."""
     parts = ['<g class="maou-percent" font-family="sans-serif" font-size="5.5" fill="#7a0010" text-anchor="end">']
@@ -78,6 +83,7 @@ def _percent_layer(weights: np.ndarray) -> str:
     parts.append("</g>")
     return "".join(parts)
 
+# %% ../nbs/21_viz.ipynb #2a0a7b98
 def _marker_layer(reachable: np.ndarray | None, legal_counts: np.ndarray | None) -> str:
     """Dots on reachable squares (top-left) and legal-move counts per destination (top-right)."""
     parts = ['<g class="maou-marks">']
@@ -103,6 +109,7 @@ def destination_weights(probs: dict[int, float]) -> np.ndarray:
         out[cshogi.move_to(move)] += p
     return out
 
+# %% ../nbs/21_viz.ipynb #db29be30
 def label_probabilities(board: cshogi.Board, labels: np.ndarray) -> dict[int, float]:
     """{legal move: weight} read from a 1496-label vector (weights of labels no legal move has are dropped)."""
     labels = np.asarray(labels, dtype=np.float64).reshape(-1)
@@ -110,12 +117,14 @@ def label_probabilities(board: cshogi.Board, labels: np.ndarray) -> dict[int, fl
         raise ValueError(f"labels: expected {MOVE_LABELS_NUM} values, got shape {labels.shape}")
     return {m: float(labels[move_label(board, m)]) for m in board.legal_moves if labels[move_label(board, m)] > 0}
 
+# %% ../nbs/21_viz.ipynb #09cd1843
 def mover_grid_squares(grid: np.ndarray, turn: int) -> np.ndarray:
     """A [rank][file] 9×9 grid in the mover's frame (`encoding`'s layout) as 81 values by cshogi square."""
     grid = np.asarray(grid).reshape(9, 9)
     seen = np.array([mover_square(sq, turn) for sq in range(81)])
     return grid[seen % 9, seen // 9]
 
+# %% ../nbs/21_viz.ipynb #2285a70b
 def legal_destination_counts(board: cshogi.Board, legal: np.ndarray | None = None) -> np.ndarray:
     """int[81] by cshogi square: how many legal moves (or, given a 1496 label mask, labelled moves) land there."""
     counts = np.zeros(81, int)
@@ -127,6 +136,7 @@ def legal_destination_counts(board: cshogi.Board, legal: np.ndarray | None = Non
 # %% ../nbs/21_viz.ipynb #b74479ec
 PIECE_STYLES = ("auto", "kanji", "latin")
 
+# %% ../nbs/21_viz.ipynb #9bb7772d
 def japanese_font_installed() -> bool:
     """Whether a real font on this machine (as matplotlib finds them) has the piece glyphs (歩, 香, 龍)."""
     global _JAPANESE_FONT
@@ -147,9 +157,9 @@ def japanese_font_installed() -> bool:
 
 _JAPANESE_FONT: bool | None = None
 
+# %% ../nbs/21_viz.ipynb #eecab553
 def piece_style(pieces: str | None = None) -> str:
     """'kanji' or 'latin': the `pieces` argument, else the `pieces` setting; `auto` asks `japanese_font_installed`."""
-    from maou_nb.settings import setting
     style = pieces or setting("pieces")
     if style not in PIECE_STYLES:
         raise ValueError(f"pieces={style!r} (argument, MAOU_NB_PIECES or settings.ini): use one of {PIECE_STYLES}.")
@@ -163,6 +173,7 @@ _SFEN_OF = {"pawn": "P", "lance": "L", "knight": "N", "silver": "S", "gold": "G"
             "horse": "+B", "dragon": "+R"}
 _LATIN_FONT = 'font-family="DejaVu Sans, Verdana, Arial, sans-serif" font-weight="bold" text-anchor="middle"'
 
+# %% ../nbs/21_viz.ipynb #324150ed
 def _latin_piece(match: re.Match) -> str:
     """One of cshogi's piece definitions, re-drawn as its SFEN letter."""
     side, kind = match.group(1), match.group(2)
@@ -171,12 +182,14 @@ def _latin_piece(match: re.Match) -> str:
     return (f'<g id="{side}-{kind}"><text {_LATIN_FONT} font-size="{size}" fill="{fill}" x="10" y="{10 + size * 0.37:.1f}">'
             f'{letter}</text></g>')
 
+# %% ../nbs/21_viz.ipynb #0502aab9
 def _hand_marker(x: float, y: float, filled: bool) -> str:
     """A small shogi-piece pentagon with its tip up, at (x, y) = its top."""
     points = f"{x},{y} {x + 5},{y + 2.5} {x + 6},{y + 11} {x - 6},{y + 11} {x - 5},{y + 2.5}"
     return (f'<polygon class="hand-marker" points="{points}" fill="{"black" if filled else "white"}" '
             'stroke="black" stroke-width="0.8" />')
 
+# %% ../nbs/21_viz.ipynb #b5f160c7
 def _latin_hand(board: cshogi.Board, color: int) -> str:
     """A side's hand as a marker and SFEN letters with counts, stacked down the margin beside the board."""
     x, y = (216.5, 104.0) if color == cshogi.BLACK else (10.0, 12.0)
@@ -188,6 +201,7 @@ def _latin_hand(board: cshogi.Board, color: int) -> str:
                      f'{letter}{n if n > 1 else ""}</text>')
     return "".join(parts)
 
+# %% ../nbs/21_viz.ipynb #f613dbba
 def latin_pieces(svg: str, board: cshogi.Board) -> str:
     """cshogi's board SVG with its kanji (pieces, rank numerals, hands) replaced by letters any font has."""
     svg = re.sub(r'<g id="(black|white)-([a-z-]+)"[^>]*>.*?</g>', _latin_piece, svg)
@@ -208,6 +222,7 @@ def _as_squares(board: cshogi.Board, mask) -> np.ndarray | None:
     mask = np.asarray(mask)
     return mover_grid_squares(mask, board.turn).astype(bool) if mask.shape == (9, 9) else mask.reshape(81).astype(bool)
 
+# %% ../nbs/21_viz.ipynb #14b23e60
 def board_svg(board: cshogi.Board, *, probs=None, reachable=None, legal=None, lastmove: int | None = None,
               caption: str | None = None, scale: float = 1.5, color: str = "#d62728",
               percent: bool = True, pieces: str | None = None) -> BoardSvg:
@@ -251,6 +266,7 @@ class Position:
         """A fresh cshogi board of this position."""
         return cshogi.Board(self.sfen)
 
+# %% ../nbs/21_viz.ipynb #8fc061fd
 def _parse_record(path: Path):
     """The first game of a CSA or KIF file, parsed by cshogi."""
     if path.suffix.lower() == ".csa":
@@ -259,6 +275,7 @@ def _parse_record(path: Path):
         return cshogi.KIF.Parser.parse_file(str(path))
     raise ValueError(f"{path}: expected a .csa, .kif or .kifu game record")
 
+# %% ../nbs/21_viz.ipynb #ecbdf0fa
 def game_positions(path: str | Path) -> list[Position]:
     """Every position of the first game in a CSA/KIF record, with the move played as its distribution."""
     path = Path(path)
@@ -277,6 +294,7 @@ def game_positions(path: str | Path) -> list[Position]:
         last = move
     return out
 
+# %% ../nbs/21_viz.ipynb #0befd072
 def hcpe_positions(source, rows: Sequence[int] | None = None) -> list[Position]:
     """Rows of an HCPE shard (path or array): the best move as the distribution, the mover's result as value."""
     hcpe = load_hcpe(source) if isinstance(source, (str, Path)) else np.asarray(source)
@@ -292,8 +310,10 @@ def hcpe_positions(source, rows: Sequence[int] | None = None) -> list[Position]:
         out.append(Position(board.sfen(), None, probs, value, f"row {r}, eval {int(rec['eval'])}, best {cshogi.move_to_usi(move)}"))
     return out
 
+# %% ../nbs/21_viz.ipynb #551848c2
 _ID_SFEN = {i: s for i, s in enumerate("P L N S G B R K +P +L +N +S +B +R".split(), start=1)}
 
+# %% ../nbs/21_viz.ipynb #4f1814fc
 def board_from_arrays(board: np.ndarray, hand: np.ndarray) -> cshogi.Board:
     """The cshogi board of an encoded (board, hand) input, seen by the mover (who is shown as Black)."""
     board, hand = np.asarray(board).reshape(9, 9), np.asarray(hand).reshape(14).astype(int)
@@ -313,6 +333,7 @@ def board_from_arrays(board: np.ndarray, hand: np.ndarray) -> cshogi.Board:
                     for c, n in zip(map(case, names), counts) if n)
     return cshogi.Board(f"{'/'.join(ranks)} b {hands or '-'} 1")
 
+# %% ../nbs/21_viz.ipynb #30d68a3e
 def dataset_positions(ds, rows: Sequence[int]) -> list[Position]:
     """Rows of a Stage 3 dataset (or any dataset with board/hand[/policy/value]) as positions in the mover's frame."""
     batch = ds[np.asarray(rows)]
@@ -331,6 +352,7 @@ def _top_moves_html(probs: dict[int, float], k: int = 5, title: str = "top moves
     rows = "".join(f"<tr><td>{cshogi.move_to_usi(m)}</td><td>{p:.1%}</td></tr>" for m, p in best)
     return f"<b>{title}</b><table>{rows}</table>"
 
+# %% ../nbs/21_viz.ipynb #122ef651
 class PositionExplorer:
     """Widgets stepping through positions: board with heat map and overlays, value, model's top moves."""
     def __init__(self, positions: Sequence[Position], policy: "Evaluator | None" = None, *, scale: float = 1.6):
@@ -386,6 +408,7 @@ class PositionExplorer:
         from IPython.display import display
         display(self.widget)
 
+# %% ../nbs/21_viz.ipynb #00751eb2
 def explore(source, policy=None, rows: Sequence[int] | None = None, **kw) -> PositionExplorer:
     """A `PositionExplorer` over a record file, an HCPE shard (.npy), a dataset or positions; `policy` a path or network."""
     if isinstance(policy, (str, Path)):
@@ -418,6 +441,7 @@ def parse_position(text: str) -> cshogi.Board:
         board.push(move)
     return board
 
+# %% ../nbs/21_viz.ipynb #7266c742
 class ModelViewer:
     """A model's top moves, value and policy heat map for a position you type or play into."""
     def __init__(self, model, position: str = "startpos", *, k: int = 5, scale: float = 1.6):
@@ -476,11 +500,13 @@ def figure_png(fig: Figure, dpi: int = 100) -> bytes:
     fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
 
+# %% ../nbs/21_viz.ipynb #d948920e
 class PlotFigure(Figure):
     """A matplotlib figure that shows as a PNG in any notebook, whatever the backend."""
     def _repr_png_(self) -> bytes:
         return figure_png(self)
 
+# %% ../nbs/21_viz.ipynb #fa6d27d6
 def show_figure(fig: Figure, dpi: int = 100) -> None:
     """Display `fig` as a PNG output (Lab, papermill, CI alike), and close it if pyplot made it."""
     import sys
@@ -493,11 +519,13 @@ def show_figure(fig: Figure, dpi: int = 100) -> None:
 _NOT_METRICS = {"kind", "stage", "epoch", "step", "global_step", "lr", "samples_per_s", "elapsed_s",
                 "timestamp", "eta_s", "threshold"}
 
+# %% ../nbs/21_viz.ipynb #67335887
 def metrics_path(run: str | Path) -> Path:
     """`<run>/metrics.jsonl`, given a run folder or the file itself."""
     run = Path(run)
     return run if run.suffix == ".jsonl" else run / "metrics.jsonl"
 
+# %% ../nbs/21_viz.ipynb #ee69dcf9
 def read_metrics(run: str | Path) -> list[dict]:
     """The records of a run's metrics.jsonl (an unfinished last line is skipped)."""
     path = metrics_path(run)
@@ -511,12 +539,14 @@ def read_metrics(run: str | Path) -> list[dict]:
             continue
     return out
 
+# %% ../nbs/21_viz.ipynb #c027d0d7
 def _series(records: list[dict], kind: str, key: str) -> tuple[list, list]:
     """(global steps, values) of one numeric key in the records of one kind."""
     pts = [(r.get("global_step", r.get("step", i)), r[key]) for i, r in enumerate(records)
            if r.get("kind", "train") == kind and isinstance(r.get(key), (int, float))]
     return [p[0] for p in pts], [p[1] for p in pts]
 
+# %% ../nbs/21_viz.ipynb #afe977b5
 def plot_stage(records: list[dict], stage: str, fig: Figure | None = None) -> Figure:
     """One stage's curves: losses, validation metrics with the threshold, learning rate."""
     fig = fig or PlotFigure(figsize=(12, 3.4), layout="constrained")
@@ -544,12 +574,14 @@ def plot_stage(records: list[dict], stage: str, fig: Figure | None = None) -> Fi
             ax.legend(fontsize=7)
     return fig
 
+# %% ../nbs/21_viz.ipynb #ccc4ad43
 def plot_run(run: str | Path) -> dict[str, Figure]:
     """One figure per stage of a run (from its metrics.jsonl), keyed by stage."""
     records = read_metrics(run)
     stages = sorted({str(r.get("stage", "?")) for r in records})
     return {s: plot_stage([r for r in records if str(r.get("stage", "?")) == s], s) for s in stages}
 
+# %% ../nbs/21_viz.ipynb #cfd83088
 def save_run_plots(run: str | Path, out_dir: str | Path | None = None, dpi: int = 100) -> list[Path]:
     """PNG files `stage<N>.png` of `plot_run` in `out_dir` (default `<run>/plots`), written atomically."""
     out_dir = Path(out_dir) if out_dir is not None else metrics_path(run).parent / "plots"
