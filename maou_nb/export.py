@@ -22,8 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 import maou_nb
 from .encoding import MOVE_LABELS_NUM, encode_boards, encode_hcps, legal_mask, legal_moves_and_labels
 from .model import load_model, unwrap_model
-from .storage import load_checkpoint, atomic_path, read_json, sha256_file, write_json
-from .storage import ParamError, Rule, check_params
+from .storage import ParamError, Rule, atomic_path, check_params, load_checkpoint, read_json, sha256_file, write_json
 
 # %% auto #0
 __all__ = ['ONNX_INPUTS', 'ONNX_OUTPUTS', 'FP32_TOLERANCE', 'FP16_TOLERANCE', 'EXPORT_RULES', 'TOLERANCE_RULES',

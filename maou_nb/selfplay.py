@@ -17,8 +17,7 @@ import cshogi
 import numpy as np
 
 from .settings import progress as progress_bar
-from .storage import HCPE_DTYPE, atomic_path, game_id, save_hcpe, write_manifest
-from .storage import Rule, check_params
+from .storage import HCPE_DTYPE, Rule, atomic_path, check_params, game_id, save_hcpe, write_manifest
 
 # %% auto #0
 __all__ = ['MATE', 'PIECE_VALUES', 'UNPROMOTED', 'HAND_VALUES', 'CAPTURE_SWING', 'FEATURES1', 'FEATURES2', 'OPPONENT',

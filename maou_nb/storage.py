@@ -47,23 +47,23 @@ _CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota ex
            errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
 _TEMP = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")   # the names mkstemp gives atomic_path's temporaries
 
-def _write_cause(folder: Path, e: BaseException) -> str | None:
-    """Why writing into `folder` failed, in words, when the disk is the reason (torch and onnx lose the errno)."""
+def _write_cause(folder: Path, e: BaseException) -> int | None:
+    """The errno (a key of `_CAUSES`) of a failed write into `folder` when the disk is the reason (torch and onnx
+    lose the errno, so the folder is asked)."""
     if isinstance(e, OSError) and e.errno in _CAUSES:
-        return _CAUSES[e.errno]
+        return e.errno
     try:
         st = os.statvfs(folder)
     except OSError:
         return None
     if st.f_flag & os.ST_RDONLY:
-        return _CAUSES[errno.EROFS]
+        return errno.EROFS
     if st.f_bavail == 0:
-        return _CAUSES[errno.ENOSPC]
+        return errno.ENOSPC
     return None
 
-def _storage_error(path: Path, cause: str, e: BaseException) -> StorageError:
-    code = next((k for k, v in _CAUSES.items() if v == cause), errno.EIO)
-    return StorageError(code, f"{path}: cannot write: {cause} ({type(e).__name__}: {e}). Nothing under that name "
+def _storage_error(path: Path, code: int, e: BaseException) -> StorageError:
+    return StorageError(code, f"{path}: cannot write: {_CAUSES[code]} ({type(e).__name__}: {e}). Nothing under that name "
                         "was changed. Free some space or fix the folder's permissions (or write the output "
                         "elsewhere: out_dir / --runs-root), then rerun the same command to continue.", str(path))
 
@@ -71,8 +71,8 @@ def _storage_error(path: Path, cause: str, e: BaseException) -> StorageError:
 def disk_error(path: str | os.PathLike, e: BaseException) -> StorageError | None:
     """The `StorageError` for a failed write to `path` when a full, read-only or forbidden disk caused it, else None."""
     path = Path(path)
-    cause = _write_cause(path.parent, e)
-    return None if cause is None else _storage_error(path, cause, e)
+    code = _write_cause(path.parent, e)
+    return None if code is None else _storage_error(path, code, e)
 
 # %% ../nbs/04_storage.ipynb #501bace2
 @contextlib.contextmanager
