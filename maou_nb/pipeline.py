@@ -129,7 +129,11 @@ def _check_train(params: dict):
     return TrainConfig.from_dict(params, check_files=False)
 
 def _trains(stage: str) -> Callable[[dict], bool]:
-    return lambda section: str(section.get("stage", "3")).lower() in (stage, "all")   # TrainConfig's default stage
+    """Whether a train section trains `stage` (a section without `stage` gets TrainConfig's default)."""
+    def trains(section: dict) -> bool:
+        from maou_nb.train import TrainConfig
+        return str(section.get("stage", TrainConfig.stage)).lower() in (stage, "all")
+    return trains
 
 STEPS: dict[str, Step] = {s.name: s for s in [
     Step("selfplay", "selfplay.ipynb", "data/selfplay", check=_checker("selfplay", "check_selfplay_params")),
