@@ -19,7 +19,8 @@ import torch
 
 from maou_nb.model import build_train_model
 from maou_nb.settings import resolve_device
-from maou_nb.train import TrainConfig, TrainRun, seed_everything, stage_trainer
+from maou_nb.config import TrainConfig
+from maou_nb.train import TrainRun, seed_everything, stage_trainer
 
 
 def make_data(root: Path, n_games: int, seed: int = 0) -> tuple[Path, Path]:

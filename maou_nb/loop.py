@@ -23,7 +23,8 @@ from .preprocess import preprocess
 from .settings import setting
 from .storage import (game_id, load_checkpoint, read_json, remove_stale_temps, save_hcpe, sha256_file,
                              write_json, write_manifest)
-from .train import TrainConfig, check_fields, knob, train
+from .config import TrainConfig, check_fields, knob
+from .train import train
 
 # %% auto #0
 __all__ = ['DEFAULT_THRESHOLDS', 'LoopParams', 'default_registry_path', 'load_registry', 'save_registry', 'registry_entry',

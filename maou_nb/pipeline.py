@@ -5,12 +5,10 @@
 # %% ../nbs/22_pipeline.ipynb #d9d6ad6c
 from __future__ import annotations
 
-import argparse
 import ast
 import contextlib
 import datetime as _dt
 import hashlib
-import json
 import os
 import platform
 import re
@@ -29,15 +27,14 @@ import maou_nb
 from . import __version__
 from .selfplay import game_name
 from .settings import setting
-from .storage import ShardError, atomic_path, game_id, read_json, read_yaml, remove_stale_temps, split_by_game, write_json
+from .storage import atomic_path, game_id, read_json, read_yaml, remove_stale_temps, split_by_game, write_json
 
 # %% auto #0
-__all__ = ['STAGE_MARK', 'INJECTED_MARK', 'STEPS', 'TOP_LEVEL_KEYS', 'PATH_PARAMS', 'RUN_ID', 'COMMANDS', 'stage_params', 'Need',
-           'Step', 'mark_done', 'kit_folder', 'bundled_params', 'find_params', 'stages_dir', 'notebook_parameters',
+__all__ = ['STAGE_MARK', 'INJECTED_MARK', 'STEPS', 'TOP_LEVEL_KEYS', 'PATH_PARAMS', 'RUN_ID', 'stage_params', 'Need', 'Step',
+           'mark_done', 'kit_folder', 'bundled_params', 'find_params', 'stages_dir', 'notebook_parameters',
            'load_params', 'check_step_params', 'check_split', 'notebook_sha256', 'run_metadata', 'record_step',
            'resolve_run_id', 'steps_to_run', 'check_inputs', 'step_failure', 'run_pipeline', 'StepLines',
-           'batch_environment', 'stage_kernel_manager', 'write_summary', 'markdown_table', 'init', 'init_command',
-           'command_parser', 'main']
+           'batch_environment', 'stage_kernel_manager', 'write_summary', 'markdown_table']
 
 # %% ../nbs/22_pipeline.ipynb #549d0410
 STAGE_MARK, INJECTED_MARK = "# Stage parameters", "# Parameters"
@@ -125,13 +122,13 @@ def _checker(module: str, name: str, **kwargs) -> Callable[[dict], object]:
 
 def _check_train(params: dict):
     """The train step's checker is TrainConfig's own; data folders are checked where they are made or given."""
-    from maou_nb.train import TrainConfig
+    from maou_nb.config import TrainConfig
     return TrainConfig.from_dict(params, check_files=False)
 
 def _trains(stage: str) -> Callable[[dict], bool]:
     """Whether a train section trains `stage` (a section without `stage` gets TrainConfig's default)."""
     def trains(section: dict) -> bool:
-        from maou_nb.train import TrainConfig
+        from maou_nb.config import TrainConfig
         return str(section.get("stage", TrainConfig.stage)).lower() in (stage, "all")
     return trains
 
@@ -608,90 +605,3 @@ def _fmt(value) -> str:
     if isinstance(value, list) and value and isinstance(value[0], dict):
         return "; ".join(_fmt(v) for v in value)
     return str(value)
-
-# %% ../nbs/22_pipeline.ipynb #ff79ddd9
-def init(folder: str | os.PathLike = ".", *, notebooks: bool = False, overwrite: bool = False) -> list[Path]:
-    """Copy the kit's params files into `folder/params` (and its stage notebooks into `folder/stages`); the files written."""
-    folder = Path(folder)
-    sources = [(kit_folder("params"), folder / "params", "*.yaml")] + (
-        [(kit_folder("stages"), folder / "stages", "*.ipynb")] if notebooks else [])
-    plan = [(src, dst / src.relative_to(root)) for root, dst, pattern in sources for src in sorted(root.rglob(pattern))]
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"{folder} is a file: give a folder to put params/ in.")
-    changed = [dst for src, dst in plan if dst.exists() and (not dst.is_file() or dst.read_bytes() != src.read_bytes())]
-    if changed and not overwrite:
-        raise FileExistsError(f"{len(changed)} file(s) differ from the kit's and would be replaced: "
-                              f"{', '.join(map(str, changed))}. Nothing was written; keep them, or pass --force "
-                              "(overwrite=True) to replace them.")
-    written = []
-    for src, dst in plan:
-        if dst.is_file() and dst.read_bytes() == src.read_bytes():
-            continue
-        with atomic_path(dst) as tmp:
-            tmp.write_bytes(src.read_bytes())
-        written.append(dst)
-    return written
-
-# %% ../nbs/22_pipeline.ipynb #c9a5ac95
-def init_command(argv: list[str] | None = None) -> int:
-    """`maou-nb init [DIR] [--notebooks] [--force]`."""
-    parser = argparse.ArgumentParser(prog="maou-nb init", description="Copy the kit's example params files (and "
-                                     "with --notebooks its stage notebooks) into a working folder to edit.")
-    parser.add_argument("folder", nargs="?", default=".", help="where params/ (and stages/) go; default: here")
-    parser.add_argument("--notebooks", action="store_true", help="also copy the stage notebooks into DIR/stages")
-    parser.add_argument("--force", action="store_true", help="replace files that differ from the kit's")
-    args = parser.parse_args(argv)
-    try:
-        written = init(args.folder, notebooks=args.notebooks, overwrite=args.force)
-    except (FileExistsError, NotADirectoryError, FileNotFoundError) as e:
-        print(f"maou-nb init: error: {e}", file=sys.stderr)
-        return 2
-    where = Path(args.folder).resolve()
-    print(f"{len(written)} file(s) written under {where}" + ("" if written else " (all were already the kit's)"))
-    print(f"next: cd {where} && maou-nb run params/quickstart.yaml" + (
-        "   (MAOU_NB_STAGES=stages to run the copied notebooks)" if args.notebooks else ""))
-    return 0
-
-# %% ../nbs/22_pipeline.ipynb #dac81966
-COMMANDS = ("run", "init", "usi")
-
-def command_parser() -> argparse.ArgumentParser:
-    """The `maou-nb` parser: one subcommand per job, each listed with one line in `maou-nb --help`."""
-    parser = argparse.ArgumentParser(prog="maou-nb", description="maou_nb: train shogi networks from notebooks.")
-    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
-    run = commands.add_parser("run", help="run a pipeline from a params file (rerun with the same --run-id to resume)",
-                              description="Run a maou_nb pipeline from a params file.")
-    run.add_argument("params", help="a params YAML file, or the name of a bundled one (e.g. quickstart, tiny)")
-    run.add_argument("--run-id", help="reuse to resume a run; default: timestamp + params name")
-    run.add_argument("--runs-root", help="overrides settings.ini's runs_root")
-    run.add_argument("--only", help="comma-separated steps to run (others are skipped)")
-    commands.add_parser("init", add_help=False, help="copy the example params (and --notebooks) into a folder to edit")
-    commands.add_parser("usi", add_help=False, help="play as a USI engine on stdin/stdout (maou-nb usi --help)")
-    return parser
-
-# %% ../nbs/22_pipeline.ipynb #1030473f
-def main(argv: list[str] | None = None) -> int:
-    """The `maou-nb` command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "init":
-        return init_command(argv[1:])
-    if argv and argv[0] == "usi":
-        from maou_nb.usi import main as usi_main
-        return usi_main(argv[1:]) or 0
-    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
-        argv = ["run", *argv]  # `maou-nb params.yaml` is `maou-nb run params.yaml`
-    parser = command_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    only = None if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
-    try:
-        run_pipeline(args.params, run_id=args.run_id, runs_root=args.runs_root, only=only)
-    except (ValueError, FileNotFoundError, ShardError, RuntimeError) as e:
-        print(f"maou-nb: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-if __name__ == "__main__" and "__file__" in globals():
-    sys.exit(main())

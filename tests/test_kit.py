@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from maou_nb import __version__
-from maou_nb.pipeline import load_params, main, run_pipeline
+from maou_nb.cli import main
+from maou_nb.pipeline import load_params, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 KIT = {"maou_nb/stages": (ROOT / "nbs" / "stages", "*.ipynb"), "maou_nb/params": (ROOT / "params", "*.yaml")}
@@ -107,7 +108,8 @@ def test_params_by_name_and_a_path_wins(tmp_path, monkeypatch):
 
 
 def test_init_copies_the_examples_and_never_loses_an_edit(tmp_path, capsys):
-    from maou_nb.pipeline import bundled_params, init
+    from maou_nb.cli import init
+    from maou_nb.pipeline import bundled_params
     work = tmp_path / "work"
     assert main(["init", str(work)]) == 0
     params = {p.relative_to(work / "params").with_suffix("").as_posix() for p in (work / "params").rglob("*.yaml")}

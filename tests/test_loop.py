@@ -73,7 +73,7 @@ def test_loop_params_are_checked(tmp_path):
 
 
 def test_loop_params_files_are_valid():
-    from maou_nb.train import TrainConfig
+    from maou_nb.config import TrainConfig
     files = sorted((Path(__file__).resolve().parents[1] / "params" / "loop").glob("*.yaml"))
     assert len(files) >= 2
     for path in files:

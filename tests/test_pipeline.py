@@ -8,7 +8,8 @@ import papermill as pm
 import pytest
 import yaml
 
-from maou_nb.pipeline import STEPS, load_params, main, run_pipeline
+from maou_nb.cli import main
+from maou_nb.pipeline import STEPS, load_params, run_pipeline
 from tiny_run import ROOT, STAGES, TINY, tiny_run
 
 PARAMS = sorted((ROOT / "params").glob("*.yaml"))
@@ -122,7 +123,7 @@ def test_shipped_train_sections_are_valid_configs(path):
     """Each params file's train section, over the notebook's wired defaults, is a valid TrainConfig that builds its model."""
     from maou_nb.pipeline import notebook_parameters
     from maou_nb.model import build_train_model
-    from maou_nb.train import TrainConfig
+    from maou_nb.config import TrainConfig
     declared = notebook_parameters(STAGES / "train.ipynb")
     declared.pop("config")
     config = TrainConfig.from_dict({**declared, **(yaml.safe_load(path.read_text()).get("train") or {})},

@@ -76,7 +76,7 @@ def test_train_notebook_restates_no_default():
     """The train notebook declares only what the pipeline wires in (each a TrainConfig field) and one `config` dict:
     every other default is TrainConfig's, so a train section means the same through the pipeline and through train()."""
     import dataclasses
-    from maou_nb.train import TrainConfig
+    from maou_nb.config import TrainConfig
     declared = notebook_parameters(STAGES / "train.ipynb")
     assert list(declared) == WIRED_TRAIN + ["config"] and declared["config"] == {}
     assert set(WIRED_TRAIN) <= {f.name for f in dataclasses.fields(TrainConfig)}
@@ -89,7 +89,7 @@ def test_train_notebook_restates_no_default():
 def test_train_section_reaches_the_notebook_whole(path):
     """Each params file's train section is split into the notebook's wired names and `config`, and the notebook's
     recombination gives the TrainConfig that train() builds from the section itself."""
-    from maou_nb.train import TrainConfig
+    from maou_nb.config import TrainConfig
     section = yaml.safe_load(path.read_text()).get("train") or {}
     declared = notebook_parameters(STAGES / "train.ipynb")
     values = {**STEPS["train"].wire(Path("/run")), **section, "out_dir": "/run"}

@@ -11,8 +11,8 @@ import yaml
 from maou_nb.preprocess import make_stage1_data, make_stage2_data, preprocess
 from maou_nb.records import random_games
 from maou_nb.storage import HCPE_DTYPE, load_array, load_checkpoint, save_array, save_hcpe, write_manifest, read_manifest
-from maou_nb.train import (ConfigError, NonFiniteLossError, SCHEDULERS, StageThresholdError, TrainConfig,
-                           multilabel_metrics, scheduler_name, stage_gate, summarise, train)
+from maou_nb.config import SCHEDULERS, ConfigError, TrainConfig, scheduler_name
+from maou_nb.train import NonFiniteLossError, StageThresholdError, multilabel_metrics, stage_gate, summarise, train
 
 TINY = {"device": "cpu", "model": "resnet", "preset": "small", "model_config": {"resnet_widths": [8, 8, 8, 8]},
         "batch_size": 128, "log_every": 1}
