@@ -86,7 +86,7 @@ def test_installed_wheel_uses_its_own_files_and_no_foreign_git(wheel, tmp_path):
     assert Path(got["stages"]) == site / "maou_nb" / "stages" and Path(got["tiny"]) == site / "maou_nb/params/tiny.yaml"
     assert got["steps"] == yaml.safe_load((ROOT / "params/quickstart.yaml").read_text())["steps"]
     assert got["git"] == {}
-    made = subprocess.run([sys.executable, "-m", "maou_nb.pipeline", "init", "work", "--notebooks"], cwd=empty, env=env,
+    made = subprocess.run([sys.executable, "-m", "maou_nb.cli", "init", "work", "--notebooks"], cwd=empty, env=env,
                           capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr
     copied = {f"maou_nb/{p.relative_to(empty / 'work').as_posix()}" for p in (empty / "work").rglob("*") if p.is_file()}
