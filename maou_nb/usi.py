@@ -25,9 +25,11 @@ from .settings import setting
 
 # %% auto #0
 __all__ = ['MODEL_FILES', 'AUTO', 'STANDARD_OPTIONS', 'PIECE_LIMITS', 'PIECE_NAMES', 'MAX_PLY', 'GO_INT_ARGS', 'GO_FLAGS',
-           'NO_CLOCK_SECONDS', 'RESERVE_SECONDS', 'run_finish_time', 'newest_run_model', 'default_model',
-           'engine_options', 'option_line', 'USIError', 'check_sfen', 'parse_position', 'parse_go', 'time_budget',
-           'Clock', 'score_cp', 'ModelError', 'USIEngine', 'main']
+           'NO_CLOCK_SECONDS', 'RESERVE_SECONDS', 'ENGINE_COMMANDS', 'run_finish_time', 'newest_run_model',
+           'default_model', 'engine_options', 'option_line', 'USIError', 'check_sfen', 'parse_position', 'parse_go',
+           'time_budget', 'Clock', 'score_cp', 'ModelError', 'check_option', 'build_player', 'choose_among', 'think',
+           'USIProtocol', 'USIEngine', 'on_usi', 'on_isready', 'on_setoption', 'on_usinewgame', 'on_position',
+           'answer_go', 'on_go', 'main']
 
 # %% ../nbs/32_usi.ipynb #9c1d0a02
 MODEL_FILES = ("best.onnx", "model.onnx", "best.pt")  # a model the user put in models_root, looked for in this order
@@ -325,28 +327,141 @@ class ModelError(USIError):
 
 # %% ../nbs/32_usi.ipynb #f5b57cbd
 class _Search:
-    "A `go infinite` / `go ponder` running in a thread: its clock, and whether its bestmove may be sent yet."
+    "A `go` in progress: its limits, clock and budget, and whether its bestmove may be sent yet (held by `go infinite`/`go ponder`)."
 
     def __init__(self, limits: dict, start: float, clock: Clock, budget: float | None):
         self.limits, self.start, self.clock, self.budget = limits, start, clock, budget
         self.released, self.discard = threading.Event(), False
         self.thread: threading.Thread | None = None
 
-# %% ../nbs/32_usi.ipynb #071342ac
-class USIEngine:
-    "A USI protocol engine over a `maou_nb.players` player."
-    name = "maou_nb"
+    def end(self, discard: bool = False) -> None:
+        "Stop thinking and wait for the thread (its bestmove is sent unless `discard`)."
+        self.discard = discard
+        self.clock.stopped.set()
+        self.released.set()
+        self.thread.join()
 
-    def __init__(self, write: Callable[[str], None] | None = None, **options):
+    def hit(self) -> None:
+        "`ponderhit`: think on from now, by the clock `go ponder` gave, and send the bestmove when done."
+        self.clock.deadline = time.monotonic() + (self.budget if self.budget is not None else NO_CLOCK_SECONDS)
+        self.start = time.monotonic()
+        self.released.set()
+
+# %% ../nbs/32_usi.ipynb #3a528935
+def check_option(name: str, value: str, spec: dict[str, dict]) -> str | int:
+    """`value` for the option `name` of `spec` (or of STANDARD_OPTIONS) once it fits the option's type: an int for a
+    spin, "" for an empty ModelPath, else the string itself. USIError naming the option and what it takes."""
+    option = spec.get(name) or STANDARD_OPTIONS.get(name)
+    if option is None:
+        close = [k for k in spec if k.lower() == name.lower()]
+        raise USIError(f"unknown option {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                       + f"; options are {', '.join(spec)}")
+    if option["type"] == "spin":
+        if not re.fullmatch(r"-?[0-9]+", value):
+            raise USIError(f"option {name} needs a whole number in [{option['min']}, {option['max']}], got {value!r}")
+        if not option["min"] <= int(value) <= option["max"]:
+            raise USIError(f"option {name} must be in [{option['min']}, {option['max']}], got {int(value)}")
+        return int(value)
+    if option["type"] == "check" and value not in ("true", "false"):
+        raise USIError(f"option {name} must be true or false, got {value!r}")
+    if option["type"] == "combo" and value not in option["vars"]:
+        raise USIError(f"option {name} must be one of {option['vars']}, got {value!r}")
+    if name == "Temperature":
+        try:
+            if not (math.isfinite(float(value)) and float(value) >= 0):
+                raise ValueError
+        except ValueError:
+            raise USIError(f"option Temperature needs a number >= 0 (0: always the top move), got {value!r}") from None
+    if name == "ModelPath":
+        return "" if value.strip() in ("", "<empty>") else value
+    return value
+
+# %% ../nbs/32_usi.ipynb #e6994c53
+def build_player(options: dict) -> tuple[Player, str]:
+    """The player the engine's `options` ask for, and a line saying what plays. A named model that cannot be loaded
+    raises ModelError; the baseline engine stands in only when no model was named and none is found."""
+    kind, seed = options["Player"], int(options["Seed"])
+    if kind == "random":
+        return RandomPlayer(seed=seed), "playing random legal moves (Player random)"
+    if kind == "baseline":
+        return BaselinePlayer(seed=seed), "playing the baseline engine (Player baseline)"
+    named = options["ModelPath"]
+    path, found = (Path(named), "ModelPath") if named else default_model()
+    if path is None:
+        return BaselinePlayer(seed=seed), (f"no model found ({found}); playing the baseline engine. "
+                                           "Set ModelPath (or --model) to play a model")
+    try:
+        player = NetworkPlayer(path, temperature=float(options["Temperature"]), seed=seed,
+                               threads=int(options["Threads"]), mate_in_one=options["MateInOne"] == "true")
+        player.evaluator.policy_value([cshogi.Board()])  # a file with the right name but not a maou_nb model fails here
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:400]
+        if named:
+            raise ModelError(f"cannot load model {path} ({reason}). Set ModelPath (or --model) to a maou_nb "
+                             "checkpoint (.pt) or ONNX export (runs/<run_id>/models/model.onnx), or leave it empty "
+                             "to play the newest run's model") from None
+        return BaselinePlayer(seed=seed), (f"error: the model found ({path}, {found}) cannot be loaded ({reason}); "
+                                           "playing the baseline engine. Set ModelPath to play a model")
+    sims = int(options["Simulations"])
+    search = ("policy only" if sims == 0 else "search on the clock" if sims == AUTO
+              else f"search of at most {sims} simulations")
+    return player, f"playing model {path} ({found}; {search})"
+
+# %% ../nbs/32_usi.ipynb #c47f0494
+def choose_among(player: Player, board: cshogi.Board, allowed: list[str]) -> int:
+    "The player's pick among `go searchmoves`: the policy's favourite, the baseline's best score, or a random one."
+    legal = {cshogi.move_to_usi(m): m for m in board.legal_moves}
+    moves = [legal[u] for u in allowed]
+    if isinstance(player, NetworkPlayer):
+        probs, player.last_values = player.evaluator.policy_value([board])
+        label = dict(zip(*legal_moves_and_labels([board])[0]))
+        return max(moves, key=lambda m: probs[0, label[m]])
+    if isinstance(player, BaselinePlayer):
+        scored = dict(zip(*player.engine.score_moves(board)))
+        return max(moves, key=lambda m: scored[m])
+    return moves[int(player.rng.integers(len(moves)))]
+
+# %% ../nbs/32_usi.ipynb #3af8cc91
+def think(board: cshogi.Board, player: Player, limits: dict, clock: Clock, start: float,
+          simulations: int = AUTO) -> tuple[str, list[str]]:
+    """The bestmove answer for `board` (a USI move, `resign` or `win`) and the info lines that go before it: the
+    network searches up to `simulations` (AUTO: the spin's max) and the `nodes` limit, stopping by `clock`."""
+    if board.is_nyugyoku():
+        return "win", ["info string entering-king declaration"]
+    if board.is_game_over():
+        return "resign", ["info string no legal move"]
+    cap = engine_options()["Simulations"]["max"] if simulations == AUTO else simulations
+    if "nodes" in limits and cap:
+        cap = min(cap, limits["nodes"])
+    nodes = 1
+    if limits.get("searchmoves"):
+        move = choose_among(player, board, limits["searchmoves"])
+    elif isinstance(player, NetworkPlayer) and cap > 0:
+        moves, player.last_values = puct_search(player, [board], cap, player.c_puct, player.temperatures([board]),
+                                                player.rng, stop=clock)
+        move, nodes = moves[0], max(1, player.last_simulations)
+    else:
+        move = player.choose(board)
+    if move == RESIGN or not board.is_legal(move):
+        return "resign", [f"info string player {player.name} resigned"]
+    usi = cshogi.move_to_usi(move)
+    elapsed = int((time.monotonic() - start) * 1000)
+    if isinstance(player, NetworkPlayer) and len(player.last_values):
+        cp = score_cp(player.last_values[0])
+    elif isinstance(player, BaselinePlayer):
+        cp = int(player.engine.evaluate(board))
+    else:
+        cp = 0
+    return usi, [f"info depth 1 time {elapsed} nodes {nodes} score cp {cp} pv {usi}"]
+
+# %% ../nbs/32_usi.ipynb #8af29f80
+class USIProtocol:
+    """The USI loop: command lines in, answers out through `write`, each command inside one guard, and a search in a
+    thread kept in step with `stop`, `ponderhit`, `gameover` and `quit`; a subclass follows the rest in `command`."""
+
+    def __init__(self, write: Callable[[str], None] | None = None):
         self._out = write or (lambda line: print(line, flush=True))
         self._lock = threading.Lock()
-        self.spec = engine_options()
-        self.options = {k: v["default"] for k, v in self.spec.items()}
-        for k, v in options.items():
-            self.set_option(k, str(v))
-        self.player: Player | None = None
-        self.playing = ""  # what plays, said at isready
-        self.board: cshogi.Board | None = cshogi.Board()  # None after a refused `position`
         self.search: _Search | None = None  # a go infinite/ponder in progress
 
     def write(self, line: str) -> None:
@@ -354,243 +469,33 @@ class USIEngine:
         with self._lock:
             self._out(line)
 
-    def set_option(self, name: str, value: str) -> None:
-        "Set one option (checked against its type); the player is rebuilt at the next isready/go."
-        spec = self.spec.get(name) or STANDARD_OPTIONS.get(name)
-        if spec is None:
-            close = [k for k in self.spec if k.lower() == name.lower()]
-            raise USIError(f"unknown option {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
-                           + f"; options are {', '.join(self.spec)}")
-        if spec["type"] == "spin":
-            if not re.fullmatch(r"-?[0-9]+", value):
-                raise USIError(f"option {name} needs a whole number in [{spec['min']}, {spec['max']}], got {value!r}")
-            v = int(value)
-            if not spec["min"] <= v <= spec["max"]:
-                raise USIError(f"option {name} must be in [{spec['min']}, {spec['max']}], got {v}")
-            value = v
-        elif spec["type"] == "check" and value not in ("true", "false"):
-            raise USIError(f"option {name} must be true or false, got {value!r}")
-        elif spec["type"] == "combo" and value not in spec["vars"]:
-            raise USIError(f"option {name} must be one of {spec['vars']}, got {value!r}")
-        elif name == "Temperature":
-            try:
-                if not (math.isfinite(float(value)) and float(value) >= 0):
-                    raise ValueError
-            except ValueError:
-                raise USIError(f"option Temperature needs a number >= 0 (0: always the top move), "
-                               f"got {value!r}") from None
-        elif name == "ModelPath":
-            value = "" if value.strip() in ("", "<empty>") else value
-        if name in STANDARD_OPTIONS:
-            return
-        self.options[name] = value
-        self.player = None
-
-    def build_player(self) -> tuple[Player, str]:
-        """The player the options ask for, and a line saying what plays. A named model that cannot be loaded raises
-        ModelError; the baseline engine stands in only when no model was named and none is found."""
-        kind, seed = self.options["Player"], int(self.options["Seed"])
-        if kind == "random":
-            return RandomPlayer(seed=seed), "playing random legal moves (Player random)"
-        if kind == "baseline":
-            return BaselinePlayer(seed=seed), "playing the baseline engine (Player baseline)"
-        named = self.options["ModelPath"]
-        path, found = (Path(named), "ModelPath") if named else default_model()
-        if path is None:
-            return BaselinePlayer(seed=seed), (f"no model found ({found}); playing the baseline engine. "
-                                               "Set ModelPath (or --model) to play a model")
-        try:
-            player = NetworkPlayer(path, temperature=float(self.options["Temperature"]), seed=seed,
-                                   threads=int(self.options["Threads"]),
-                                   mate_in_one=self.options["MateInOne"] == "true")
-            player.evaluator.policy_value([cshogi.Board()])  # a file with the right name but not a maou_nb model fails here
-        except Exception as e:
-            reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:400]
-            if named:
-                raise ModelError(f"cannot load model {path} ({reason}). Set ModelPath (or --model) to a maou_nb "
-                                 "checkpoint (.pt) or ONNX export (runs/<run_id>/models/model.onnx), or leave it empty "
-                                 "to play the newest run's model") from None
-            return BaselinePlayer(seed=seed), (f"error: the model found ({path}, {found}) cannot be loaded ({reason}); "
-                                               "playing the baseline engine. Set ModelPath to play a model")
-        search = "policy only" if int(self.options["Simulations"]) == 0 else (
-            "search on the clock" if int(self.options["Simulations"]) == AUTO
-            else f"search of at most {self.options['Simulations']} simulations")
-        return player, f"playing model {path} ({found}; {search})"
-
-    def ensure_player(self) -> Player:
-        "The current player, built if needed (ModelError when the model asked for cannot be loaded)."
-        if self.player is None:
-            self.player, self.playing = self.build_player()
-        return self.player
-
-    def choose_among(self, player: Player, board: cshogi.Board, allowed: list[str]) -> int:
-        "The player's pick among `go searchmoves`: the policy's favourite, the baseline's best score, or a random one."
-        legal = {cshogi.move_to_usi(m): m for m in board.legal_moves}
-        moves = [legal[u] for u in allowed]
-        if isinstance(player, NetworkPlayer):
-            probs, player.last_values = player.evaluator.policy_value([board])
-            label = dict(zip(*legal_moves_and_labels([board])[0]))
-            return max(moves, key=lambda m: probs[0, label[m]])
-        if isinstance(player, BaselinePlayer):
-            scored = dict(zip(*player.engine.score_moves(board)))
-            return max(moves, key=lambda m: scored[m])
-        return moves[int(player.rng.integers(len(moves)))]
-
-    def think(self, limits: dict, clock: Clock, start: float) -> tuple[str, list[str]]:
-        "The bestmove answer for the current position, and the info lines that go before it."
-        board = self.board
-        if board.is_nyugyoku():
-            return "win", ["info string entering-king declaration"]
-        if board.is_game_over():
-            return "resign", ["info string no legal move"]
-        player = self.ensure_player()
-        sims = int(self.options["Simulations"])
-        cap = self.spec["Simulations"]["max"] if sims == AUTO else sims
-        if "nodes" in limits and cap:
-            cap = min(cap, limits["nodes"])
-        nodes = 1
-        if limits.get("searchmoves"):
-            move = self.choose_among(player, board, limits["searchmoves"])
-        elif isinstance(player, NetworkPlayer) and cap > 0:
-            moves, player.last_values = puct_search(player, [board], cap, player.c_puct, player.temperatures([board]),
-                                                    player.rng, stop=clock)
-            move, nodes = moves[0], max(1, player.last_simulations)
-        else:
-            move = player.choose(board)
-        if move == RESIGN or not board.is_legal(move):
-            return "resign", [f"info string player {player.name} resigned"]
-        usi = cshogi.move_to_usi(move)
-        elapsed = int((time.monotonic() - start) * 1000)
-        if isinstance(player, NetworkPlayer) and len(player.last_values):
-            cp = score_cp(player.last_values[0])
-        elif isinstance(player, BaselinePlayer):
-            cp = int(player.engine.evaluate(board))
-        else:
-            cp = 0
-        return usi, [f"info depth 1 time {elapsed} nodes {nodes} score cp {cp} pv {usi}"]
-
-    def answer(self, s: _Search) -> None:
-        "Think under `s`, write the info lines, and the bestmove once `s` is released (never when discarded)."
-        try:
-            bestmove, info = self.think(s.limits, s.clock, s.start)
-        except Exception as e:
-            moves = list(self.board.legal_moves)
-            bestmove = cshogi.move_to_usi(moves[0]) if moves else "resign"
-            info = [f"info string error while thinking: {e}; playing a legal move"]
-        for line in info:
-            self.write(line)
-        s.released.wait()
-        if not s.discard:
-            self.write(f"bestmove {bestmove}")
-
-    def go(self, args: list[str]) -> None:
-        """Answer `go`: info lines then bestmove. A clocked search runs here and ends by its clock; `go infinite`
-        and `go ponder` run in a thread until `stop` (or, pondering, `ponderhit` and then the clock)."""
-        start = time.monotonic()
-        if self.board is None:  # never think about a position other than the one the GUI sent
-            self.write("info string error: no position to think about: the last position command was refused; "
-                       "send a valid position before go")
-            self.write("bestmove resign")
-            return
-        limits = parse_go(args, self.board)
-        if "mate" in limits:
-            mate = mate_in_one(self.board)
-            self.write(f"checkmate {cshogi.move_to_usi(mate)}" if mate else "checkmate nomate")
-            return
-        try:
-            self.ensure_player()
-        except ModelError as e:  # never play something other than the model asked for
-            self.refuse(e)
-            self.write("bestmove resign")
-            return
-        budget = time_budget(limits, self.board.turn, int(self.options["ByoyomiMargin"]))
-        if budget is None and "nodes" not in limits:
-            budget = NO_CLOCK_SECONDS
-        held = bool(limits.get("infinite") or limits.get("ponder"))
-        s = _Search(limits, start, Clock(None if held or budget is None else start + budget), budget)
-        if not held:
-            s.released.set()
-            return self.answer(s)
-        s.thread = threading.Thread(target=self.answer, args=(s,), daemon=True)
-        self.search = s
-        s.thread.start()
-
     def end_search(self, discard: bool = False) -> None:
         "Stop a `go infinite`/`go ponder` in progress and wait for it (its bestmove is sent unless `discard`)."
         s, self.search = self.search, None
         if s is not None:
-            s.discard = discard
-            s.clock.stopped.set()
-            s.released.set()
-            s.thread.join()
-
-    def ponderhit(self) -> None:
-        "The opponent played the move pondered on: think on from now, by the clock `go ponder` gave."
-        s = self.search
-        if s is not None:
-            s.clock.deadline = time.monotonic() + (s.budget if s.budget is not None else NO_CLOCK_SECONDS)
-            s.start = time.monotonic()
-            s.released.set()
-
-    def refuse(self, e: Exception) -> None:
-        "Report a model that cannot be loaded, to the GUI and on stderr."
-        self.write(f"info string error: {e}")
-        print(f"maou-nb-usi: error: {e}", file=sys.stderr, flush=True)
+            s.end(discard)
 
     def handle(self, line: str) -> bool:
-        "Follow one command line; False after quit."
-        tokens = line.strip().split()
-        if not tokens:
-            return True
-        cmd, args = tokens[0], tokens[1:]
+        "Follow one command line (an error is answered with `info string error …`); False after quit."
+        cmd, *args = line.split() or [""]
         try:
-            if cmd in ("stop", "quit"):
-                self.end_search()
-                return cmd != "quit"
-            if cmd == "ponderhit":
-                return self.ponderhit() or True
-            if cmd == "gameover":
-                self.end_search(discard=True)
-                return True
-            if cmd == "isready" and self.search is not None:
+            if cmd in ("stop", "quit", "gameover"):  # gameover: the search's move is dropped
+                self.end_search(discard=cmd == "gameover")
+            elif cmd == "ponderhit":
+                if self.search is not None:
+                    self.search.hit()
+            elif cmd == "isready" and self.search is not None:
                 self.write("readyok")  # a search in progress: its player is ready
-                return True
-            if self.search is not None and self.search.released.is_set():
-                self.search.thread.join()  # ponderhit: the search ends by its clock
-                self.search = None
-            self.end_search()  # any other command ends a search still waiting for stop
-            if cmd == "usi":
-                self.write(f"id name {self.name}")
-                self.write("id author maou_nb developers")
-                for name, spec in self.spec.items():  # current values as defaults: a GUI that sends every
-                    self.write(option_line(name, {**spec, "default": self.options[name]}))  # option keeps --model
-                self.write("usiok")
-            elif cmd == "isready":
-                try:
-                    self.ensure_player()
-                except ModelError as e:  # no readyok until ModelPath names a loadable model (or is emptied)
-                    self.refuse(e)
-                    return True
-                self.write(f"info string {self.playing}")
-                self.write("readyok")
-            elif cmd == "setoption":
-                if len(args) < 2 or args[0] != "name" or args[1] == "value":
-                    raise USIError("setoption needs 'name <name> [value <value>]'")
-                k = args.index("value") if "value" in args else len(args)
-                self.set_option(" ".join(args[1:k]), " ".join(args[k + 1:]))
-            elif cmd == "usinewgame":
-                self.board = cshogi.Board()
-                self.ensure_player().seed(int(self.options["Seed"]))
-            elif cmd == "position":
-                self.board = None
-                self.board = parse_position(args)
-            elif cmd == "go":
-                self.go(args)
-            else:
-                raise USIError(f"unknown command {cmd!r}")
+            elif cmd:
+                if self.search is not None and self.search.released.is_set():
+                    self.search.thread.join()  # after ponderhit: the search ends by its clock
+                    self.search = None
+                self.end_search()  # any other command ends a search still waiting for stop
+                self.command(cmd, args)
+            return cmd != "quit"
         except Exception as e:  # never crash: report and keep serving
             self.write(f"info string error: {e}")
-        return True
+            return True
 
     def run(self, stdin=None) -> None:
         "Serve commands from `stdin` (bytes or text lines; default the process's stdin) until quit or EOF."
@@ -602,6 +507,137 @@ class USIEngine:
                     break
         finally:
             self.end_search()
+
+# %% ../nbs/32_usi.ipynb #071342ac
+class USIEngine(USIProtocol):
+    "A USI engine over a `maou_nb.players` player: its options, its player, and the commands of a game."
+    name = "maou_nb"
+
+    def __init__(self, write: Callable[[str], None] | None = None, **options):
+        super().__init__(write)
+        self.spec = engine_options()
+        self.options = {k: v["default"] for k, v in self.spec.items()}
+        for k, v in options.items():
+            self.set_option(k, str(v))
+        self.player: Player | None = None
+        self.playing = ""  # what plays, said at isready
+        self.board: cshogi.Board | None = cshogi.Board()  # None after a refused `position`
+
+    def set_option(self, name: str, value: str) -> None:
+        "Set one option (`check_option`); the player is rebuilt at the next isready/go."
+        value = check_option(name, value, self.spec)
+        if name not in STANDARD_OPTIONS:
+            self.options[name], self.player = value, None
+
+    def ensure_player(self) -> Player:
+        "The current player, built if needed (ModelError when the model asked for cannot be loaded)."
+        if self.player is None:
+            self.player, self.playing = build_player(self.options)
+        return self.player
+
+    def refuse(self, e: Exception) -> None:
+        "Report a model that cannot be loaded, to the GUI and on stderr."
+        self.write(f"info string error: {e}")
+        print(f"maou-nb-usi: error: {e}", file=sys.stderr, flush=True)
+
+    def command(self, cmd: str, args: list[str]) -> None:
+        "Follow `usi`, `isready`, `setoption`, `usinewgame`, `position` or `go` (`ENGINE_COMMANDS`)."
+        if cmd not in ENGINE_COMMANDS:
+            raise USIError(f"unknown command {cmd!r}")
+        ENGINE_COMMANDS[cmd](self, args)
+
+# %% ../nbs/32_usi.ipynb #6b99214e
+def on_usi(engine: USIEngine, args: list[str]) -> None:
+    "`usi`: the engine's name and author, its options with their current values as defaults, `usiok`."
+    engine.write(f"id name {engine.name}")
+    engine.write("id author maou_nb developers")
+    for name, spec in engine.spec.items():  # current values as defaults: a GUI that sends every option keeps --model
+        engine.write(option_line(name, {**spec, "default": engine.options[name]}))
+    engine.write("usiok")
+
+# %% ../nbs/32_usi.ipynb #b2736f8e
+def on_isready(engine: USIEngine, args: list[str]) -> None:
+    "`isready`: build the player, say what plays and answer `readyok`; no readyok while the model asked for cannot load."
+    try:
+        engine.ensure_player()
+    except ModelError as e:  # no readyok until ModelPath names a loadable model (or is emptied)
+        engine.refuse(e)
+        return
+    engine.write(f"info string {engine.playing}")
+    engine.write("readyok")
+
+# %% ../nbs/32_usi.ipynb #adf6b790
+def on_setoption(engine: USIEngine, args: list[str]) -> None:
+    "`setoption name <name> [value <value>]` (names and values may hold spaces)."
+    if len(args) < 2 or args[0] != "name" or args[1] == "value":
+        raise USIError("setoption needs 'name <name> [value <value>]'")
+    k = args.index("value") if "value" in args else len(args)
+    engine.set_option(" ".join(args[1:k]), " ".join(args[k + 1:]))
+
+# %% ../nbs/32_usi.ipynb #ff1055e2
+def on_usinewgame(engine: USIEngine, args: list[str]) -> None:
+    "`usinewgame`: the starting position, and the player seeded afresh by `Seed`."
+    engine.board = cshogi.Board()
+    engine.ensure_player().seed(int(engine.options["Seed"]))
+
+# %% ../nbs/32_usi.ipynb #fcbe1e7a
+def on_position(engine: USIEngine, args: list[str]) -> None:
+    "`position …`: the board `parse_position` reads; a refused position leaves none (a later `go` resigns)."
+    engine.board = None
+    engine.board = parse_position(args)
+
+# %% ../nbs/32_usi.ipynb #69a9ff0e
+def answer_go(engine: USIEngine, s: _Search) -> None:
+    "Think under `s`, write the info lines, and the bestmove once `s` is released (never when discarded)."
+    try:
+        bestmove, info = think(engine.board, engine.ensure_player(), s.limits, s.clock, s.start,
+                               int(engine.options["Simulations"]))
+    except Exception as e:
+        moves = list(engine.board.legal_moves)
+        bestmove = cshogi.move_to_usi(moves[0]) if moves else "resign"
+        info = [f"info string error while thinking: {e}; playing a legal move"]
+    for line in info:
+        engine.write(line)
+    s.released.wait()
+    if not s.discard:
+        engine.write(f"bestmove {bestmove}")
+
+# %% ../nbs/32_usi.ipynb #c3f8afc2
+def on_go(engine: USIEngine, args: list[str]) -> None:
+    """`go`: info lines then bestmove. A clocked search runs here and ends by its clock; `go infinite` and `go ponder`
+    run in a thread until `stop` (or, pondering, `ponderhit` and then the clock)."""
+    start = time.monotonic()
+    if engine.board is None:  # never think about a position other than the one the GUI sent
+        engine.write("info string error: no position to think about: the last position command was refused; "
+                     "send a valid position before go")
+        engine.write("bestmove resign")
+        return
+    limits = parse_go(args, engine.board)
+    if "mate" in limits:
+        mate = mate_in_one(engine.board)
+        engine.write(f"checkmate {cshogi.move_to_usi(mate)}" if mate else "checkmate nomate")
+        return
+    try:
+        engine.ensure_player()
+    except ModelError as e:  # never play something other than the model asked for
+        engine.refuse(e)
+        engine.write("bestmove resign")
+        return
+    budget = time_budget(limits, engine.board.turn, int(engine.options["ByoyomiMargin"]))
+    if budget is None and "nodes" not in limits:
+        budget = NO_CLOCK_SECONDS
+    held = bool(limits.get("infinite") or limits.get("ponder"))
+    s = _Search(limits, start, Clock(None if held or budget is None else start + budget), budget)
+    if not held:
+        s.released.set()
+        return answer_go(engine, s)
+    s.thread = threading.Thread(target=answer_go, args=(engine, s), daemon=True)
+    engine.search = s
+    s.thread.start()
+
+# %% ../nbs/32_usi.ipynb #1c413300
+ENGINE_COMMANDS = {"usi": on_usi, "isready": on_isready, "setoption": on_setoption, "usinewgame": on_usinewgame,
+                   "position": on_position, "go": on_go}  # what `USIEngine.command` follows; the search controls are USIProtocol's
 
 # %% ../nbs/32_usi.ipynb #baf8b21a
 def main(argv: list[str] | None = None) -> int:

@@ -215,7 +215,7 @@ def test_named_model_that_cannot_load_is_fatal(not_models, kind):
 
 
 def test_maou_nb_usi_subcommand_exits_non_zero(not_models):
-    run = subprocess.run([sys.executable, "-m", "maou_nb.pipeline", "usi", "--model", str(not_models["text_onnx"])],
+    run = subprocess.run([sys.executable, "-m", "maou_nb.cli", "usi", "--model", str(not_models["text_onnx"])],
                          input="usi\nquit\n", capture_output=True, text=True, timeout=90)
     assert run.returncode == 2 and "usiok" not in run.stdout and "cannot load model" in run.stderr, run
 
