@@ -13,6 +13,7 @@ import pytest
 from maou_nb.arena import (BLACK, WHITE, elo_from_score, evaluate, format_table, place_on_ladder, play_match,
                            plot_evaluation, random_openings, record_openings, verdict, wilson_interval)
 from maou_nb.players import ILLEGAL, RESIGN, NetworkPlayer, Player, RandomPlayer, _terminal_value, mate_in_one, mate_in_one_or
+from maou_nb.records import random_boards
 from maou_nb.selfplay import play_pairs
 
 FAIRY = shutil.which("fairy-stockfish") or ("/usr/games/fairy-stockfish" if Path("/usr/games/fairy-stockfish").is_file() else None)
@@ -207,23 +208,8 @@ def small_checkpoint(tmp_path_factory):
     return path
 
 
-def sample_positions(n: int, seed: int = 0) -> list[cshogi.Board]:
-    "Positions from random games: many with captures in hand, promotions and checks."
-    rng, boards = np.random.default_rng(seed), []
-    while len(boards) < n:
-        board = cshogi.Board()
-        for _ in range(int(rng.integers(1, 160))):
-            moves = list(board.legal_moves)
-            if not moves:
-                break
-            board.push(moves[int(rng.integers(len(moves)))])
-        if list(board.legal_moves):
-            boards.append(board)
-    return boards
-
-
 def test_network_player_never_plays_an_illegal_move(small_checkpoint):
-    boards = sample_positions(300)
+    boards = random_boards(300, playable=True)
     assert sum(b.is_check() for b in boards) > 0 and sum(any(b.pieces_in_hand[b.turn]) for b in boards) > 30
     for temperature, mate_in_one in ((0.0, False), (1.0, False), (3.0, False), (0.0, True)):
         player = NetworkPlayer(small_checkpoint, temperature=temperature, seed=0, mate_in_one=mate_in_one)
@@ -237,7 +223,7 @@ def test_network_player_never_plays_an_illegal_move(small_checkpoint):
 
 
 def test_network_player_is_deterministic_and_matches_one_by_one(small_checkpoint):
-    boards = sample_positions(40, seed=3)
+    boards = random_boards(40, seed=3, playable=True)
     a, b = NetworkPlayer(small_checkpoint, temperature=1.0, seed=5), NetworkPlayer(small_checkpoint, temperature=1.0, seed=5)
     assert a.choose_many(boards) == b.choose_many(boards)
     greedy = NetworkPlayer(small_checkpoint)
@@ -248,12 +234,12 @@ def test_network_player_from_onnx_agrees_with_torch(small_checkpoint, tmp_path):
     from maou_nb.export import export_onnx
     path = tmp_path / "small.onnx"
     export_onnx(small_checkpoint, path, fp16=False, n_default_positions=8)
-    boards = sample_positions(50, seed=9)
+    boards = random_boards(50, seed=9, playable=True)
     assert NetworkPlayer(path).choose_many(boards) == NetworkPlayer(small_checkpoint).choose_many(boards)
 
 
 def test_puct_search_plays_legal_moves(small_checkpoint):
-    boards = sample_positions(6, seed=4)
+    boards = random_boards(6, seed=4, playable=True)
     player = NetworkPlayer(small_checkpoint, simulations=8, seed=0)
     moves = player.choose_many(boards)
     assert all(m in set(b.legal_moves) for b, m in zip(boards, moves))
@@ -279,7 +265,7 @@ def gives_mate_in_one(board: cshogi.Board, move: int) -> bool:
 
 def test_search_finds_every_mate_in_one(small_checkpoint):
     # an untrained network's priors know nothing of mates: the search's mate check has to find them
-    boards = [b for b in sample_positions(4000, seed=11) if mate_in_one(b)]
+    boards = [b for b in random_boards(4000, seed=11, playable=True) if mate_in_one(b)]
     assert len(boards) >= 10
     player = NetworkPlayer(small_checkpoint, simulations=2, seed=0)
     for b, m in zip(boards, player.choose_many(boards)):
@@ -290,7 +276,7 @@ def test_search_finds_every_mate_in_one(small_checkpoint):
 
 def test_search_avoids_moves_that_allow_a_mate_in_one(small_checkpoint):
     boards = []
-    for b in sample_positions(1500, seed=12):
+    for b in random_boards(1500, seed=12, playable=True):
         moves = list(b.legal_moves)
         bad = sum(gives_mate_in_one(b, m) for m in moves)
         if not mate_in_one(b) and 0 < bad < len(moves) // 2:
@@ -333,7 +319,7 @@ def test_ladder_stops_at_the_first_level_not_beaten(tmp_path):
 
 
 def test_mate_in_one_plays_only_legal_mates():
-    boards = sample_positions(400, seed=6)
+    boards = random_boards(400, seed=6, playable=True)
     finder_illegal = mates = 0
     for b in boards:
         proposed = b.mate_move_in_1ply()
