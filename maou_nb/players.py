@@ -169,6 +169,49 @@ def _terminal_value(board: cshogi.Board) -> float | None:
     winner, _ = end
     return 0.5 if winner is None else float(winner == board.turn)
 
+# %% ../nbs/30_players.ipynb #521a27a9
+def _select(root: _Node, board: cshogi.Board, c_puct: float) -> tuple[list[tuple[_Node, int]], float | None]:
+    """Walk down from `root` by PUCT, pushing each move on `board`: the path of (node, move index), and the result
+    for the side to move where it ends (1 a proven win, 0 no legal move, `_terminal_value`), None at a new leaf."""
+    node, path = root, []
+    while True:
+        if node.mate:  # a proven win for the side to move here
+            return path, 1.0
+        if len(node.moves) == 0:
+            return path, 0.0
+        n = node.visits.sum()
+        q = np.where(node.visits > 0, node.values / np.maximum(node.visits, 1), 0.5)
+        i = int(np.argmax(q + c_puct * node.priors * math.sqrt(n + 1) / (1 + node.visits)))
+        path.append((node, i))
+        board.push(int(node.moves[i]))
+        child = node.children.get(i)
+        if child is None:
+            return path, _terminal_value(board)
+        node = child
+
+# %% ../nbs/30_players.ipynb #74178469
+def _backup(path: list[tuple[_Node, int]], result: float) -> None:
+    "Add one visit and `result` (for the side to move at the end of `path`) up the path, each seen by its mover."
+    v = result
+    for node, i in reversed(path):
+        v = 1.0 - v  # seen from the side that chose move i
+        node.visits[i] += 1
+        node.values[i] += v
+
+# %% ../nbs/30_players.ipynb #f9fd480b
+def _root_choice(root: _Node, temperature: float, rng: np.random.Generator) -> tuple[int, float]:
+    """The move played from a searched root (a mating move, RESIGN with none legal, else by visits: the most visited,
+    or drawn ∝ visits^(1/temperature)), and the root's value for its mover."""
+    value = root.values.sum() / root.visits.sum() if root.visits.sum() and not root.mate else root.value
+    if root.mate:
+        return root.mate, value
+    if len(root.moves) == 0:
+        return RESIGN, value
+    if temperature > 0:
+        w = root.visits ** (1.0 / temperature)
+        return int(root.moves[rng.choice(len(w), p=w / w.sum())]), value
+    return int(root.moves[int(np.argmax(root.visits))]), value
+
 # %% ../nbs/30_players.ipynb #be180d4c
 def puct_search(player: NetworkPlayer, boards: list[cshogi.Board], simulations: int, c_puct: float,
                 temperatures: np.ndarray, rng: np.random.Generator,
@@ -184,27 +227,12 @@ def puct_search(player: NetworkPlayer, boards: list[cshogi.Board], simulations: 
         player.last_simulations = sim + 1
         paths, leaf_boards, results = [], [], []
         for root, b in zip(roots, boards):
-            board, node, path = b.copy(), root, []
-            while True:
-                if node.mate:  # a proven win for the side to move here
-                    results.append(1.0); break
-                if len(node.moves) == 0:
-                    results.append(0.0); break
-                n = node.visits.sum()
-                q = np.where(node.visits > 0, node.values / np.maximum(node.visits, 1), 0.5)
-                i = int(np.argmax(q + c_puct * node.priors * math.sqrt(n + 1) / (1 + node.visits)))
-                path.append((node, i))
-                board.push(int(node.moves[i]))
-                child = node.children.get(i)
-                if child is None:
-                    term = _terminal_value(board)
-                    if term is not None:
-                        results.append(term)
-                    else:
-                        results.append(None); leaf_boards.append(board)
-                    break
-                node = child
+            board = b.copy()
+            path, result = _select(root, board, c_puct)
             paths.append(path)
+            results.append(result)
+            if result is None:
+                leaf_boards.append(board)
         if leaf_boards:
             new = iter(_expand(player, leaf_boards))
             for k, r in enumerate(results):
@@ -214,24 +242,9 @@ def puct_search(player: NetworkPlayer, boards: list[cshogi.Board], simulations: 
                     parent.children[i] = child
                     results[k] = child.value
         for path, r in zip(paths, results):
-            v = r  # the result for the side to move at the end of the path
-            for node, i in reversed(path):
-                v = 1.0 - v  # seen from the side that chose move i
-                node.visits[i] += 1
-                node.values[i] += v
-    moves, values = [], []
-    for root, t in zip(roots, temperatures):
-        values.append(root.values.sum() / root.visits.sum() if root.visits.sum() and not root.mate else root.value)
-        if root.mate:
-            moves.append(root.mate)
-        elif len(root.moves) == 0:
-            moves.append(RESIGN)
-        elif t > 0:
-            w = root.visits ** (1.0 / t)
-            moves.append(int(root.moves[rng.choice(len(w), p=w / w.sum())]))
-        else:
-            moves.append(int(root.moves[int(np.argmax(root.visits))]))
-    return moves, np.array(values)
+            _backup(path, r)
+    chosen = [_root_choice(root, t, rng) for root, t in zip(roots, temperatures)]
+    return [move for move, _ in chosen], np.array([value for _, value in chosen])
 
 # %% ../nbs/30_players.ipynb #0d0a526e
 def game_root(board: cshogi.Board) -> tuple[str, list[int]]:
