@@ -174,7 +174,7 @@ def search_scores(board: cshogi.Board, depth: int) -> tuple[np.ndarray, np.ndarr
 
 # %% ../nbs/03_selfplay.ipynb #fe2209c3
 def _check_engine(depth, temperature, seed) -> None:
-    "ValueError naming the fix for a depth other than 1 or 2, a temperature that is not a finite number >= 0, a bad seed."
+    """ValueError naming the fix for a depth other than 1 or 2, a temperature that is not a finite number >= 0, a bad seed."""
     if isinstance(depth, bool) or not isinstance(depth, int) or depth not in (1, 2):
         raise ValueError(f"depth={depth!r}: the baseline engine searches 1 or 2 plies; pass depth=1 or depth=2.")
     if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))

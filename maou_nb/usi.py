@@ -36,7 +36,7 @@ MODEL_FILES = ("best.onnx", "model.onnx", "best.pt")  # a model the user put in 
 
 
 def run_finish_time(run_dir: Path) -> float:
-    "When a run finished: `finished` in its run.json (as a timestamp), else its exported model's modification time."
+    """When a run finished: `finished` in its run.json (as a timestamp), else its exported model's modification time."""
     try:
         return _dt.datetime.fromisoformat(json.loads((run_dir / "run.json").read_text())["finished"]).timestamp()
     except (OSError, ValueError, KeyError, TypeError):  # no run.json, unreadable, or the run has not finished
@@ -44,7 +44,7 @@ def run_finish_time(run_dir: Path) -> float:
 
 # %% ../nbs/32_usi.ipynb #31d208b7
 def newest_run_model(runs_root: str | Path) -> Path | None:
-    "The exported model of the run that finished last: `runs_root/*/models/model.onnx` (None when there is none)."
+    """The exported model of the run that finished last: `runs_root/*/models/model.onnx` (None when there is none)."""
     found = [p for p in Path(runs_root).glob("*/models/model.onnx") if p.is_file()]
     return max(found, key=lambda p: (run_finish_time(p.parents[1]), p.stat().st_mtime), default=None)
 
@@ -78,7 +78,7 @@ STANDARD_OPTIONS = {"USI_Hash": {"type": "spin", "default": 16, "min": 1, "max":
 
 
 def engine_options() -> dict[str, dict]:
-    "The USI options: name -> {type, default, and min/max or the combo's vars}."
+    """The USI options: name -> {type, default, and min/max or the combo's vars}."""
     return {
         "ModelPath": {"type": "string", "default": ""},  # empty: default_model()
         "Player": {"type": "combo", "default": "network", "vars": ["network", "baseline", "random"]},
@@ -92,7 +92,7 @@ def engine_options() -> dict[str, dict]:
 
 # %% ../nbs/32_usi.ipynb #7147ddfd
 def option_line(name: str, spec: dict) -> str:
-    "The `option name …` line announcing one option."
+    """The `option name …` line announcing one option."""
     line = f"option name {name} type {spec['type']} default {spec['default'] if spec['default'] != '' else '<empty>'}"
     if spec["type"] == "spin":
         line += f" min {spec['min']} max {spec['max']}"
@@ -102,7 +102,7 @@ def option_line(name: str, spec: dict) -> str:
 
 # %% ../nbs/32_usi.ipynb #9c1d0a06
 class USIError(ValueError):
-    "A command the engine cannot follow (answered with `info string error …`)."
+    """A command the engine cannot follow (answered with `info string error …`)."""
 
 # %% ../nbs/32_usi.ipynb #7a830e70
 PIECE_LIMITS = {"P": 18, "L": 4, "N": 4, "S": 4, "G": 4, "B": 2, "R": 2}  # each kind in a game: board + both hands
@@ -110,9 +110,9 @@ PIECE_NAMES = {"P": "pawn", "L": "lance", "N": "knight", "S": "silver", "G": "go
                "K": "king"}
 MAX_PLY = 2**31 - 1  # cshogi keeps the move number in 32 bits (and clamps larger ones without a word)
 
-
+# %% ../nbs/32_usi.ipynb #ef2c0060
 def _check_placement(placement: str) -> tuple[dict[str, int], dict[str, int]]:
-    "Piece counts (promoted ones under their base kind) and kings per side of an SFEN board; USIError on a bad one."
+    """Piece counts (promoted ones under their base kind) and kings per side of an SFEN board; USIError on a bad one."""
     counts, kings, pawn_files = dict.fromkeys(PIECE_LIMITS, 0), {"b": 0, "w": 0}, {"b": set(), "w": set()}
     ranks = placement.split("/")
     if len(ranks) != 9:
@@ -157,7 +157,7 @@ def _check_placement(placement: str) -> tuple[dict[str, int], dict[str, int]]:
 
 # %% ../nbs/32_usi.ipynb #3b5927cc
 def _check_hand(hand: str, counts: dict[str, int]) -> dict[str, dict[str, int]]:
-    "Adds an SFEN hand's pieces to `counts`; the hands as {side: {kind: n}}; USIError on a bad one."
+    """Adds an SFEN hand's pieces to `counts`; the hands as {side: {kind: n}}; USIError on a bad one."""
     hands = {"b": {}, "w": {}}
     if hand == "-":
         return hands
@@ -201,7 +201,7 @@ def check_sfen(placement: str, turn: str, hand: str, ply: str = "1") -> str:
 
 # %% ../nbs/32_usi.ipynb #660446f6
 def parse_position(args: list[str]) -> cshogi.Board:
-    "A board from `position startpos [moves …]` or `position sfen B T H N [moves …]`, checked before cshogi."
+    """A board from `position startpos [moves …]` or `position sfen B T H N [moves …]`, checked before cshogi."""
     if not args:
         raise USIError("position needs 'startpos' or 'sfen <sfen>'")
     if "moves" in args:
@@ -235,7 +235,24 @@ GO_INT_ARGS = {"btime": 0, "wtime": 0, "byoyomi": 0, "binc": 0, "winc": 0, "move
                "mate": 1}  # name -> smallest value
 GO_FLAGS = ("infinite", "ponder")
 
+# %% ../nbs/32_usi.ipynb #96e82c64
+def _searchmoves(args: list[str], i: int, board: cshogi.Board | None) -> tuple[list[str], int]:
+    """The moves of `go searchmoves` from `args[i]` up to the next `go` argument (once each, each legal in `board`),
+    and the index of that next argument. USIError for none, or for one that is not legal."""
+    j = i
+    while j < len(args) and args[j] not in GO_INT_ARGS and args[j] not in GO_FLAGS:
+        j += 1
+    moves = args[i:j]
+    if not moves:
+        raise USIError("go searchmoves needs at least one move")
+    if board is not None:
+        legal = {cshogi.move_to_usi(m) for m in board.legal_moves}
+        bad = [m for m in moves if m not in legal]
+        if bad:
+            raise USIError(f"go searchmoves {' '.join(bad)}: not legal in {board.sfen()}")
+    return list(dict.fromkeys(moves)), j
 
+# %% ../nbs/32_usi.ipynb #f4a5a92a
 def parse_go(args: list[str], board: cshogi.Board | None = None) -> dict:
     """The limits of a `go` command: whole numbers for clocks (ms) and limits, True for `infinite`/`ponder`, the
     USI moves of `searchmoves` (each legal in `board`). USIError for anything else."""
@@ -248,19 +265,7 @@ def parse_go(args: list[str], board: cshogi.Board | None = None) -> dict:
             limits[key] = True
             i += 1
         elif key == "searchmoves":
-            j = i + 1
-            while j < len(args) and args[j] not in GO_INT_ARGS and args[j] not in GO_FLAGS:
-                j += 1
-            moves = args[i + 1:j]
-            if not moves:
-                raise USIError("go searchmoves needs at least one move")
-            if board is not None:
-                legal = {cshogi.move_to_usi(m) for m in board.legal_moves}
-                bad = [m for m in moves if m not in legal]
-                if bad:
-                    raise USIError(f"go searchmoves {' '.join(bad)}: not legal in {board.sfen()}")
-            limits[key] = list(dict.fromkeys(moves))
-            i = j
+            limits[key], i = _searchmoves(args, i + 1, board)
         elif key in GO_INT_ARGS:
             value = args[i + 1] if i + 1 < len(args) else None
             if key == "mate" and value in (None, "infinite"):
@@ -281,7 +286,7 @@ def parse_go(args: list[str], board: cshogi.Board | None = None) -> dict:
 
 # %% ../nbs/32_usi.ipynb #9d449a32
 def time_budget(limits: dict, turn: int, margin_ms: int = 200) -> float | None:
-    "Seconds to think for this move under `limits` (None: no clock, e.g. infinite)."
+    """Seconds to think for this move under `limits` (None: no clock, e.g. infinite)."""
     if "movetime" in limits:
         return max(0.01, (limits["movetime"] - margin_ms) / 1000)
     mine = limits.get("btime" if turn == cshogi.BLACK else "wtime")
@@ -317,17 +322,17 @@ class Clock:
 
 # %% ../nbs/32_usi.ipynb #88e9b663
 def score_cp(win_probability: float) -> int:
-    "A centipawn score from a win probability (the common 600-scaled logistic)."
+    """A centipawn score from a win probability (the common 600-scaled logistic)."""
     p = min(max(float(win_probability), 1e-6), 1 - 1e-6)
     return int(round(600 * math.log(p / (1 - p))))
 
 # %% ../nbs/32_usi.ipynb #b2d9b3be
 class ModelError(USIError):
-    "A model that was asked for (`--model`, `setoption name ModelPath`) and cannot be loaded: the engine will not play."
+    """A model that was asked for (`--model`, `setoption name ModelPath`) and cannot be loaded: the engine will not play."""
 
 # %% ../nbs/32_usi.ipynb #f5b57cbd
 class _Search:
-    "A `go` in progress: its limits, clock and budget, and whether its bestmove may be sent yet (held by `go infinite`/`go ponder`)."
+    """A `go` in progress: its limits, clock and budget, and whether its bestmove may be sent yet (held by `go infinite`/`go ponder`)."""
 
     def __init__(self, limits: dict, start: float, clock: Clock, budget: float | None):
         self.limits, self.start, self.clock, self.budget = limits, start, clock, budget
@@ -335,14 +340,14 @@ class _Search:
         self.thread: threading.Thread | None = None
 
     def end(self, discard: bool = False) -> None:
-        "Stop thinking and wait for the thread (its bestmove is sent unless `discard`)."
+        """Stop thinking and wait for the thread (its bestmove is sent unless `discard`)."""
         self.discard = discard
         self.clock.stopped.set()
         self.released.set()
         self.thread.join()
 
     def hit(self) -> None:
-        "`ponderhit`: think on from now, by the clock `go ponder` gave, and send the bestmove when done."
+        """`ponderhit`: think on from now, by the clock `go ponder` gave, and send the bestmove when done."""
         self.clock.deadline = time.monotonic() + (self.budget if self.budget is not None else NO_CLOCK_SECONDS)
         self.start = time.monotonic()
         self.released.set()
@@ -409,7 +414,7 @@ def build_player(options: dict) -> tuple[Player, str]:
 
 # %% ../nbs/32_usi.ipynb #c47f0494
 def choose_among(player: Player, board: cshogi.Board, allowed: list[str]) -> int:
-    "The player's pick among `go searchmoves`: the policy's favourite, the baseline's best score, or a random one."
+    """The player's pick among `go searchmoves`: the policy's favourite, the baseline's best score, or a random one."""
     legal = {cshogi.move_to_usi(m): m for m in board.legal_moves}
     moves = [legal[u] for u in allowed]
     if isinstance(player, NetworkPlayer):
@@ -465,18 +470,18 @@ class USIProtocol:
         self.search: _Search | None = None  # a go infinite/ponder in progress
 
     def write(self, line: str) -> None:
-        "Send one line to the GUI (one at a time: a search thread writes too)."
+        """Send one line to the GUI (one at a time: a search thread writes too)."""
         with self._lock:
             self._out(line)
 
     def end_search(self, discard: bool = False) -> None:
-        "Stop a `go infinite`/`go ponder` in progress and wait for it (its bestmove is sent unless `discard`)."
+        """Stop a `go infinite`/`go ponder` in progress and wait for it (its bestmove is sent unless `discard`)."""
         s, self.search = self.search, None
         if s is not None:
             s.end(discard)
 
     def handle(self, line: str) -> bool:
-        "Follow one command line (an error is answered with `info string error …`); False after quit."
+        """Follow one command line (an error is answered with `info string error …`); False after quit."""
         cmd, *args = line.split() or [""]
         try:
             if cmd in ("stop", "quit", "gameover"):  # gameover: the search's move is dropped
@@ -498,7 +503,7 @@ class USIProtocol:
             return True
 
     def run(self, stdin=None) -> None:
-        "Serve commands from `stdin` (bytes or text lines; default the process's stdin) until quit or EOF."
+        """Serve commands from `stdin` (bytes or text lines; default the process's stdin) until quit or EOF."""
         try:
             for line in (stdin if stdin is not None else sys.stdin.buffer):
                 if isinstance(line, bytes):  # GUIs may send Shift_JIS paths: never die on a decoding error
@@ -510,7 +515,7 @@ class USIProtocol:
 
 # %% ../nbs/32_usi.ipynb #071342ac
 class USIEngine(USIProtocol):
-    "A USI engine over a `maou_nb.players` player: its options, its player, and the commands of a game."
+    """A USI engine over a `maou_nb.players` player: its options, its player, and the commands of a game."""
     name = "maou_nb"
 
     def __init__(self, write: Callable[[str], None] | None = None, **options):
@@ -524,31 +529,31 @@ class USIEngine(USIProtocol):
         self.board: cshogi.Board | None = cshogi.Board()  # None after a refused `position`
 
     def set_option(self, name: str, value: str) -> None:
-        "Set one option (`check_option`); the player is rebuilt at the next isready/go."
+        """Set one option (`check_option`); the player is rebuilt at the next isready/go."""
         value = check_option(name, value, self.spec)
         if name not in STANDARD_OPTIONS:
             self.options[name], self.player = value, None
 
     def ensure_player(self) -> Player:
-        "The current player, built if needed (ModelError when the model asked for cannot be loaded)."
+        """The current player, built if needed (ModelError when the model asked for cannot be loaded)."""
         if self.player is None:
             self.player, self.playing = build_player(self.options)
         return self.player
 
     def refuse(self, e: Exception) -> None:
-        "Report a model that cannot be loaded, to the GUI and on stderr."
+        """Report a model that cannot be loaded, to the GUI and on stderr."""
         self.write(f"info string error: {e}")
         print(f"maou-nb-usi: error: {e}", file=sys.stderr, flush=True)
 
     def command(self, cmd: str, args: list[str]) -> None:
-        "Follow `usi`, `isready`, `setoption`, `usinewgame`, `position` or `go` (`ENGINE_COMMANDS`)."
+        """Follow `usi`, `isready`, `setoption`, `usinewgame`, `position` or `go` (`ENGINE_COMMANDS`)."""
         if cmd not in ENGINE_COMMANDS:
             raise USIError(f"unknown command {cmd!r}")
         ENGINE_COMMANDS[cmd](self, args)
 
 # %% ../nbs/32_usi.ipynb #6b99214e
 def on_usi(engine: USIEngine, args: list[str]) -> None:
-    "`usi`: the engine's name and author, its options with their current values as defaults, `usiok`."
+    """`usi`: the engine's name and author, its options with their current values as defaults, `usiok`."""
     engine.write(f"id name {engine.name}")
     engine.write("id author maou_nb developers")
     for name, spec in engine.spec.items():  # current values as defaults: a GUI that sends every option keeps --model
@@ -557,7 +562,7 @@ def on_usi(engine: USIEngine, args: list[str]) -> None:
 
 # %% ../nbs/32_usi.ipynb #b2736f8e
 def on_isready(engine: USIEngine, args: list[str]) -> None:
-    "`isready`: build the player, say what plays and answer `readyok`; no readyok while the model asked for cannot load."
+    """`isready`: build the player, say what plays and answer `readyok`; no readyok while the model asked for cannot load."""
     try:
         engine.ensure_player()
     except ModelError as e:  # no readyok until ModelPath names a loadable model (or is emptied)
@@ -568,7 +573,7 @@ def on_isready(engine: USIEngine, args: list[str]) -> None:
 
 # %% ../nbs/32_usi.ipynb #adf6b790
 def on_setoption(engine: USIEngine, args: list[str]) -> None:
-    "`setoption name <name> [value <value>]` (names and values may hold spaces)."
+    """`setoption name <name> [value <value>]` (names and values may hold spaces)."""
     if len(args) < 2 or args[0] != "name" or args[1] == "value":
         raise USIError("setoption needs 'name <name> [value <value>]'")
     k = args.index("value") if "value" in args else len(args)
@@ -576,19 +581,19 @@ def on_setoption(engine: USIEngine, args: list[str]) -> None:
 
 # %% ../nbs/32_usi.ipynb #ff1055e2
 def on_usinewgame(engine: USIEngine, args: list[str]) -> None:
-    "`usinewgame`: the starting position, and the player seeded afresh by `Seed`."
+    """`usinewgame`: the starting position, and the player seeded afresh by `Seed`."""
     engine.board = cshogi.Board()
     engine.ensure_player().seed(int(engine.options["Seed"]))
 
 # %% ../nbs/32_usi.ipynb #fcbe1e7a
 def on_position(engine: USIEngine, args: list[str]) -> None:
-    "`position …`: the board `parse_position` reads; a refused position leaves none (a later `go` resigns)."
+    """`position …`: the board `parse_position` reads; a refused position leaves none (a later `go` resigns)."""
     engine.board = None
     engine.board = parse_position(args)
 
 # %% ../nbs/32_usi.ipynb #69a9ff0e
 def answer_go(engine: USIEngine, s: _Search) -> None:
-    "Think under `s`, write the info lines, and the bestmove once `s` is released (never when discarded)."
+    """Think under `s`, write the info lines, and the bestmove once `s` is released (never when discarded)."""
     try:
         bestmove, info = think(engine.board, engine.ensure_player(), s.limits, s.clock, s.start,
                                int(engine.options["Simulations"]))
@@ -641,7 +646,7 @@ ENGINE_COMMANDS = {"usi": on_usi, "isready": on_isready, "setoption": on_setopti
 
 # %% ../nbs/32_usi.ipynb #baf8b21a
 def main(argv: list[str] | None = None) -> int:
-    "Run the USI engine on stdin/stdout; 2 (the reason on stderr) when the model named by --model cannot be loaded."
+    """Run the USI engine on stdin/stdout; 2 (the reason on stderr) when the model named by --model cannot be loaded."""
     import warnings
     warnings.filterwarnings("ignore")
     parser = argparse.ArgumentParser(prog="maou-nb-usi", description="maou_nb USI engine (stdin/stdout)")

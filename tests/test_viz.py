@@ -13,7 +13,7 @@ from maou_nb.encoding import encode_position, legal_moves_label, move_label, rea
 from maou_nb.export import TorchEvaluator
 from maou_nb.model import build_model
 from maou_nb.viz import (ModelViewer, board_from_arrays, board_svg, destination_weights, explore, game_positions,
-                         hcpe_positions, parse_position, save_svg, square_corner)
+                         parse_position, save_svg, square_corner)
 
 SVG = "{http://www.w3.org/2000/svg}"
 
