@@ -1,5 +1,5 @@
-"""Viz: overlays land on the right squares of cshogi's SVG, explorers and viewers driven headless. (The training
-curves' checks on a real run are the examples of nbs/24_plots.ipynb.)"""
+"""Viz: overlays land on the right squares of cshogi's SVG over many real positions, explorers driven headless. (The
+model viewer's checks are examples in nbs/21_viz.ipynb, the training curves' in nbs/24_plots.ipynb.)"""
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -10,10 +10,7 @@ import numpy as np
 import pytest
 
 from maou_nb.encoding import encode_position, legal_moves_label, move_label, reachable_squares_label
-from maou_nb.export import TorchEvaluator
-from maou_nb.model import build_model
-from maou_nb.viz import (ModelViewer, board_from_arrays, board_svg, destination_weights, explore, game_positions,
-                         parse_position, save_svg, square_corner)
+from maou_nb.viz import board_from_arrays, board_svg, destination_weights, explore, game_positions, save_svg, square_corner
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -120,47 +117,6 @@ def test_explorer_over_an_hcpe_shard(game_file, tmp_path):
         assert ex.positions[row].sfen == board.sfen()
         assert squares(layer(ex.svg, "maou-heat")) == {cshogi.SQUARE_NAMES[cshogi.move_to(move)]}
         assert ex.positions[row].value in (0.0, 0.5, 1.0)
-
-
-def test_model_viewer_and_explorer_with_a_model(game_file):
-    policy = TorchEvaluator(build_model("vit", preset="small"))
-    viewer = ModelViewer(policy, "startpos moves 2g2f 8c8d")
-    heat = layer(viewer.svg, "maou-heat")
-    assert squares(heat) == {cshogi.SQUARE_NAMES[cshogi.move_to(m)] for m in viewer.board.legal_moves}
-    assert abs(sum(float(r.get("data-weight")) for r in heat) - 1) < 1e-4
-    probs, value = policy.evaluate(viewer.board)
-    assert viewer.moves.value == cshogi.move_to_usi(max(probs, key=probs.get)) and f"{value:.3f}" in viewer.info.value
-    viewer.play.click()
-    assert viewer.board.move_number == 4
-    viewer.text.value = "startpos moves 2g2f 2g2f"
-    assert "cannot read the position" in viewer.error.value
-    with pytest.raises(ValueError, match="not legal"):
-        parse_position("startpos moves 5a5b")
-    ex = explore(game_file, policy=policy)
-    ex.slider.value = 20
-    ex.show.value = "model"
-    board = ex.positions[20].board()
-    assert squares(layer(ex.svg, "maou-heat")) == {cshogi.SQUARE_NAMES[cshogi.move_to(m)] for m in board.legal_moves}
-    assert "model value" in ex.info.value
-
-
-def test_model_viewer_recovers_from_a_bad_position():
-    """A position that does not parse empties the move list and disables play (no appending to bad text, no stale
-    board); fixing the text clears the error, and play then appends to the position shown."""
-    policy = TorchEvaluator(build_model("mlp-mixer", preset="small"))
-    viewer = ModelViewer(policy, "startpos moves 7g7f")
-    viewer.text.value = "startpos moves 7g7f 7g7f"
-    assert "cannot read the position" in viewer.error.value and "7g7f 7g7f" not in viewer.info.value
-    assert viewer.play.disabled and viewer.moves.options == ()
-    viewer.play.click()
-    viewer.play_selected()
-    assert viewer.text.value == "startpos moves 7g7f 7g7f"          # nothing appended to text that does not parse
-    viewer.text.value = "startpos moves 7g7f 3c3d"
-    assert viewer.error.value == "" and not viewer.play.disabled and viewer.board.move_number == 3
-    top = viewer.moves.value
-    viewer.play.click()
-    assert viewer.text.value == f"startpos moves 7g7f 3c3d {top}" and viewer.board.move_number == 4
-    assert "cannot read" not in viewer.error.value
 
 
 @pytest.mark.parametrize("sfen", [
