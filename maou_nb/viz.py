@@ -439,7 +439,7 @@ def parse_position(text: str) -> cshogi.Board:
 class ModelViewer:
     """A model's top moves, value and policy heat map for a position you type or play into."""
     def __init__(self, model, position: str = "startpos", *, k: int = 5, scale: float = 1.6):
-        from maou_nb.export import load_policy
+        from maou_nb.export import load_policy      # torch and onnx load only when a model is shown
         self.policy = load_policy(model) if isinstance(model, (str, Path)) else model
         self.k, self.scale = k, scale
         self.text = widgets.Text(position, description="position", layout=widgets.Layout(width="600px"),
