@@ -16,6 +16,7 @@ import cshogi.CSA
 import cshogi.KIF
 import ipywidgets as widgets
 import numpy as np
+from IPython.display import display
 
 from .encoding import MOVE_LABELS_NUM, move_label, mover_square, reachable_squares_label
 from .settings import setting
@@ -346,6 +347,19 @@ def _top_moves_html(probs: dict[int, float], k: int = 5, title: str = "top moves
     rows = "".join(f"<tr><td>{cshogi.move_to_usi(m)}</td><td>{p:.1%}</td></tr>" for m, p in best)
     return f"<b>{title}</b><table>{rows}</table>"
 
+# %% ../nbs/21_viz.ipynb #6b190a51
+def _position_info(pos: Position, board: cshogi.Board, probs: dict[int, float] | None, model_value: float | None) -> str:
+    """The explorer's side panel: the caption, who is to move, the data's and the model's value, the top moves."""
+    lines = [f"<b>{escape(pos.caption)}</b>", f"{'Black' if board.turn == cshogi.BLACK else 'White'} to move, "
+             f"{len(board.legal_moves)} legal moves"]
+    if pos.value is not None:
+        lines.append(f"data value: {pos.value:.3f}")
+    if model_value is not None:
+        lines.append(f"model value: {model_value:.3f}")
+    if probs:
+        lines.append(_top_moves_html(probs, title="model's top moves" if model_value is not None else "distribution"))
+    return "<br>".join(lines)
+
 # %% ../nbs/21_viz.ipynb #122ef651
 class PositionExplorer:
     """Widgets stepping through positions: board with heat map and overlays, value, model's top moves."""
@@ -388,18 +402,9 @@ class PositionExplorer:
                              reachable=True if self.reachable.value else None,
                              legal=True if self.legal.value else None)
         self.board_view.value = str(self.svg)
-        lines = [f"<b>{escape(pos.caption)}</b>", f"{'Black' if board.turn == cshogi.BLACK else 'White'} to move, "
-                 f"{len(board.legal_moves)} legal moves"]
-        if pos.value is not None:
-            lines.append(f"data value: {pos.value:.3f}")
-        if model_value is not None:
-            lines.append(f"model value: {model_value:.3f}")
-        if probs:
-            lines.append(_top_moves_html(probs, title="model's top moves" if model_value is not None else "distribution"))
-        self.info.value = "<br>".join(lines)
+        self.info.value = _position_info(pos, board, probs, model_value)
 
     def _ipython_display_(self):
-        from IPython.display import display
         display(self.widget)
 
 # %% ../nbs/21_viz.ipynb #00751eb2
@@ -484,5 +489,4 @@ class ModelViewer:
             self.text.value = f"{text} {self.moves.value}" if " moves " in f" {text} " else f"{text} moves {self.moves.value}"
 
     def _ipython_display_(self):
-        from IPython.display import display
         display(self.widget)
