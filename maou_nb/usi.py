@@ -22,13 +22,13 @@ from .encoding import legal_moves_and_labels
 from .loop import load_registry, registry_entry
 from .players import RESIGN, BaselinePlayer, NetworkPlayer, Player, RandomPlayer, mate_in_one, puct_search
 from .settings import setting
+from .sfen import USIError, parse_position
 
 # %% auto #0
-__all__ = ['MODEL_FILES', 'AUTO', 'STANDARD_OPTIONS', 'PIECE_LIMITS', 'PIECE_NAMES', 'MAX_PLY', 'GO_INT_ARGS', 'GO_FLAGS',
-           'NO_CLOCK_SECONDS', 'RESERVE_SECONDS', 'ENGINE_COMMANDS', 'run_finish_time', 'newest_run_model',
-           'default_model', 'engine_options', 'option_line', 'USIError', 'check_sfen', 'parse_position', 'parse_go',
-           'time_budget', 'Clock', 'score_cp', 'ModelError', 'check_option', 'build_player', 'choose_among', 'think',
-           'USIProtocol', 'USIEngine', 'on_usi', 'on_isready', 'on_setoption', 'on_usinewgame', 'on_position',
+__all__ = ['MODEL_FILES', 'AUTO', 'STANDARD_OPTIONS', 'GO_INT_ARGS', 'GO_FLAGS', 'NO_CLOCK_SECONDS', 'RESERVE_SECONDS',
+           'ENGINE_COMMANDS', 'run_finish_time', 'newest_run_model', 'default_model', 'engine_options', 'option_line',
+           'parse_go', 'time_budget', 'Clock', 'score_cp', 'ModelError', 'check_option', 'build_player', 'choose_among',
+           'think', 'USIProtocol', 'USIEngine', 'on_usi', 'on_isready', 'on_setoption', 'on_usinewgame', 'on_position',
            'answer_go', 'on_go', 'main']
 
 # %% ../nbs/32_usi.ipynb #9c1d0a02
@@ -99,136 +99,6 @@ def option_line(name: str, spec: dict) -> str:
     if spec["type"] == "combo":
         line += "".join(f" var {v}" for v in spec["vars"])
     return line
-
-# %% ../nbs/32_usi.ipynb #9c1d0a06
-class USIError(ValueError):
-    """A command the engine cannot follow (answered with `info string error …`)."""
-
-# %% ../nbs/32_usi.ipynb #7a830e70
-PIECE_LIMITS = {"P": 18, "L": 4, "N": 4, "S": 4, "G": 4, "B": 2, "R": 2}  # each kind in a game: board + both hands
-PIECE_NAMES = {"P": "pawn", "L": "lance", "N": "knight", "S": "silver", "G": "gold", "B": "bishop", "R": "rook",
-               "K": "king"}
-MAX_PLY = 2**31 - 1  # cshogi keeps the move number in 32 bits (and clamps larger ones without a word)
-
-# %% ../nbs/32_usi.ipynb #ef2c0060
-def _check_placement(placement: str) -> tuple[dict[str, int], dict[str, int]]:
-    """Piece counts (promoted ones under their base kind) and kings per side of an SFEN board; USIError on a bad one."""
-    counts, kings, pawn_files = dict.fromkeys(PIECE_LIMITS, 0), {"b": 0, "w": 0}, {"b": set(), "w": set()}
-    ranks = placement.split("/")
-    if len(ranks) != 9:
-        raise USIError(f"sfen board {placement!r} has {len(ranks)} ranks; it needs 9, separated by '/'")
-    for r, rank in enumerate(ranks, 1):
-        where = f"sfen rank {r} ({'abcdefghi'[r - 1]}) {rank!r}"
-        squares, i = 0, 0
-        while i < len(rank):
-            c, promoted = rank[i], rank[i] == "+"
-            if c in "123456789":
-                squares, i = squares + int(c), i + 1
-            else:
-                if promoted:
-                    i += 1
-                    c = rank[i] if i < len(rank) else ""
-                    if c.upper() not in "PLNSBR" or not c:
-                        raise USIError(f"{where}: '+' must come before P, L, N, S, B or R (lowercase for white), "
-                                       f"got {c or 'nothing'!r}; gold and king do not promote")
-                if c.upper() not in PIECE_NAMES:
-                    raise USIError(f"{where}: unknown piece letter {c!r}; pieces are K R B G S N L P (uppercase "
-                                   "black, lowercase white), '+' before a promoted one, digits for empty squares")
-                squares, i = squares + 1, i + 1
-                side, kind, file = ("b" if c.isupper() else "w"), c.upper(), 10 - squares
-                if kind == "K":
-                    kings[side] += 1
-                else:
-                    counts[kind] += 1
-                far = r if side == "b" else 10 - r  # 1: the side's last rank
-                if not promoted and (kind in "PL" and far == 1 or kind == "N" and far <= 2):
-                    raise USIError(f"{where}: an unpromoted {'black' if side == 'b' else 'white'} {PIECE_NAMES[kind]} "
-                                   f"on file {file} could never move; it must be promoted there ('+{c}')")
-                if not promoted and kind == "P":
-                    if file in pawn_files[side]:
-                        raise USIError(f"sfen board {placement!r}: two unpromoted {'black' if side == 'b' else 'white'}"
-                                       f" pawns on file {file} (nifu)")
-                    pawn_files[side].add(file)
-            if squares > 9:
-                break
-        if squares != 9:
-            raise USIError(f"{where} covers {squares} squares; each rank needs exactly 9 (pieces plus digits 1-9)")
-    return counts, kings
-
-# %% ../nbs/32_usi.ipynb #3b5927cc
-def _check_hand(hand: str, counts: dict[str, int]) -> dict[str, dict[str, int]]:
-    """Adds an SFEN hand's pieces to `counts`; the hands as {side: {kind: n}}; USIError on a bad one."""
-    hands = {"b": {}, "w": {}}
-    if hand == "-":
-        return hands
-    tokens = re.findall(r"(\d*)(\D)", hand)
-    if not tokens or "".join(n + c for n, c in tokens) != hand:
-        raise USIError(f"sfen hand {hand!r}: write '-' or counts and pieces, e.g. 'R2Pb3p'")
-    for n, c in tokens:
-        side, kind = ("b" if c.isupper() else "w"), c.upper()
-        if kind not in PIECE_LIMITS:
-            raise USIError(f"sfen hand {hand!r}: {c!r} cannot be held; pieces in hand are R B G S N L P "
-                           "(uppercase black, lowercase white), unpromoted, never a king")
-        if n and (n.startswith("0") or not n.isascii()):
-            raise USIError(f"sfen hand {hand!r}: the count {n!r} of {c!r} must be a positive whole number")
-        if kind in hands[side]:
-            raise USIError(f"sfen hand {hand!r}: {c!r} appears twice; give each piece once with its count")
-        hands[side][kind] = int(n or 1)
-        counts[kind] += hands[side][kind]
-    return hands
-
-# %% ../nbs/32_usi.ipynb #612cf799
-def check_sfen(placement: str, turn: str, hand: str, ply: str = "1") -> str:
-    """The SFEN `placement turn hand ply` once it describes a position that can arise in a game: 9 ranks of 9
-    squares, known pieces, promotions only of P L N S B R, no unpromoted P/L/N where it could never move, no two
-    unpromoted pawns of a side on a file, one king a side, at most 18 P, 4 L N S G, 2 B R in all (board and hands),
-    side b or w, a positive move number. USIError naming the first rule broken."""
-    counts, kings = _check_placement(placement)
-    for side, n in kings.items():
-        if n != 1:
-            raise USIError(f"sfen board {placement!r} has {n} {'black (K)' if side == 'b' else 'white (k)'} kings; "
-                           "each side needs exactly one")
-    if turn not in ("b", "w"):
-        raise USIError(f"sfen side to move {turn!r}: must be b (black) or w (white)")
-    _check_hand(hand, counts)
-    for kind, limit in PIECE_LIMITS.items():
-        if counts[kind] > limit:
-            raise USIError(f"sfen has {counts[kind]} {PIECE_NAMES[kind]}s on the board and in hand; a game has "
-                           f"{limit}, so the hand {hand!r} or the board is wrong")
-    if not re.fullmatch(r"[1-9][0-9]*", ply) or int(ply) > MAX_PLY:
-        raise USIError(f"sfen move number {ply!r}: must be a whole number from 1 to {MAX_PLY}")
-    return f"{placement} {turn} {hand} {ply}"
-
-# %% ../nbs/32_usi.ipynb #660446f6
-def parse_position(args: list[str]) -> cshogi.Board:
-    """A board from `position startpos [moves …]` or `position sfen B T H N [moves …]`, checked before cshogi."""
-    if not args:
-        raise USIError("position needs 'startpos' or 'sfen <sfen>'")
-    if "moves" in args:
-        k = args.index("moves")
-        head, moves = args[:k], args[k + 1:]
-    else:
-        head, moves = args, []
-    if head == ["startpos"]:
-        board = cshogi.Board()
-    elif head and head[0] == "sfen" and len(head) in (4, 5):
-        sfen = check_sfen(*head[1:])
-        board = cshogi.Board(sfen)
-        hands = _check_hand(head[3], dict.fromkeys(PIECE_LIMITS, 0))
-        if [[hands[s].get(k, 0) for k in "PLNSGBR"] for s in "bw"] != [list(h) for h in board.pieces_in_hand]:
-            raise USIError(f"cshogi read the hand {head[3]!r} as {board.pieces_in_hand}; refusing the position")
-        placement, turn, hand, ply = sfen.split()
-        if cshogi.Board(f"{placement} {'w' if turn == 'b' else 'b'} {hand} {ply}").is_check():
-            raise USIError(f"in sfen {sfen!r} the side not to move is in check: its king could be captured, "
-                           "so the position cannot arise")
-    else:
-        raise USIError(f"position needs 'startpos' or 'sfen <board> <turn> <hand> [<ply>]', got {' '.join(head)!r}")
-    for i, usi in enumerate(moves):
-        legal = {cshogi.move_to_usi(m): m for m in board.legal_moves}
-        if usi not in legal:
-            raise USIError(f"move {i + 1} {usi!r} is not legal in {board.sfen()}")
-        board.push(legal[usi])
-    return board
 
 # %% ../nbs/32_usi.ipynb #8484f7d8
 GO_INT_ARGS = {"btime": 0, "wtime": 0, "byoyomi": 0, "binc": 0, "winc": 0, "movetime": 0, "nodes": 1, "depth": 1,
