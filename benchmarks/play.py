@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from maou_nb.encoding import encode_boards
-from maou_nb.export import TorchEvaluator, export_onnx, load_onnx, playout_boards
+from maou_nb.export import TorchEvaluator, export_onnx, load_onnx
 from maou_nb.arena import play_match, random_openings
 from maou_nb.players import NetworkPlayer
+from maou_nb.records import random_boards
 
 
 def games_per_s(a, b, games: int, seed: int = 0) -> dict:
@@ -34,11 +35,6 @@ def games_per_s(a, b, games: int, seed: int = 0) -> dict:
     plies = sum(g.plies for g in result.games)
     return {"games": games, "seconds": round(elapsed, 3), "games_per_s": round(games / elapsed, 3),
             "plies_per_s": round(plies / elapsed, 1), "avg_plies": round(plies / games, 1)}
-
-
-def sample_boards(n: int, seed: int = 0) -> list:
-    "Positions from random games that still have a legal move."
-    return [b for b in playout_boards(2 * n, seed=seed, max_plies=120) if not b.is_game_over()][:n]
 
 
 def positions_per_s(evaluator, planes, hands, batch: int, min_seconds: float) -> float:
@@ -77,7 +73,7 @@ def main(argv=None) -> dict:
     search = NetworkPlayer(TorchEvaluator(model), simulations=16, name="network_puct16")
     report["network_puct16_vs_random"] = games_per_s(search, "random", 8 if args.quick else 32)
 
-    boards = sample_boards(max(batches))
+    boards = random_boards(max(batches), max_plies=120, playable=True)
     planes, hands = encode_boards(boards)
     report["positions_per_s"] = {"torch": {}, "onnxruntime": {}}
     torch_eval = TorchEvaluator(model)

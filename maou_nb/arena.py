@@ -33,7 +33,7 @@ Z95 = 1.959963984540054  # the two-sided 95% normal quantile
 
 
 def wilson_interval(score: float, n: int, z: float = Z95) -> tuple[float, float]:
-    "Wilson score interval of a proportion `score` observed over `n` trials."
+    """Wilson score interval of a proportion `score` observed over `n` trials."""
     if n <= 0:
         return 0.0, 1.0
     centre = (score + z * z / (2 * n)) / (1 + z * z / n)
@@ -42,7 +42,7 @@ def wilson_interval(score: float, n: int, z: float = Z95) -> tuple[float, float]
 
 # %% ../nbs/31_arena.ipynb #5b554c4c
 def elo_from_score(score: float) -> float:
-    "Elo difference that predicts the expected `score` (±inf at 0 and 1)."
+    """Elo difference that predicts the expected `score` (±inf at 0 and 1)."""
     if score <= 0:
         return -math.inf
     if score >= 1:
@@ -51,7 +51,7 @@ def elo_from_score(score: float) -> float:
 
 # %% ../nbs/31_arena.ipynb #8c038707
 def verdict(low: float, high: float) -> str:
-    "'stronger' / 'weaker' when the interval excludes 50%, else 'not significant'."
+    """'stronger' / 'weaker' when the interval excludes 50%, else 'not significant'."""
     if low > 0.5:
         return "stronger"
     if high < 0.5:
@@ -60,7 +60,7 @@ def verdict(low: float, high: float) -> str:
 
 # %% ../nbs/31_arena.ipynb #b99dd0dc
 def random_openings(n: int, plies: int = 4, seed: int = 0) -> list[str]:
-    "`n` distinct SFENs reached by `plies` random legal moves from the initial position."
+    """`n` distinct SFENs reached by `plies` random legal moves from the initial position."""
     rng, seen, out = np.random.default_rng(seed), set(), []
     for _ in range(n * 50):
         board = cshogi.Board()
@@ -76,7 +76,7 @@ def random_openings(n: int, plies: int = 4, seed: int = 0) -> list[str]:
 
 # %% ../nbs/31_arena.ipynb #5c8d1c74
 def record_openings(paths: Iterable[str | Path], plies: int = 16) -> list[str]:
-    "SFENs after the first `plies` moves of each game in CSA/KIF records (shorter games skipped)."
+    """SFENs after the first `plies` moves of each game in CSA/KIF records (shorter games skipped)."""
     from cshogi import CSA, KIF
     out = []
     for path in paths:
@@ -101,14 +101,14 @@ def record_openings(paths: Iterable[str | Path], plies: int = 16) -> list[str]:
 # %% ../nbs/31_arena.ipynb #052b5ecf
 @dataclass
 class MatchResult:
-    "The games of a match between `a` and `b`, with the score from `a`'s side."
+    """The games of a match between `a` and `b`, with the score from `a`'s side."""
     a: str
     b: str
     games: list[GameRecord] = field(default_factory=list)
     a_is_black: list[bool] = field(default_factory=list)
 
     def outcomes(self, colour: int | None = None) -> tuple[int, int, int]:
-        "(wins, draws, losses) of player a, overall or with a playing `colour`."
+        """(wins, draws, losses) of player a, overall or with a playing `colour`."""
         w = d = l = 0
         for g, black in zip(self.games, self.a_is_black):
             side = BLACK if black else WHITE
@@ -124,12 +124,12 @@ class MatchResult:
 
     @property
     def score(self) -> float:
-        "Player a's score: (wins + draws / 2) / games."
+        """Player a's score: (wins + draws / 2) / games."""
         w, d, l = self.outcomes()
         return (w + 0.5 * d) / max(1, w + d + l)
 
     def summary(self) -> dict:
-        "A JSON-able summary: W/D/L (overall, as Black, as White), score, intervals, Elo, verdict."
+        """A JSON-able summary: W/D/L (overall, as Black, as White), score, intervals, Elo, verdict."""
         w, d, l = self.outcomes()
         n = w + d + l
         lo, hi = wilson_interval(self.score, n)
@@ -154,12 +154,12 @@ class MatchResult:
 
 # %% ../nbs/31_arena.ipynb #1f72163d
 def _safe_name(name: str) -> str:
-    "A file-name-safe version of a player name."
+    """A file-name-safe version of a player name."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40] or "player"
 
 # %% ../nbs/31_arena.ipynb #c1e714be
 def save_games(result: MatchResult, out_dir: str | Path) -> list[Path]:
-    "Write each game of `result` as CSA plus `match.json` into `out_dir` (atomic writes)."
+    """Write each game of `result` as CSA plus `match.json` into `out_dir` (atomic writes)."""
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     paths = [write_csa(g, out_dir / f"game_{i:04d}_{_safe_name(g.black)}_vs_{_safe_name(g.white)}.csa")
              for i, g in enumerate(result.games)]
@@ -170,7 +170,7 @@ def save_games(result: MatchResult, out_dir: str | Path) -> list[Path]:
 def play_match(player_a, player_b, games: int = 10, *, openings: Sequence[str] | None = None,
                max_moves: int = 256, seed: int = 0, out_dir: str | Path | None = None,
                progress: bool | None = False) -> MatchResult:
-    "Play `games` games between two players (specs or Players), colours alternated per opening."
+    """Play `games` games between two players (specs or Players), colours alternated per opening."""
     a, b = make_player(player_a, seed=seed), make_player(player_b, seed=seed + 1)
     if a is b:
         raise ValueError("play_match needs two distinct player objects (make a second one for self-play)")
@@ -224,7 +224,7 @@ def evaluate(model, opponents: Sequence = ("random", "baseline"), games: int = 1
 
 # %% ../nbs/31_arena.ipynb #028150e6
 def format_table(rows: Sequence[dict]) -> str:
-    "The evaluation rows as a plain-text table."
+    """The evaluation rows as a plain-text table."""
     head = f"{'opponent':<24}{'games':>6}{'W':>5}{'D':>5}{'L':>5}{'score':>8}  {'95% interval':<16}{'Elo':>8}  verdict"
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -236,7 +236,7 @@ def format_table(rows: Sequence[dict]) -> str:
 
 # %% ../nbs/31_arena.ipynb #dcb3f593
 def plot_evaluation(rows: Sequence[dict], ax=None):
-    "Bar chart of the score against each opponent with its 95% interval and the 50% line."
+    """Bar chart of the score against each opponent with its 95% interval and the 50% line."""
     import matplotlib.pyplot as plt
     if ax is None:
         _, ax = plt.subplots(figsize=(1.2 + 1.3 * len(rows), 3.2))
@@ -252,7 +252,7 @@ def plot_evaluation(rows: Sequence[dict], ax=None):
 
 # %% ../nbs/31_arena.ipynb #b4a8c0c9
 def find_engine(name: str = "fairy-stockfish") -> str | None:
-    "The path of an installed engine executable (PATH, then /usr/games), or None."
+    """The path of an installed engine executable (PATH, then /usr/games), or None."""
     import shutil
     found = shutil.which(name)
     if found is None and Path("/usr/games", name).is_file():
@@ -264,7 +264,7 @@ def place_on_ladder(model, engine: str | None = None, levels: Sequence[int] = (-
                     *, option: str = "Skill Level", games: int = 20, byoyomi: int = 100,
                     stop_early: bool = True, seed: int = 0, max_moves: int = 256, simulations: int = 0,
                     out_dir: str | Path | None = None, progress: bool | None = None) -> dict:
-    "Play `model` (searching with `simulations`) against rising levels of a USI engine; the highest level beaten."
+    """Play `model` (searching with `simulations`) against rising levels of a USI engine; the highest level beaten."""
     engine = engine or find_engine()
     if engine is None:
         raise FileNotFoundError("no fairy-stockfish found: apt-get install -y fairy-stockfish, or pass engine=<path>")

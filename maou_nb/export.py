@@ -22,15 +22,16 @@ from onnx import TensorProto, helper, numpy_helper
 import maou_nb
 from .encoding import MOVE_LABELS_NUM, encode_boards, encode_hcps, legal_mask, legal_moves_and_labels
 from .model import load_model, unwrap_model
+from .records import random_boards
 from .storage import ParamError, Rule, atomic_path, check_params, load_checkpoint, read_json, sha256_file, write_json
 
 # %% auto #0
 __all__ = ['ONNX_INPUTS', 'ONNX_OUTPUTS', 'FP32_TOLERANCE', 'FP16_TOLERANCE', 'EXPORT_RULES', 'TOLERANCE_RULES',
-           'ONNX_HAND_TYPES', 'position_arrays', 'playout_boards', 'scrambled_inputs', 'PolicyValueGraph',
-           'write_graph', 'float16_model', 'is_float16_model', 'open_session', 'OnnxVerificationError', 'torch_outputs',
-           'graph_outputs', 'session_outputs', 'compare_outputs', 'sidecar_path', 'fp16_path', 'export_onnx',
-           'check_export_params', 'OnnxModelError', 'sigmoid', 'masked_softmax', 'legal_move_probabilities',
-           'Evaluator', 'OnnxEvaluator', 'TorchEvaluator', 'load_onnx', 'load_policy', 'onnx_beside']
+           'ONNX_HAND_TYPES', 'position_arrays', 'scrambled_inputs', 'PolicyValueGraph', 'write_graph', 'float16_model',
+           'is_float16_model', 'open_session', 'OnnxVerificationError', 'torch_outputs', 'graph_outputs',
+           'session_outputs', 'compare_outputs', 'sidecar_path', 'fp16_path', 'export_onnx', 'check_export_params',
+           'OnnxModelError', 'sigmoid', 'masked_softmax', 'legal_move_probabilities', 'Evaluator', 'OnnxEvaluator',
+           'TorchEvaluator', 'load_onnx', 'load_policy', 'onnx_beside']
 
 # %% ../nbs/20_export.ipynb #aa262f12
 def position_arrays(positions) -> tuple[np.ndarray, np.ndarray]:
@@ -54,19 +55,6 @@ def position_arrays(positions) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"positions: expected board (N, 9, 9) and hand (N, 14) with N > 0, "
                          f"got {board.shape} and {hand.shape}")
     return board.astype(np.int32), hand.astype(np.float32)
-
-# %% ../nbs/20_export.ipynb #3e730ae3
-def playout_boards(n: int, seed: int = 0, max_plies: int = 160) -> list[cshogi.Board]:
-    """`n` legal positions reached by seeded random play from the start (restarting after `max_plies`)."""
-    rng, board, out = np.random.default_rng(seed), cshogi.Board(), []
-    while len(out) < n:
-        moves = list(board.legal_moves)
-        if not moves or board.move_number > max_plies:
-            board.reset()
-            continue
-        board.push(moves[rng.integers(len(moves))])
-        out.append(cshogi.Board(board.sfen()))
-    return out
 
 # %% ../nbs/20_export.ipynb #618c7ab5
 def scrambled_inputs(board: np.ndarray, hand: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -294,7 +282,7 @@ def export_onnx(model_or_checkpoint, out_path: str | Path, *, positions=None, op
     if out_path.suffix != ".onnx":
         raise ValueError(f"out_path {out_path} should end in .onnx")
     model, source = _source_model(model_or_checkpoint, ema)
-    real = position_arrays(positions if positions is not None else playout_boards(n_default_positions, seed))
+    real = position_arrays(positions if positions is not None else random_boards(n_default_positions, seed))
     inputs = {"real": real, "scrambled": scrambled_inputs(*real, seed=seed)}
     model = model.cpu().eval()
     references = {name: torch_outputs(model, *arrays, batch_size) for name, arrays in inputs.items()}

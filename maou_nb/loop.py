@@ -28,13 +28,14 @@ from .train import train
 
 # %% auto #0
 __all__ = ['DEFAULT_THRESHOLDS', 'LoopParams', 'default_registry_path', 'load_registry', 'save_registry', 'registry_entry',
-           'model_metadata', 'register_model', 'gauntlet', 'fit_ratings', 'rating_table', 'plot_ratings', 'use_onnx',
-           'self_play', 'train_candidate', 'run_iteration', 'registry_best_path', 'recorded_iteration', 'run']
+           'model_metadata', 'register_model', 'gauntlet_opponents', 'passes', 'gauntlet', 'fit_ratings',
+           'rating_table', 'plot_ratings', 'use_onnx', 'self_play', 'train_candidate', 'run_iteration',
+           'registry_best_path', 'recorded_iteration', 'run']
 
 # %% ../nbs/33_loop.ipynb #480900ac
 @dataclass
 class LoopParams:
-    "Every knob of a self-improvement run."
+    """Every knob of a self-improvement run."""
     initial_model: str                    # a training checkpoint (.pt) to start from
     out_dir: str | None = None            # None: <runs_root>/loop
     iterations: int = knob(3, min=1)
@@ -57,7 +58,7 @@ class LoopParams:
 
     @classmethod
     def from_dict(cls, params: dict) -> "LoopParams":
-        "Parameters from a dict (a YAML file's `loop:` section), refusing unknown keys."
+        """Parameters from a dict (a YAML file's `loop:` section), refusing unknown keys."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
@@ -70,7 +71,7 @@ class LoopParams:
 
     @classmethod
     def load(cls, params) -> "LoopParams":
-        "From a LoopParams, a dict, or a YAML file (its `loop:` section, or the whole file)."
+        """From a LoopParams, a dict, or a YAML file (its `loop:` section, or the whole file)."""
         if isinstance(params, cls):
             return params
         if isinstance(params, (str, Path)):
@@ -83,12 +84,12 @@ DEFAULT_THRESHOLDS = {"random": 0.85, "baseline": 0.60, "best": 0.55}
 
 
 def default_registry_path() -> Path:
-    "models_root/registry.json (from settings)."
+    """models_root/registry.json (from settings)."""
     return Path(setting("models_root")) / "registry.json"
 
 # %% ../nbs/33_loop.ipynb #d3d3affb
 def load_registry(path: str | Path | None = None) -> dict:
-    "The registry at `path` (an empty one if the file does not exist yet)."
+    """The registry at `path` (an empty one if the file does not exist yet)."""
     path = Path(path) if path else default_registry_path()
     if not path.exists():
         return {"models": [], "best": None, "matches": []}
@@ -100,14 +101,14 @@ def load_registry(path: str | Path | None = None) -> dict:
 
 # %% ../nbs/33_loop.ipynb #e5a5fa06
 def save_registry(reg: dict, path: str | Path | None = None) -> Path:
-    "Write the registry atomically."
+    """Write the registry atomically."""
     path = Path(path) if path else default_registry_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_json(path, reg)
 
 # %% ../nbs/33_loop.ipynb #a281f25d
 def registry_entry(reg: dict, model_id: str) -> dict:
-    "The entry of `model_id`."
+    """The entry of `model_id`."""
     for entry in reg["models"]:
         if entry["id"] == model_id:
             return entry
@@ -115,7 +116,7 @@ def registry_entry(reg: dict, model_id: str) -> dict:
 
 # %% ../nbs/33_loop.ipynb #012a8cb0
 def model_metadata(path: str | Path) -> dict:
-    "Architecture (and training run when recorded) of a checkpoint or of an ONNX file's sidecar."
+    """Architecture (and training run when recorded) of a checkpoint or of an ONNX file's sidecar."""
     path = Path(path)
     try:
         if path.suffix == ".onnx":
@@ -129,7 +130,7 @@ def model_metadata(path: str | Path) -> dict:
 # %% ../nbs/33_loop.ipynb #40e0fcfc
 def register_model(reg: dict, path: str | Path, *, run: str | None = None, parent: str | None = None,
                    arch: str | None = None) -> dict:
-    "Add a model file to `reg` as a candidate (or return its entry if the same bytes are registered)."
+    """Add a model file to `reg` as a candidate (or return its entry if the same bytes are registered)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist; pass a checkpoint (.pt) or an ONNX file")
@@ -144,6 +145,24 @@ def register_model(reg: dict, path: str | Path, *, run: str | None = None, paren
              "evaluations": []}
     reg["models"].append(entry)
     return entry
+
+# %% ../nbs/33_loop.ipynb #9da0f199
+def gauntlet_opponents(best_model: str | None, fairy_level: int | None) -> list[tuple[str, object]]:
+    """The gauntlet's (role, player spec or player): random, the baseline engine, the best model's file when there is
+    one (other than the candidate), and fairy-stockfish at `fairy_level` when it is installed (None: not played)."""
+    opponents: list[tuple[str, object]] = [("random", "random"), ("baseline", "baseline")]
+    if best_model:
+        opponents.append(("best", "model:" + best_model))
+    engine = find_engine() if fairy_level is not None else None
+    if engine:
+        opponents.append(("fairy", USIPlayer(engine, {"Skill Level": fairy_level}, name=f"fairy-stockfish_{fairy_level}")))
+    return opponents
+
+# %% ../nbs/33_loop.ipynb #1341cd54
+def passes(summary: dict, need: float, require_interval: bool = True) -> bool:
+    """Whether a match summary clears the threshold `need`: the score reaches it and (with `require_interval`) the
+    lower bound of its interval is above 50%."""
+    return bool(summary["score"] >= need and (summary["score_low"] > 0.5 or not require_interval))
 
 # %% ../nbs/33_loop.ipynb #b5bf52bb
 def gauntlet(candidate: str | Path, *, registry: str | Path | None = None, games: int = 100,
@@ -164,13 +183,9 @@ def gauntlet(candidate: str | Path, *, registry: str | Path | None = None, games
     reg = load_registry(reg_path)
     entry = register_model(reg, candidate, run=run, parent=parent)
     thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
-    opponents: list[tuple[str, object]] = [("random", "random"), ("baseline", "baseline")]
     best = reg.get("best")
-    if best and best != entry["id"]:
-        opponents.append(("best", "model:" + played(registry_entry(reg, best)["path"])))
-    engine = find_engine() if fairy_level is not None else None
-    if engine:
-        opponents.append(("fairy", USIPlayer(engine, {"Skill Level": fairy_level}, name=f"fairy-stockfish_{fairy_level}")))
+    best_model = played(registry_entry(reg, best)["path"]) if best and best != entry["id"] else None
+    opponents = gauntlet_opponents(best_model, fairy_level)
     net = {"threads": threads, "device": device, "simulations": simulations}
     player = NetworkPlayer(played(candidate), seed=seed, name=entry["id"], **net)
     openings = random_openings(max(1, (games + 1) // 2), seed=seed)
@@ -187,7 +202,7 @@ def gauntlet(candidate: str | Path, *, registry: str | Path | None = None, games
             opponent.close()
         s = result.summary()
         need = thresholds.get(role)
-        passed = None if need is None else bool(s["score"] >= need and (s["score_low"] > 0.5 or not require_interval))
+        passed = None if need is None else passes(s, need, require_interval)
         rows.append({**s, "role": role, "threshold": need, "passed": passed})
         w, d, l = result.outcomes()
         reg["matches"].append({"a": entry["id"], "b": opponent.name if role != "best" else best,
@@ -202,7 +217,7 @@ def gauntlet(candidate: str | Path, *, registry: str | Path | None = None, games
 
 # %% ../nbs/33_loop.ipynb #1d70fe03
 def fit_ratings(matches: Sequence[dict], anchor: str = "baseline", iterations: int = 500) -> dict[str, float]:
-    "Elo ratings fitted to match records {a, b, wins, draws, losses} (Bradley–Terry, draws as half wins)."
+    """Elo ratings fitted to match records {a, b, wins, draws, losses} (Bradley–Terry, draws as half wins)."""
     players = sorted({m["a"] for m in matches} | {m["b"] for m in matches})
     if not players:
         return {}
@@ -225,7 +240,7 @@ def fit_ratings(matches: Sequence[dict], anchor: str = "baseline", iterations: i
 
 # %% ../nbs/33_loop.ipynb #3d8275ec
 def rating_table(reg: dict) -> list[dict]:
-    "Elo of every player in the registry's recorded games, highest first, with status and games played."
+    """Elo of every player in the registry's recorded games, highest first, with status and games played."""
     ratings = fit_ratings(reg["matches"])
     games = Counter()
     for m in reg["matches"]:
@@ -238,7 +253,7 @@ def rating_table(reg: dict) -> list[dict]:
 
 # %% ../nbs/33_loop.ipynb #1dab4a78
 def plot_ratings(rows: Sequence[dict], ax=None):
-    "Horizontal bar chart of a rating table."
+    """Horizontal bar chart of a rating table."""
     import matplotlib.pyplot as plt
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 0.5 + 0.35 * len(rows)))
@@ -251,7 +266,7 @@ def plot_ratings(rows: Sequence[dict], ax=None):
 
 # %% ../nbs/33_loop.ipynb #42afc640
 def use_onnx(p: LoopParams) -> bool:
-    "Whether the players evaluate ONNX twins of the checkpoints (asked for, and the players run on a CPU)."
+    """Whether the players evaluate ONNX twins of the checkpoints (asked for, and the players run on a CPU)."""
     return p.onnx and p.device == "cpu"
 
 # %% ../nbs/33_loop.ipynb #3bc95e0d
@@ -275,7 +290,7 @@ def self_play(model: str, out_dir: Path, hcpe_dir: Path, p: LoopParams, seed: in
 
 # %% ../nbs/33_loop.ipynb #b4c3a418
 def train_candidate(best: str, data_dir: Path, out_dir: Path, p: LoopParams, seed: int) -> Path:
-    "Continue Stage 3 training from the best checkpoint's weights on `data_dir`; the candidate checkpoint."
+    """Continue Stage 3 training from the best checkpoint's weights on `data_dir`; the candidate checkpoint."""
     payload = load_checkpoint(best)
     model_config = {k: v for k, v in payload["model_config"].items() if k != "heads"}
     config = {"stage": "3", "stage3_data": str(data_dir), "model": payload["arch"], "model_config": model_config,
@@ -290,7 +305,7 @@ def train_candidate(best: str, data_dir: Path, out_dir: Path, p: LoopParams, see
 
 # %% ../nbs/33_loop.ipynb #6e9cf144
 def run_iteration(i: int, best: str, root: Path, p: LoopParams) -> dict:
-    "Self-play (to HCPE), preprocess the window, train, gauntlet: the iteration's summary."
+    """Self-play (to HCPE), preprocess the window, train, gauntlet: the iteration's summary."""
     it = root / f"iter_{i:03d}"
     seed = p.seed + 1000 * i
     started = time.perf_counter()
@@ -311,7 +326,7 @@ def run_iteration(i: int, best: str, root: Path, p: LoopParams) -> dict:
 
 # %% ../nbs/33_loop.ipynb #1334d6e2
 def registry_best_path(root: Path) -> str | None:
-    "The path of the registry's current best model."
+    """The path of the registry's current best model."""
     reg = load_registry(root / "registry.json")
     for entry in reg["models"]:
         if entry["id"] == reg["best"]:
@@ -320,7 +335,7 @@ def registry_best_path(root: Path) -> str | None:
 
 # %% ../nbs/33_loop.ipynb #67f44abb
 def recorded_iteration(root: Path, i: int) -> dict | None:
-    "Iteration `i`'s summary rebuilt from the registry when its gauntlet was recorded but its done.json was not."
+    """Iteration `i`'s summary rebuilt from the registry when its gauntlet was recorded but its done.json was not."""
     reg = load_registry(root / "registry.json")
     run_dir = str(root / f"iter_{i:03d}" / "train")
     for entry in reg["models"]:
@@ -336,7 +351,7 @@ def recorded_iteration(root: Path, i: int) -> dict | None:
 
 # %% ../nbs/33_loop.ipynb #06833d86
 def run(params, *, progress: bool | None = None) -> list[dict]:
-    "Run (or resume) the self-improvement loop; one summary per iteration."
+    """Run (or resume) the self-improvement loop; one summary per iteration."""
     p = LoopParams.load(params)
     root = Path(p.out_dir) if p.out_dir else Path(setting("runs_root")) / "loop"
     root.mkdir(parents=True, exist_ok=True)

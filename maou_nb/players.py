@@ -23,43 +23,43 @@ __all__ = ['PLAYER_KINDS', 'Player', 'RandomPlayer', 'BaselinePlayer', 'pick_lab
 
 # %% ../nbs/30_players.ipynb #a76a3fe4
 class Player:
-    "A shogi player: `choose(board)` returns a legal move (or `RESIGN`); `choose_many` does a batch."
+    """A shogi player: `choose(board)` returns a legal move (or `RESIGN`); `choose_many` does a batch."""
     name = "player"
 
     def __init__(self, seed: int = 0):
         self.seed(seed)
 
     def seed(self, seed: int) -> None:
-        "Reset the player's random state."
+        """Reset the player's random state."""
         self.rng = np.random.default_rng(seed)
 
     def choose(self, board: cshogi.Board) -> int:
-        "The move to play in `board`."
+        """The move to play in `board`."""
         return self.choose_many([board])[0]
 
     def choose_many(self, boards: Sequence[cshogi.Board]) -> list[int]:
-        "The move to play in each of `boards`."
+        """The move to play in each of `boards`."""
         return [self.choose(b) for b in boards]
 
     def close(self) -> None:
-        "Release outside resources (engine processes)."
+        """Release outside resources (engine processes)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
 # %% ../nbs/30_players.ipynb #8396f2a5
 class RandomPlayer(Player):
-    "Plays a uniformly random legal move."
+    """Plays a uniformly random legal move."""
     name = "random"
 
     def choose(self, board: cshogi.Board) -> int:
-        "A uniformly random legal move."
+        """A uniformly random legal move."""
         moves = list(board.legal_moves)
         return moves[int(self.rng.integers(len(moves)))] if moves else RESIGN
 
 # %% ../nbs/30_players.ipynb #7083ad46
 class BaselinePlayer(Player):
-    "The foundation's baseline engine (`maou_nb.selfplay.BaselineEngine`) as a player."
+    """The foundation's baseline engine (`maou_nb.selfplay.BaselineEngine`) as a player."""
     name = "baseline"
 
     def __init__(self, seed: int = 0, **engine_kwargs):
@@ -67,12 +67,12 @@ class BaselinePlayer(Player):
         super().__init__(seed)
 
     def seed(self, seed: int) -> None:
-        "Rebuild the engine with a new seed."
+        """Rebuild the engine with a new seed."""
         super().seed(seed)
         self.engine = BaselineEngine(seed=seed, **self.engine_kwargs)
 
     def choose(self, board: cshogi.Board) -> int:
-        "The baseline engine's move."
+        """The baseline engine's move."""
         if board.is_game_over():
             return RESIGN
         return int(self.engine.choose(board))
@@ -80,7 +80,7 @@ class BaselinePlayer(Player):
 # %% ../nbs/30_players.ipynb #f15e7520
 def pick_labels(logits: np.ndarray, mask: np.ndarray, temperature: np.ndarray | float,
                 rng: np.random.Generator) -> np.ndarray:
-    "One label per row among the legal ones: argmax at temperature 0, else a softmax sample (Gumbel-max)."
+    """One label per row among the legal ones: argmax at temperature 0, else a softmax sample (Gumbel-max)."""
     t = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (len(logits),))
     z = logits.astype(np.float64) / np.where(t > 0, t, 1.0)[:, None]
     gumbel = -np.log(-np.log(rng.random(logits.shape).clip(1e-12, 1 - 1e-12)))
@@ -89,7 +89,7 @@ def pick_labels(logits: np.ndarray, mask: np.ndarray, temperature: np.ndarray | 
 
 # %% ../nbs/30_players.ipynb #93cee38a
 def mate_in_one(board: cshogi.Board) -> int:
-    "A legal move that mates at once, found by cshogi's one-ply mate finder, or 0 when it finds none."
+    """A legal move that mates at once, found by cshogi's one-ply mate finder, or 0 when it finds none."""
     if board.is_check():  # cshogi's finder assumes no check (it proposes illegal moves then)
         return 0
     mate = board.mate_move_in_1ply()
@@ -97,12 +97,12 @@ def mate_in_one(board: cshogi.Board) -> int:
 
 # %% ../nbs/30_players.ipynb #077b25b7
 def mate_in_one_or(board: cshogi.Board, move: int) -> int:
-    "A legal mate in one of `board` if cshogi finds one, else `move`."
+    """A legal mate in one of `board` if cshogi finds one, else `move`."""
     return mate_in_one(board) or move
 
 # %% ../nbs/30_players.ipynb #5258b49d
 class NetworkPlayer(Player):
-    "A policy/value network as a player: legal moves only, greedy or sampled, batched over boards."
+    """A policy/value network as a player: legal moves only, greedy or sampled, batched over boards."""
 
     def __init__(self, model, *, temperature: float = 0.0, sample_plies: int | None = None,
                  seed: int = 0, device: str = "cpu", threads: int | None = None,
@@ -118,14 +118,14 @@ class NetworkPlayer(Player):
         super().__init__(seed)
 
     def temperatures(self, boards: Sequence[cshogi.Board]) -> np.ndarray:
-        "The sampling temperature for each board (0 after `sample_plies` plies)."
+        """The sampling temperature for each board (0 after `sample_plies` plies)."""
         t = np.full(len(boards), self.temperature)
         if self.sample_plies is not None:
             t[[b.move_number > self.sample_plies for b in boards]] = 0.0
         return t
 
     def choose_many(self, boards: Sequence[cshogi.Board]) -> list[int]:
-        "One legal move per board, from a single batched network evaluation (or a PUCT search)."
+        """One legal move per board, from a single batched network evaluation (or a PUCT search)."""
         boards = list(boards)
         if not boards:
             return []
@@ -142,7 +142,7 @@ class NetworkPlayer(Player):
 
 # %% ../nbs/30_players.ipynb #888f0a92
 class _Node:
-    "A search-tree node: the moves out of a position with their priors, visits and values."
+    """A search-tree node: the moves out of a position with their priors, visits and values."""
     __slots__ = ("moves", "priors", "visits", "values", "children", "value", "mate")
 
     def __init__(self, moves: np.ndarray, priors: np.ndarray, value: float, mate: int = 0):
@@ -153,7 +153,7 @@ class _Node:
 
 # %% ../nbs/30_players.ipynb #b7726185
 def _expand(player: NetworkPlayer, boards: list[cshogi.Board]) -> list[_Node]:
-    "Evaluate `boards` in one batch and make a node for each (a mate in one makes its value 1)."
+    """Evaluate `boards` in one batch and make a node for each (a mate in one makes its value 1)."""
     logits, legal, value, tables = player.evaluator.evaluate_many(boards)
     probs = masked_softmax(logits, legal)
     mates = [mate_in_one(b) for b in boards]
@@ -162,12 +162,55 @@ def _expand(player: NetworkPlayer, boards: list[cshogi.Board]) -> list[_Node]:
 
 # %% ../nbs/30_players.ipynb #552d34c0
 def _terminal_value(board: cshogi.Board) -> float | None:
-    "The mover's result in a finished position (0 loss, 0.5 draw, 1 win) by `game_end`, or None while play goes on."
+    """The mover's result in a finished position (0 loss, 0.5 draw, 1 win) by `game_end`, or None while play goes on."""
     end = game_end(board)
     if end is None:
         return None
     winner, _ = end
     return 0.5 if winner is None else float(winner == board.turn)
+
+# %% ../nbs/30_players.ipynb #521a27a9
+def _select(root: _Node, board: cshogi.Board, c_puct: float) -> tuple[list[tuple[_Node, int]], float | None]:
+    """Walk down from `root` by PUCT, pushing each move on `board`: the path of (node, move index), and the result
+    for the side to move where it ends (1 a proven win, 0 no legal move, `_terminal_value`), None at a new leaf."""
+    node, path = root, []
+    while True:
+        if node.mate:  # a proven win for the side to move here
+            return path, 1.0
+        if len(node.moves) == 0:
+            return path, 0.0
+        n = node.visits.sum()
+        q = np.where(node.visits > 0, node.values / np.maximum(node.visits, 1), 0.5)
+        i = int(np.argmax(q + c_puct * node.priors * math.sqrt(n + 1) / (1 + node.visits)))
+        path.append((node, i))
+        board.push(int(node.moves[i]))
+        child = node.children.get(i)
+        if child is None:
+            return path, _terminal_value(board)
+        node = child
+
+# %% ../nbs/30_players.ipynb #74178469
+def _backup(path: list[tuple[_Node, int]], result: float) -> None:
+    """Add one visit and `result` (for the side to move at the end of `path`) up the path, each seen by its mover."""
+    v = result
+    for node, i in reversed(path):
+        v = 1.0 - v  # seen from the side that chose move i
+        node.visits[i] += 1
+        node.values[i] += v
+
+# %% ../nbs/30_players.ipynb #f9fd480b
+def _root_choice(root: _Node, temperature: float, rng: np.random.Generator) -> tuple[int, float]:
+    """The move played from a searched root (a mating move, RESIGN with none legal, else by visits: the most visited,
+    or drawn ∝ visits^(1/temperature)), and the root's value for its mover."""
+    value = root.values.sum() / root.visits.sum() if root.visits.sum() and not root.mate else root.value
+    if root.mate:
+        return root.mate, value
+    if len(root.moves) == 0:
+        return RESIGN, value
+    if temperature > 0:
+        w = root.visits ** (1.0 / temperature)
+        return int(root.moves[rng.choice(len(w), p=w / w.sum())]), value
+    return int(root.moves[int(np.argmax(root.visits))]), value
 
 # %% ../nbs/30_players.ipynb #be180d4c
 def puct_search(player: NetworkPlayer, boards: list[cshogi.Board], simulations: int, c_puct: float,
@@ -184,27 +227,12 @@ def puct_search(player: NetworkPlayer, boards: list[cshogi.Board], simulations: 
         player.last_simulations = sim + 1
         paths, leaf_boards, results = [], [], []
         for root, b in zip(roots, boards):
-            board, node, path = b.copy(), root, []
-            while True:
-                if node.mate:  # a proven win for the side to move here
-                    results.append(1.0); break
-                if len(node.moves) == 0:
-                    results.append(0.0); break
-                n = node.visits.sum()
-                q = np.where(node.visits > 0, node.values / np.maximum(node.visits, 1), 0.5)
-                i = int(np.argmax(q + c_puct * node.priors * math.sqrt(n + 1) / (1 + node.visits)))
-                path.append((node, i))
-                board.push(int(node.moves[i]))
-                child = node.children.get(i)
-                if child is None:
-                    term = _terminal_value(board)
-                    if term is not None:
-                        results.append(term)
-                    else:
-                        results.append(None); leaf_boards.append(board)
-                    break
-                node = child
+            board = b.copy()
+            path, result = _select(root, board, c_puct)
             paths.append(path)
+            results.append(result)
+            if result is None:
+                leaf_boards.append(board)
         if leaf_boards:
             new = iter(_expand(player, leaf_boards))
             for k, r in enumerate(results):
@@ -214,28 +242,13 @@ def puct_search(player: NetworkPlayer, boards: list[cshogi.Board], simulations: 
                     parent.children[i] = child
                     results[k] = child.value
         for path, r in zip(paths, results):
-            v = r  # the result for the side to move at the end of the path
-            for node, i in reversed(path):
-                v = 1.0 - v  # seen from the side that chose move i
-                node.visits[i] += 1
-                node.values[i] += v
-    moves, values = [], []
-    for root, t in zip(roots, temperatures):
-        values.append(root.values.sum() / root.visits.sum() if root.visits.sum() and not root.mate else root.value)
-        if root.mate:
-            moves.append(root.mate)
-        elif len(root.moves) == 0:
-            moves.append(RESIGN)
-        elif t > 0:
-            w = root.visits ** (1.0 / t)
-            moves.append(int(root.moves[rng.choice(len(w), p=w / w.sum())]))
-        else:
-            moves.append(int(root.moves[int(np.argmax(root.visits))]))
-    return moves, np.array(values)
+            _backup(path, r)
+    chosen = [_root_choice(root, t, rng) for root, t in zip(roots, temperatures)]
+    return [move for move, _ in chosen], np.array([value for _, value in chosen])
 
 # %% ../nbs/30_players.ipynb #0d0a526e
 def game_root(board: cshogi.Board) -> tuple[str, list[int]]:
-    "The SFEN of the position `board`'s game started from, and the moves played since."
+    """The SFEN of the position `board`'s game started from, and the moves played since."""
     moves = list(board.history)
     root = board.copy()
     for _ in moves:
@@ -244,14 +257,14 @@ def game_root(board: cshogi.Board) -> tuple[str, list[int]]:
 
 # %% ../nbs/30_players.ipynb #e0560c89
 def usi_position_args(board: cshogi.Board) -> tuple[str, list[str]]:
-    "The `sfen` and `moves` arguments of `cshogi.usi.Engine.position` for `board`'s game."
+    """The `sfen` and `moves` arguments of `cshogi.usi.Engine.position` for `board`'s game."""
     sfen, moves = game_root(board)
     start = "startpos" if sfen.split(" ")[:3] == cshogi.STARTING_SFEN.split(" ")[:3] else "sfen " + sfen
     return start, [cshogi.move_to_usi(m) for m in moves]
 
 # %% ../nbs/30_players.ipynb #4da4936b
 def parse_engine_move(board: cshogi.Board, bestmove: str | None) -> int:
-    "The legal move named by an engine's `bestmove` answer, `RESIGN`, or `ILLEGAL`."
+    """The legal move named by an engine's `bestmove` answer, `RESIGN`, or `ILLEGAL`."""
     if bestmove == "resign":
         return RESIGN
     legal = {cshogi.move_to_usi(m): m for m in board.legal_moves}
@@ -259,7 +272,7 @@ def parse_engine_move(board: cshogi.Board, bestmove: str | None) -> int:
 
 # %% ../nbs/30_players.ipynb #0fce7fa7
 class USIPlayer(Player):
-    "A USI engine (any executable) as a player, limited by `byoyomi` ms and/or `nodes`."
+    """A USI engine (any executable) as a player, limited by `byoyomi` ms and/or `nodes`."""
 
     def __init__(self, path: str | Path, options: dict | None = None, *, byoyomi: int | None = 100,
                  nodes: int | None = None, name: str | None = None, seed: int = 0):
@@ -277,20 +290,20 @@ class USIPlayer(Player):
         super().__init__(seed)
 
     def choose(self, board: cshogi.Board) -> int:
-        "Ask the engine; validate its answer."
+        """Ask the engine; validate its answer."""
         start, moves = usi_position_args(board)
         self.engine.position(moves=moves, sfen=start)
         bestmove, _ = self.engine.go(byoyomi=self.byoyomi, nodes=self.nodes)
         return parse_engine_move(board, bestmove)
 
     def close(self) -> None:
-        "Quit the engine process."
+        """Quit the engine process."""
         if getattr(self, "engine", None) is not None and self.engine.proc is not None:
             self.engine.quit()
 
 # %% ../nbs/30_players.ipynb #0b719dd0
 def _parse_kwargs(text: str) -> dict:
-    "`a=1,b=x` -> {'a': 1, 'b': 'x'} (numbers converted)."
+    """`a=1,b=x` -> {'a': 1, 'b': 'x'} (numbers converted)."""
     out = {}
     for part in filter(None, text.split(",")):
         k, _, v = part.partition("=")
@@ -308,7 +321,7 @@ PLAYER_KINDS = ("random", "baseline", "usi", "model")
 
 
 def make_player(spec, seed: int = 0, **kwargs) -> Player:
-    "A player from a spec: a Player, 'random', 'baseline[:k=v,...]', 'usi:<path>', 'model:<path>' or a model."
+    """A player from a spec: a Player, 'random', 'baseline[:k=v,...]', 'usi:<path>', 'model:<path>' or a model."""
     if isinstance(spec, Player):
         return spec
     if isinstance(spec, str):

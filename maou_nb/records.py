@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'RECORD_SUFFIXES', 'ENDGAME_STATUSES', 'CONVERT_RULES', 'Game', 'read_text', 'read_games', 'RecordError',
-           'game_hcpe', 'random_games', 'random_positions', 'GameFilter', 'normalise_endgames', 'FileResult',
-           'convert_file', 'run_isolated', 'find_record_files', 'ConversionResult', 'convert_records',
+           'game_hcpe', 'random_games', 'random_positions', 'random_boards', 'GameFilter', 'normalise_endgames',
+           'FileResult', 'convert_file', 'run_isolated', 'find_record_files', 'ConversionResult', 'convert_records',
            'check_convert_params']
 
 # %% ../nbs/02_records.ipynb #8327a4ad
@@ -208,6 +208,28 @@ def random_positions(n: int, seed: int, min_plies: int = 150, max_plies: int = 2
         if len(hcpe) >= n:
             return hcpe[:n], ids[:n]
         games *= 2
+
+# %% ../nbs/02_records.ipynb #6f2d8ff1
+def random_boards(n: int, seed: int = 0, max_plies: int = 160, capture_bias: float = 0.0,
+                  playable: bool = False) -> list[cshogi.Board]:
+    """`n` boards along a seeded random playout (restarted when a game ends or passes `max_plies`), capturing with
+    probability `capture_bias` when a capture is legal; `playable`: only boards with a legal move."""
+    if n < 0 or max_plies < 1 or not 0 <= capture_bias <= 1:
+        raise ValueError(f"random_boards: n={n}, max_plies={max_plies}, capture_bias={capture_bias}; "
+                         "need n >= 0, max_plies >= 1 and 0 <= capture_bias <= 1")
+    rng, board, out = np.random.default_rng(seed), cshogi.Board(), []
+    while len(out) < n:
+        moves = list(board.legal_moves)
+        if not moves or board.move_number > max_plies:
+            board.reset()
+            continue
+        if capture_bias:
+            captures = [m for m in moves if board.piece(cshogi.move_to(m)) and not cshogi.move_is_drop(m)]
+            moves = captures if captures and rng.random() < capture_bias else moves
+        board.push(moves[rng.integers(len(moves))])
+        if not playable or not board.is_game_over():
+            out.append(cshogi.Board(board.sfen()))
+    return out
 
 # %% ../nbs/02_records.ipynb #96d3cab4
 ENDGAME_STATUSES = ("%TORYO", "%CHUDAN", "%SENNICHITE", "%TIME_UP", "%ILLEGAL_MOVE", "%+ILLEGAL_ACTION",

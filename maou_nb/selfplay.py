@@ -23,9 +23,9 @@ from .storage import HCPE_DTYPE, Rule, atomic_path, check_params, game_id, save_
 __all__ = ['MATE', 'PIECE_VALUES', 'UNPROMOTED', 'HAND_VALUES', 'CAPTURE_SWING', 'FEATURES1', 'FEATURES2', 'OPPONENT',
            'ATTACK_COUNTS', 'HAND_PLANE_TYPES', 'HAND_PLANE_VALUES', 'KING_GUARDS', 'KING_ZONES', 'CONTROL_WEIGHT',
            'GUARD_WEIGHT', 'DANGER_WEIGHT', 'REPLY_THREAT_WEIGHT', 'RESIGN', 'ILLEGAL', 'SELFPLAY_RULES', 'king_zones',
-           'feature_planes', 'static_evals', 'static_eval', 'decode_moves', 'legal_moves', 'BaselineEngine',
-           'GameRecord', 'game_end', 'play_pairs', 'play_game', 'write_csa', 'game_seed', 'game_name', 'available_cpus',
-           'play_games', 'check_selfplay_params']
+           'feature_planes', 'static_evals', 'static_eval', 'decode_moves', 'legal_moves', 'search_scores',
+           'BaselineEngine', 'GameRecord', 'game_end', 'play_pairs', 'play_game', 'write_csa', 'game_seed', 'game_name',
+           'available_cpus', 'play_games', 'check_selfplay_params']
 
 # %% ../nbs/03_selfplay.ipynb #701e180e
 MATE = 30_000   # the score of a won position; mate in one scores MATE - 1, allowing mate in one -(MATE - 2)
@@ -155,19 +155,41 @@ def _best_captures(board: cshogi.Board, child_planes: np.ndarray, replies: list[
     np.maximum.at(best, child, gain)
     return best
 
+# %% ../nbs/03_selfplay.ipynb #daaec8a2
+def search_scores(board: cshogi.Board, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """The legal moves (int64) and their scores (float32, centipawns, mover's view) searched `depth` plies deep:
+    depth 1 scores the children statically, deeper takes the best reply of each child (a child that ends the line
+    scores by `_terminal_score`)."""
+    moves = legal_moves(board)
+    if len(moves) == 0 or depth == 1:
+        return moves, _children_scores(board, moves)
+    scores = np.empty(len(moves), np.float32)
+    for i, move in enumerate(moves.tolist()):
+        board.push(move)
+        replies, reply_scores = search_scores(board, depth - 1)
+        terminal = _terminal_score(board, len(replies), mate_in_one=False)
+        scores[i] = -reply_scores.max() if math.isnan(terminal) else terminal
+        board.pop()
+    return moves, scores
+
+# %% ../nbs/03_selfplay.ipynb #fe2209c3
+def _check_engine(depth, temperature, seed) -> None:
+    """ValueError naming the fix for a depth other than 1 or 2, a temperature that is not a finite number >= 0, a bad seed."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth not in (1, 2):
+        raise ValueError(f"depth={depth!r}: the baseline engine searches 1 or 2 plies; pass depth=1 or depth=2.")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not 0 <= temperature < math.inf):
+        raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 "
+                         "(centipawns; 0 = always the best move).")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed={seed!r}: must be an int >= 0.")
+
 # %% ../nbs/03_selfplay.ipynb #0c7e0a32
 class BaselineEngine:
     """A shallow shogi player: static evaluation, 1-2 ply search with a capture check, mate in one, softmax choice."""
 
     def __init__(self, depth: int = 1, temperature: float = 40.0, seed: int = 0):
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth not in (1, 2):
-            raise ValueError(f"depth={depth!r}: the baseline engine searches 1 or 2 plies; pass depth=1 or depth=2.")
-        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                or not 0 <= temperature < math.inf):
-            raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 "
-                             "(centipawns; 0 = always the best move).")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed={seed!r}: must be an int >= 0.")
+        _check_engine(depth, temperature, seed)
         self.depth, self.temperature, self.seed = depth, float(temperature), int(seed)
         self.rng = np.random.default_rng(self.seed)
 
@@ -176,20 +198,7 @@ class BaselineEngine:
 
     def score_moves(self, board: cshogi.Board) -> tuple[np.ndarray, np.ndarray]:
         """The legal moves (int64) and their scores (float32, centipawns, mover's view) at this engine's depth."""
-        return self._search(board, self.depth)
-
-    def _search(self, board: cshogi.Board, depth: int) -> tuple[np.ndarray, np.ndarray]:
-        moves = legal_moves(board)
-        if len(moves) == 0 or depth == 1:
-            return moves, _children_scores(board, moves)
-        scores = np.empty(len(moves), np.float32)
-        for i, move in enumerate(moves.tolist()):
-            board.push(move)
-            replies, reply_scores = self._search(board, depth - 1)
-            terminal = _terminal_score(board, len(replies), mate_in_one=False)
-            scores[i] = -reply_scores.max() if math.isnan(terminal) else terminal
-            board.pop()
-        return moves, scores
+        return search_scores(board, self.depth)
 
     def evaluate(self, board: cshogi.Board) -> int:
         """The engine's value of the position: its best move's score (centipawns, mover's view; -MATE if mated)."""

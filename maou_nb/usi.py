@@ -22,19 +22,21 @@ from .encoding import legal_moves_and_labels
 from .loop import load_registry, registry_entry
 from .players import RESIGN, BaselinePlayer, NetworkPlayer, Player, RandomPlayer, mate_in_one, puct_search
 from .settings import setting
+from .sfen import USIError, parse_position
 
 # %% auto #0
-__all__ = ['MODEL_FILES', 'AUTO', 'STANDARD_OPTIONS', 'PIECE_LIMITS', 'PIECE_NAMES', 'MAX_PLY', 'GO_INT_ARGS', 'GO_FLAGS',
-           'NO_CLOCK_SECONDS', 'RESERVE_SECONDS', 'run_finish_time', 'newest_run_model', 'default_model',
-           'engine_options', 'option_line', 'USIError', 'check_sfen', 'parse_position', 'parse_go', 'time_budget',
-           'Clock', 'score_cp', 'ModelError', 'USIEngine', 'main']
+__all__ = ['MODEL_FILES', 'AUTO', 'STANDARD_OPTIONS', 'GO_INT_ARGS', 'GO_FLAGS', 'NO_CLOCK_SECONDS', 'RESERVE_SECONDS',
+           'ENGINE_COMMANDS', 'run_finish_time', 'newest_run_model', 'default_model', 'engine_options', 'option_line',
+           'parse_go', 'time_budget', 'Clock', 'score_cp', 'ModelError', 'check_option', 'build_player', 'choose_among',
+           'think', 'USIProtocol', 'USIEngine', 'on_usi', 'on_isready', 'on_setoption', 'on_usinewgame', 'on_position',
+           'answer_go', 'on_go', 'main']
 
 # %% ../nbs/32_usi.ipynb #9c1d0a02
 MODEL_FILES = ("best.onnx", "model.onnx", "best.pt")  # a model the user put in models_root, looked for in this order
 
 
 def run_finish_time(run_dir: Path) -> float:
-    "When a run finished: `finished` in its run.json (as a timestamp), else its exported model's modification time."
+    """When a run finished: `finished` in its run.json (as a timestamp), else its exported model's modification time."""
     try:
         return _dt.datetime.fromisoformat(json.loads((run_dir / "run.json").read_text())["finished"]).timestamp()
     except (OSError, ValueError, KeyError, TypeError):  # no run.json, unreadable, or the run has not finished
@@ -42,7 +44,7 @@ def run_finish_time(run_dir: Path) -> float:
 
 # %% ../nbs/32_usi.ipynb #31d208b7
 def newest_run_model(runs_root: str | Path) -> Path | None:
-    "The exported model of the run that finished last: `runs_root/*/models/model.onnx` (None when there is none)."
+    """The exported model of the run that finished last: `runs_root/*/models/model.onnx` (None when there is none)."""
     found = [p for p in Path(runs_root).glob("*/models/model.onnx") if p.is_file()]
     return max(found, key=lambda p: (run_finish_time(p.parents[1]), p.stat().st_mtime), default=None)
 
@@ -76,7 +78,7 @@ STANDARD_OPTIONS = {"USI_Hash": {"type": "spin", "default": 16, "min": 1, "max":
 
 
 def engine_options() -> dict[str, dict]:
-    "The USI options: name -> {type, default, and min/max or the combo's vars}."
+    """The USI options: name -> {type, default, and min/max or the combo's vars}."""
     return {
         "ModelPath": {"type": "string", "default": ""},  # empty: default_model()
         "Player": {"type": "combo", "default": "network", "vars": ["network", "baseline", "random"]},
@@ -90,7 +92,7 @@ def engine_options() -> dict[str, dict]:
 
 # %% ../nbs/32_usi.ipynb #7147ddfd
 def option_line(name: str, spec: dict) -> str:
-    "The `option name …` line announcing one option."
+    """The `option name …` line announcing one option."""
     line = f"option name {name} type {spec['type']} default {spec['default'] if spec['default'] != '' else '<empty>'}"
     if spec["type"] == "spin":
         line += f" min {spec['min']} max {spec['max']}"
@@ -98,142 +100,29 @@ def option_line(name: str, spec: dict) -> str:
         line += "".join(f" var {v}" for v in spec["vars"])
     return line
 
-# %% ../nbs/32_usi.ipynb #9c1d0a06
-class USIError(ValueError):
-    "A command the engine cannot follow (answered with `info string error …`)."
-
-# %% ../nbs/32_usi.ipynb #7a830e70
-PIECE_LIMITS = {"P": 18, "L": 4, "N": 4, "S": 4, "G": 4, "B": 2, "R": 2}  # each kind in a game: board + both hands
-PIECE_NAMES = {"P": "pawn", "L": "lance", "N": "knight", "S": "silver", "G": "gold", "B": "bishop", "R": "rook",
-               "K": "king"}
-MAX_PLY = 2**31 - 1  # cshogi keeps the move number in 32 bits (and clamps larger ones without a word)
-
-
-def _check_placement(placement: str) -> tuple[dict[str, int], dict[str, int]]:
-    "Piece counts (promoted ones under their base kind) and kings per side of an SFEN board; USIError on a bad one."
-    counts, kings, pawn_files = dict.fromkeys(PIECE_LIMITS, 0), {"b": 0, "w": 0}, {"b": set(), "w": set()}
-    ranks = placement.split("/")
-    if len(ranks) != 9:
-        raise USIError(f"sfen board {placement!r} has {len(ranks)} ranks; it needs 9, separated by '/'")
-    for r, rank in enumerate(ranks, 1):
-        where = f"sfen rank {r} ({'abcdefghi'[r - 1]}) {rank!r}"
-        squares, i = 0, 0
-        while i < len(rank):
-            c, promoted = rank[i], rank[i] == "+"
-            if c in "123456789":
-                squares, i = squares + int(c), i + 1
-            else:
-                if promoted:
-                    i += 1
-                    c = rank[i] if i < len(rank) else ""
-                    if c.upper() not in "PLNSBR" or not c:
-                        raise USIError(f"{where}: '+' must come before P, L, N, S, B or R (lowercase for white), "
-                                       f"got {c or 'nothing'!r}; gold and king do not promote")
-                if c.upper() not in PIECE_NAMES:
-                    raise USIError(f"{where}: unknown piece letter {c!r}; pieces are K R B G S N L P (uppercase "
-                                   "black, lowercase white), '+' before a promoted one, digits for empty squares")
-                squares, i = squares + 1, i + 1
-                side, kind, file = ("b" if c.isupper() else "w"), c.upper(), 10 - squares
-                if kind == "K":
-                    kings[side] += 1
-                else:
-                    counts[kind] += 1
-                far = r if side == "b" else 10 - r  # 1: the side's last rank
-                if not promoted and (kind in "PL" and far == 1 or kind == "N" and far <= 2):
-                    raise USIError(f"{where}: an unpromoted {'black' if side == 'b' else 'white'} {PIECE_NAMES[kind]} "
-                                   f"on file {file} could never move; it must be promoted there ('+{c}')")
-                if not promoted and kind == "P":
-                    if file in pawn_files[side]:
-                        raise USIError(f"sfen board {placement!r}: two unpromoted {'black' if side == 'b' else 'white'}"
-                                       f" pawns on file {file} (nifu)")
-                    pawn_files[side].add(file)
-            if squares > 9:
-                break
-        if squares != 9:
-            raise USIError(f"{where} covers {squares} squares; each rank needs exactly 9 (pieces plus digits 1-9)")
-    return counts, kings
-
-# %% ../nbs/32_usi.ipynb #3b5927cc
-def _check_hand(hand: str, counts: dict[str, int]) -> dict[str, dict[str, int]]:
-    "Adds an SFEN hand's pieces to `counts`; the hands as {side: {kind: n}}; USIError on a bad one."
-    hands = {"b": {}, "w": {}}
-    if hand == "-":
-        return hands
-    tokens = re.findall(r"(\d*)(\D)", hand)
-    if not tokens or "".join(n + c for n, c in tokens) != hand:
-        raise USIError(f"sfen hand {hand!r}: write '-' or counts and pieces, e.g. 'R2Pb3p'")
-    for n, c in tokens:
-        side, kind = ("b" if c.isupper() else "w"), c.upper()
-        if kind not in PIECE_LIMITS:
-            raise USIError(f"sfen hand {hand!r}: {c!r} cannot be held; pieces in hand are R B G S N L P "
-                           "(uppercase black, lowercase white), unpromoted, never a king")
-        if n and (n.startswith("0") or not n.isascii()):
-            raise USIError(f"sfen hand {hand!r}: the count {n!r} of {c!r} must be a positive whole number")
-        if kind in hands[side]:
-            raise USIError(f"sfen hand {hand!r}: {c!r} appears twice; give each piece once with its count")
-        hands[side][kind] = int(n or 1)
-        counts[kind] += hands[side][kind]
-    return hands
-
-# %% ../nbs/32_usi.ipynb #612cf799
-def check_sfen(placement: str, turn: str, hand: str, ply: str = "1") -> str:
-    """The SFEN `placement turn hand ply` once it describes a position that can arise in a game: 9 ranks of 9
-    squares, known pieces, promotions only of P L N S B R, no unpromoted P/L/N where it could never move, no two
-    unpromoted pawns of a side on a file, one king a side, at most 18 P, 4 L N S G, 2 B R in all (board and hands),
-    side b or w, a positive move number. USIError naming the first rule broken."""
-    counts, kings = _check_placement(placement)
-    for side, n in kings.items():
-        if n != 1:
-            raise USIError(f"sfen board {placement!r} has {n} {'black (K)' if side == 'b' else 'white (k)'} kings; "
-                           "each side needs exactly one")
-    if turn not in ("b", "w"):
-        raise USIError(f"sfen side to move {turn!r}: must be b (black) or w (white)")
-    _check_hand(hand, counts)
-    for kind, limit in PIECE_LIMITS.items():
-        if counts[kind] > limit:
-            raise USIError(f"sfen has {counts[kind]} {PIECE_NAMES[kind]}s on the board and in hand; a game has "
-                           f"{limit}, so the hand {hand!r} or the board is wrong")
-    if not re.fullmatch(r"[1-9][0-9]*", ply) or int(ply) > MAX_PLY:
-        raise USIError(f"sfen move number {ply!r}: must be a whole number from 1 to {MAX_PLY}")
-    return f"{placement} {turn} {hand} {ply}"
-
-# %% ../nbs/32_usi.ipynb #660446f6
-def parse_position(args: list[str]) -> cshogi.Board:
-    "A board from `position startpos [moves …]` or `position sfen B T H N [moves …]`, checked before cshogi."
-    if not args:
-        raise USIError("position needs 'startpos' or 'sfen <sfen>'")
-    if "moves" in args:
-        k = args.index("moves")
-        head, moves = args[:k], args[k + 1:]
-    else:
-        head, moves = args, []
-    if head == ["startpos"]:
-        board = cshogi.Board()
-    elif head and head[0] == "sfen" and len(head) in (4, 5):
-        sfen = check_sfen(*head[1:])
-        board = cshogi.Board(sfen)
-        hands = _check_hand(head[3], dict.fromkeys(PIECE_LIMITS, 0))
-        if [[hands[s].get(k, 0) for k in "PLNSGBR"] for s in "bw"] != [list(h) for h in board.pieces_in_hand]:
-            raise USIError(f"cshogi read the hand {head[3]!r} as {board.pieces_in_hand}; refusing the position")
-        placement, turn, hand, ply = sfen.split()
-        if cshogi.Board(f"{placement} {'w' if turn == 'b' else 'b'} {hand} {ply}").is_check():
-            raise USIError(f"in sfen {sfen!r} the side not to move is in check: its king could be captured, "
-                           "so the position cannot arise")
-    else:
-        raise USIError(f"position needs 'startpos' or 'sfen <board> <turn> <hand> [<ply>]', got {' '.join(head)!r}")
-    for i, usi in enumerate(moves):
-        legal = {cshogi.move_to_usi(m): m for m in board.legal_moves}
-        if usi not in legal:
-            raise USIError(f"move {i + 1} {usi!r} is not legal in {board.sfen()}")
-        board.push(legal[usi])
-    return board
-
 # %% ../nbs/32_usi.ipynb #8484f7d8
 GO_INT_ARGS = {"btime": 0, "wtime": 0, "byoyomi": 0, "binc": 0, "winc": 0, "movetime": 0, "nodes": 1, "depth": 1,
                "mate": 1}  # name -> smallest value
 GO_FLAGS = ("infinite", "ponder")
 
+# %% ../nbs/32_usi.ipynb #96e82c64
+def _searchmoves(args: list[str], i: int, board: cshogi.Board | None) -> tuple[list[str], int]:
+    """The moves of `go searchmoves` from `args[i]` up to the next `go` argument (once each, each legal in `board`),
+    and the index of that next argument. USIError for none, or for one that is not legal."""
+    j = i
+    while j < len(args) and args[j] not in GO_INT_ARGS and args[j] not in GO_FLAGS:
+        j += 1
+    moves = args[i:j]
+    if not moves:
+        raise USIError("go searchmoves needs at least one move")
+    if board is not None:
+        legal = {cshogi.move_to_usi(m) for m in board.legal_moves}
+        bad = [m for m in moves if m not in legal]
+        if bad:
+            raise USIError(f"go searchmoves {' '.join(bad)}: not legal in {board.sfen()}")
+    return list(dict.fromkeys(moves)), j
 
+# %% ../nbs/32_usi.ipynb #f4a5a92a
 def parse_go(args: list[str], board: cshogi.Board | None = None) -> dict:
     """The limits of a `go` command: whole numbers for clocks (ms) and limits, True for `infinite`/`ponder`, the
     USI moves of `searchmoves` (each legal in `board`). USIError for anything else."""
@@ -246,19 +135,7 @@ def parse_go(args: list[str], board: cshogi.Board | None = None) -> dict:
             limits[key] = True
             i += 1
         elif key == "searchmoves":
-            j = i + 1
-            while j < len(args) and args[j] not in GO_INT_ARGS and args[j] not in GO_FLAGS:
-                j += 1
-            moves = args[i + 1:j]
-            if not moves:
-                raise USIError("go searchmoves needs at least one move")
-            if board is not None:
-                legal = {cshogi.move_to_usi(m) for m in board.legal_moves}
-                bad = [m for m in moves if m not in legal]
-                if bad:
-                    raise USIError(f"go searchmoves {' '.join(bad)}: not legal in {board.sfen()}")
-            limits[key] = list(dict.fromkeys(moves))
-            i = j
+            limits[key], i = _searchmoves(args, i + 1, board)
         elif key in GO_INT_ARGS:
             value = args[i + 1] if i + 1 < len(args) else None
             if key == "mate" and value in (None, "infinite"):
@@ -279,7 +156,7 @@ def parse_go(args: list[str], board: cshogi.Board | None = None) -> dict:
 
 # %% ../nbs/32_usi.ipynb #9d449a32
 def time_budget(limits: dict, turn: int, margin_ms: int = 200) -> float | None:
-    "Seconds to think for this move under `limits` (None: no clock, e.g. infinite)."
+    """Seconds to think for this move under `limits` (None: no clock, e.g. infinite)."""
     if "movetime" in limits:
         return max(0.01, (limits["movetime"] - margin_ms) / 1000)
     mine = limits.get("btime" if turn == cshogi.BLACK else "wtime")
@@ -315,285 +192,188 @@ class Clock:
 
 # %% ../nbs/32_usi.ipynb #88e9b663
 def score_cp(win_probability: float) -> int:
-    "A centipawn score from a win probability (the common 600-scaled logistic)."
+    """A centipawn score from a win probability (the common 600-scaled logistic)."""
     p = min(max(float(win_probability), 1e-6), 1 - 1e-6)
     return int(round(600 * math.log(p / (1 - p))))
 
 # %% ../nbs/32_usi.ipynb #b2d9b3be
 class ModelError(USIError):
-    "A model that was asked for (`--model`, `setoption name ModelPath`) and cannot be loaded: the engine will not play."
+    """A model that was asked for (`--model`, `setoption name ModelPath`) and cannot be loaded: the engine will not play."""
 
 # %% ../nbs/32_usi.ipynb #f5b57cbd
 class _Search:
-    "A `go infinite` / `go ponder` running in a thread: its clock, and whether its bestmove may be sent yet."
+    """A `go` in progress: its limits, clock and budget, and whether its bestmove may be sent yet (held by `go infinite`/`go ponder`)."""
 
     def __init__(self, limits: dict, start: float, clock: Clock, budget: float | None):
         self.limits, self.start, self.clock, self.budget = limits, start, clock, budget
         self.released, self.discard = threading.Event(), False
         self.thread: threading.Thread | None = None
 
-# %% ../nbs/32_usi.ipynb #071342ac
-class USIEngine:
-    "A USI protocol engine over a `maou_nb.players` player."
-    name = "maou_nb"
+    def end(self, discard: bool = False) -> None:
+        """Stop thinking and wait for the thread (its bestmove is sent unless `discard`)."""
+        self.discard = discard
+        self.clock.stopped.set()
+        self.released.set()
+        self.thread.join()
 
-    def __init__(self, write: Callable[[str], None] | None = None, **options):
+    def hit(self) -> None:
+        """`ponderhit`: think on from now, by the clock `go ponder` gave, and send the bestmove when done."""
+        self.clock.deadline = time.monotonic() + (self.budget if self.budget is not None else NO_CLOCK_SECONDS)
+        self.start = time.monotonic()
+        self.released.set()
+
+# %% ../nbs/32_usi.ipynb #3a528935
+def check_option(name: str, value: str, spec: dict[str, dict]) -> str | int:
+    """`value` for the option `name` of `spec` (or of STANDARD_OPTIONS) once it fits the option's type: an int for a
+    spin, "" for an empty ModelPath, else the string itself. USIError naming the option and what it takes."""
+    option = spec.get(name) or STANDARD_OPTIONS.get(name)
+    if option is None:
+        close = [k for k in spec if k.lower() == name.lower()]
+        raise USIError(f"unknown option {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                       + f"; options are {', '.join(spec)}")
+    if option["type"] == "spin":
+        if not re.fullmatch(r"-?[0-9]+", value):
+            raise USIError(f"option {name} needs a whole number in [{option['min']}, {option['max']}], got {value!r}")
+        if not option["min"] <= int(value) <= option["max"]:
+            raise USIError(f"option {name} must be in [{option['min']}, {option['max']}], got {int(value)}")
+        return int(value)
+    if option["type"] == "check" and value not in ("true", "false"):
+        raise USIError(f"option {name} must be true or false, got {value!r}")
+    if option["type"] == "combo" and value not in option["vars"]:
+        raise USIError(f"option {name} must be one of {option['vars']}, got {value!r}")
+    if name == "Temperature":
+        try:
+            if not (math.isfinite(float(value)) and float(value) >= 0):
+                raise ValueError
+        except ValueError:
+            raise USIError(f"option Temperature needs a number >= 0 (0: always the top move), got {value!r}") from None
+    if name == "ModelPath":
+        return "" if value.strip() in ("", "<empty>") else value
+    return value
+
+# %% ../nbs/32_usi.ipynb #e6994c53
+def build_player(options: dict) -> tuple[Player, str]:
+    """The player the engine's `options` ask for, and a line saying what plays. A named model that cannot be loaded
+    raises ModelError; the baseline engine stands in only when no model was named and none is found."""
+    kind, seed = options["Player"], int(options["Seed"])
+    if kind == "random":
+        return RandomPlayer(seed=seed), "playing random legal moves (Player random)"
+    if kind == "baseline":
+        return BaselinePlayer(seed=seed), "playing the baseline engine (Player baseline)"
+    named = options["ModelPath"]
+    path, found = (Path(named), "ModelPath") if named else default_model()
+    if path is None:
+        return BaselinePlayer(seed=seed), (f"no model found ({found}); playing the baseline engine. "
+                                           "Set ModelPath (or --model) to play a model")
+    try:
+        player = NetworkPlayer(path, temperature=float(options["Temperature"]), seed=seed,
+                               threads=int(options["Threads"]), mate_in_one=options["MateInOne"] == "true")
+        player.evaluator.policy_value([cshogi.Board()])  # a file with the right name but not a maou_nb model fails here
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:400]
+        if named:
+            raise ModelError(f"cannot load model {path} ({reason}). Set ModelPath (or --model) to a maou_nb "
+                             "checkpoint (.pt) or ONNX export (runs/<run_id>/models/model.onnx), or leave it empty "
+                             "to play the newest run's model") from None
+        return BaselinePlayer(seed=seed), (f"error: the model found ({path}, {found}) cannot be loaded ({reason}); "
+                                           "playing the baseline engine. Set ModelPath to play a model")
+    sims = int(options["Simulations"])
+    search = ("policy only" if sims == 0 else "search on the clock" if sims == AUTO
+              else f"search of at most {sims} simulations")
+    return player, f"playing model {path} ({found}; {search})"
+
+# %% ../nbs/32_usi.ipynb #c47f0494
+def choose_among(player: Player, board: cshogi.Board, allowed: list[str]) -> int:
+    """The player's pick among `go searchmoves`: the policy's favourite, the baseline's best score, or a random one."""
+    legal = {cshogi.move_to_usi(m): m for m in board.legal_moves}
+    moves = [legal[u] for u in allowed]
+    if isinstance(player, NetworkPlayer):
+        probs, player.last_values = player.evaluator.policy_value([board])
+        label = dict(zip(*legal_moves_and_labels([board])[0]))
+        return max(moves, key=lambda m: probs[0, label[m]])
+    if isinstance(player, BaselinePlayer):
+        scored = dict(zip(*player.engine.score_moves(board)))
+        return max(moves, key=lambda m: scored[m])
+    return moves[int(player.rng.integers(len(moves)))]
+
+# %% ../nbs/32_usi.ipynb #3af8cc91
+def think(board: cshogi.Board, player: Player, limits: dict, clock: Clock, start: float,
+          simulations: int = AUTO) -> tuple[str, list[str]]:
+    """The bestmove answer for `board` (a USI move, `resign` or `win`) and the info lines that go before it: the
+    network searches up to `simulations` (AUTO: the spin's max) and the `nodes` limit, stopping by `clock`."""
+    if board.is_nyugyoku():
+        return "win", ["info string entering-king declaration"]
+    if board.is_game_over():
+        return "resign", ["info string no legal move"]
+    cap = engine_options()["Simulations"]["max"] if simulations == AUTO else simulations
+    if "nodes" in limits and cap:
+        cap = min(cap, limits["nodes"])
+    nodes = 1
+    if limits.get("searchmoves"):
+        move = choose_among(player, board, limits["searchmoves"])
+    elif isinstance(player, NetworkPlayer) and cap > 0:
+        moves, player.last_values = puct_search(player, [board], cap, player.c_puct, player.temperatures([board]),
+                                                player.rng, stop=clock)
+        move, nodes = moves[0], max(1, player.last_simulations)
+    else:
+        move = player.choose(board)
+    if move == RESIGN or not board.is_legal(move):
+        return "resign", [f"info string player {player.name} resigned"]
+    usi = cshogi.move_to_usi(move)
+    elapsed = int((time.monotonic() - start) * 1000)
+    if isinstance(player, NetworkPlayer) and len(player.last_values):
+        cp = score_cp(player.last_values[0])
+    elif isinstance(player, BaselinePlayer):
+        cp = int(player.engine.evaluate(board))
+    else:
+        cp = 0
+    return usi, [f"info depth 1 time {elapsed} nodes {nodes} score cp {cp} pv {usi}"]
+
+# %% ../nbs/32_usi.ipynb #8af29f80
+class USIProtocol:
+    """The USI loop: command lines in, answers out through `write`, each command inside one guard, and a search in a
+    thread kept in step with `stop`, `ponderhit`, `gameover` and `quit`; a subclass follows the rest in `command`."""
+
+    def __init__(self, write: Callable[[str], None] | None = None):
         self._out = write or (lambda line: print(line, flush=True))
         self._lock = threading.Lock()
-        self.spec = engine_options()
-        self.options = {k: v["default"] for k, v in self.spec.items()}
-        for k, v in options.items():
-            self.set_option(k, str(v))
-        self.player: Player | None = None
-        self.playing = ""  # what plays, said at isready
-        self.board: cshogi.Board | None = cshogi.Board()  # None after a refused `position`
         self.search: _Search | None = None  # a go infinite/ponder in progress
 
     def write(self, line: str) -> None:
-        "Send one line to the GUI (one at a time: a search thread writes too)."
+        """Send one line to the GUI (one at a time: a search thread writes too)."""
         with self._lock:
             self._out(line)
 
-    def set_option(self, name: str, value: str) -> None:
-        "Set one option (checked against its type); the player is rebuilt at the next isready/go."
-        spec = self.spec.get(name) or STANDARD_OPTIONS.get(name)
-        if spec is None:
-            close = [k for k in self.spec if k.lower() == name.lower()]
-            raise USIError(f"unknown option {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
-                           + f"; options are {', '.join(self.spec)}")
-        if spec["type"] == "spin":
-            if not re.fullmatch(r"-?[0-9]+", value):
-                raise USIError(f"option {name} needs a whole number in [{spec['min']}, {spec['max']}], got {value!r}")
-            v = int(value)
-            if not spec["min"] <= v <= spec["max"]:
-                raise USIError(f"option {name} must be in [{spec['min']}, {spec['max']}], got {v}")
-            value = v
-        elif spec["type"] == "check" and value not in ("true", "false"):
-            raise USIError(f"option {name} must be true or false, got {value!r}")
-        elif spec["type"] == "combo" and value not in spec["vars"]:
-            raise USIError(f"option {name} must be one of {spec['vars']}, got {value!r}")
-        elif name == "Temperature":
-            try:
-                if not (math.isfinite(float(value)) and float(value) >= 0):
-                    raise ValueError
-            except ValueError:
-                raise USIError(f"option Temperature needs a number >= 0 (0: always the top move), "
-                               f"got {value!r}") from None
-        elif name == "ModelPath":
-            value = "" if value.strip() in ("", "<empty>") else value
-        if name in STANDARD_OPTIONS:
-            return
-        self.options[name] = value
-        self.player = None
-
-    def build_player(self) -> tuple[Player, str]:
-        """The player the options ask for, and a line saying what plays. A named model that cannot be loaded raises
-        ModelError; the baseline engine stands in only when no model was named and none is found."""
-        kind, seed = self.options["Player"], int(self.options["Seed"])
-        if kind == "random":
-            return RandomPlayer(seed=seed), "playing random legal moves (Player random)"
-        if kind == "baseline":
-            return BaselinePlayer(seed=seed), "playing the baseline engine (Player baseline)"
-        named = self.options["ModelPath"]
-        path, found = (Path(named), "ModelPath") if named else default_model()
-        if path is None:
-            return BaselinePlayer(seed=seed), (f"no model found ({found}); playing the baseline engine. "
-                                               "Set ModelPath (or --model) to play a model")
-        try:
-            player = NetworkPlayer(path, temperature=float(self.options["Temperature"]), seed=seed,
-                                   threads=int(self.options["Threads"]),
-                                   mate_in_one=self.options["MateInOne"] == "true")
-            player.evaluator.policy_value([cshogi.Board()])  # a file with the right name but not a maou_nb model fails here
-        except Exception as e:
-            reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:400]
-            if named:
-                raise ModelError(f"cannot load model {path} ({reason}). Set ModelPath (or --model) to a maou_nb "
-                                 "checkpoint (.pt) or ONNX export (runs/<run_id>/models/model.onnx), or leave it empty "
-                                 "to play the newest run's model") from None
-            return BaselinePlayer(seed=seed), (f"error: the model found ({path}, {found}) cannot be loaded ({reason}); "
-                                               "playing the baseline engine. Set ModelPath to play a model")
-        search = "policy only" if int(self.options["Simulations"]) == 0 else (
-            "search on the clock" if int(self.options["Simulations"]) == AUTO
-            else f"search of at most {self.options['Simulations']} simulations")
-        return player, f"playing model {path} ({found}; {search})"
-
-    def ensure_player(self) -> Player:
-        "The current player, built if needed (ModelError when the model asked for cannot be loaded)."
-        if self.player is None:
-            self.player, self.playing = self.build_player()
-        return self.player
-
-    def choose_among(self, player: Player, board: cshogi.Board, allowed: list[str]) -> int:
-        "The player's pick among `go searchmoves`: the policy's favourite, the baseline's best score, or a random one."
-        legal = {cshogi.move_to_usi(m): m for m in board.legal_moves}
-        moves = [legal[u] for u in allowed]
-        if isinstance(player, NetworkPlayer):
-            probs, player.last_values = player.evaluator.policy_value([board])
-            label = dict(zip(*legal_moves_and_labels([board])[0]))
-            return max(moves, key=lambda m: probs[0, label[m]])
-        if isinstance(player, BaselinePlayer):
-            scored = dict(zip(*player.engine.score_moves(board)))
-            return max(moves, key=lambda m: scored[m])
-        return moves[int(player.rng.integers(len(moves)))]
-
-    def think(self, limits: dict, clock: Clock, start: float) -> tuple[str, list[str]]:
-        "The bestmove answer for the current position, and the info lines that go before it."
-        board = self.board
-        if board.is_nyugyoku():
-            return "win", ["info string entering-king declaration"]
-        if board.is_game_over():
-            return "resign", ["info string no legal move"]
-        player = self.ensure_player()
-        sims = int(self.options["Simulations"])
-        cap = self.spec["Simulations"]["max"] if sims == AUTO else sims
-        if "nodes" in limits and cap:
-            cap = min(cap, limits["nodes"])
-        nodes = 1
-        if limits.get("searchmoves"):
-            move = self.choose_among(player, board, limits["searchmoves"])
-        elif isinstance(player, NetworkPlayer) and cap > 0:
-            moves, player.last_values = puct_search(player, [board], cap, player.c_puct, player.temperatures([board]),
-                                                    player.rng, stop=clock)
-            move, nodes = moves[0], max(1, player.last_simulations)
-        else:
-            move = player.choose(board)
-        if move == RESIGN or not board.is_legal(move):
-            return "resign", [f"info string player {player.name} resigned"]
-        usi = cshogi.move_to_usi(move)
-        elapsed = int((time.monotonic() - start) * 1000)
-        if isinstance(player, NetworkPlayer) and len(player.last_values):
-            cp = score_cp(player.last_values[0])
-        elif isinstance(player, BaselinePlayer):
-            cp = int(player.engine.evaluate(board))
-        else:
-            cp = 0
-        return usi, [f"info depth 1 time {elapsed} nodes {nodes} score cp {cp} pv {usi}"]
-
-    def answer(self, s: _Search) -> None:
-        "Think under `s`, write the info lines, and the bestmove once `s` is released (never when discarded)."
-        try:
-            bestmove, info = self.think(s.limits, s.clock, s.start)
-        except Exception as e:
-            moves = list(self.board.legal_moves)
-            bestmove = cshogi.move_to_usi(moves[0]) if moves else "resign"
-            info = [f"info string error while thinking: {e}; playing a legal move"]
-        for line in info:
-            self.write(line)
-        s.released.wait()
-        if not s.discard:
-            self.write(f"bestmove {bestmove}")
-
-    def go(self, args: list[str]) -> None:
-        """Answer `go`: info lines then bestmove. A clocked search runs here and ends by its clock; `go infinite`
-        and `go ponder` run in a thread until `stop` (or, pondering, `ponderhit` and then the clock)."""
-        start = time.monotonic()
-        if self.board is None:  # never think about a position other than the one the GUI sent
-            self.write("info string error: no position to think about: the last position command was refused; "
-                       "send a valid position before go")
-            self.write("bestmove resign")
-            return
-        limits = parse_go(args, self.board)
-        if "mate" in limits:
-            mate = mate_in_one(self.board)
-            self.write(f"checkmate {cshogi.move_to_usi(mate)}" if mate else "checkmate nomate")
-            return
-        try:
-            self.ensure_player()
-        except ModelError as e:  # never play something other than the model asked for
-            self.refuse(e)
-            self.write("bestmove resign")
-            return
-        budget = time_budget(limits, self.board.turn, int(self.options["ByoyomiMargin"]))
-        if budget is None and "nodes" not in limits:
-            budget = NO_CLOCK_SECONDS
-        held = bool(limits.get("infinite") or limits.get("ponder"))
-        s = _Search(limits, start, Clock(None if held or budget is None else start + budget), budget)
-        if not held:
-            s.released.set()
-            return self.answer(s)
-        s.thread = threading.Thread(target=self.answer, args=(s,), daemon=True)
-        self.search = s
-        s.thread.start()
-
     def end_search(self, discard: bool = False) -> None:
-        "Stop a `go infinite`/`go ponder` in progress and wait for it (its bestmove is sent unless `discard`)."
+        """Stop a `go infinite`/`go ponder` in progress and wait for it (its bestmove is sent unless `discard`)."""
         s, self.search = self.search, None
         if s is not None:
-            s.discard = discard
-            s.clock.stopped.set()
-            s.released.set()
-            s.thread.join()
-
-    def ponderhit(self) -> None:
-        "The opponent played the move pondered on: think on from now, by the clock `go ponder` gave."
-        s = self.search
-        if s is not None:
-            s.clock.deadline = time.monotonic() + (s.budget if s.budget is not None else NO_CLOCK_SECONDS)
-            s.start = time.monotonic()
-            s.released.set()
-
-    def refuse(self, e: Exception) -> None:
-        "Report a model that cannot be loaded, to the GUI and on stderr."
-        self.write(f"info string error: {e}")
-        print(f"maou-nb-usi: error: {e}", file=sys.stderr, flush=True)
+            s.end(discard)
 
     def handle(self, line: str) -> bool:
-        "Follow one command line; False after quit."
-        tokens = line.strip().split()
-        if not tokens:
-            return True
-        cmd, args = tokens[0], tokens[1:]
+        """Follow one command line (an error is answered with `info string error …`); False after quit."""
+        cmd, *args = line.split() or [""]
         try:
-            if cmd in ("stop", "quit"):
-                self.end_search()
-                return cmd != "quit"
-            if cmd == "ponderhit":
-                return self.ponderhit() or True
-            if cmd == "gameover":
-                self.end_search(discard=True)
-                return True
-            if cmd == "isready" and self.search is not None:
+            if cmd in ("stop", "quit", "gameover"):  # gameover: the search's move is dropped
+                self.end_search(discard=cmd == "gameover")
+            elif cmd == "ponderhit":
+                if self.search is not None:
+                    self.search.hit()
+            elif cmd == "isready" and self.search is not None:
                 self.write("readyok")  # a search in progress: its player is ready
-                return True
-            if self.search is not None and self.search.released.is_set():
-                self.search.thread.join()  # ponderhit: the search ends by its clock
-                self.search = None
-            self.end_search()  # any other command ends a search still waiting for stop
-            if cmd == "usi":
-                self.write(f"id name {self.name}")
-                self.write("id author maou_nb developers")
-                for name, spec in self.spec.items():  # current values as defaults: a GUI that sends every
-                    self.write(option_line(name, {**spec, "default": self.options[name]}))  # option keeps --model
-                self.write("usiok")
-            elif cmd == "isready":
-                try:
-                    self.ensure_player()
-                except ModelError as e:  # no readyok until ModelPath names a loadable model (or is emptied)
-                    self.refuse(e)
-                    return True
-                self.write(f"info string {self.playing}")
-                self.write("readyok")
-            elif cmd == "setoption":
-                if len(args) < 2 or args[0] != "name" or args[1] == "value":
-                    raise USIError("setoption needs 'name <name> [value <value>]'")
-                k = args.index("value") if "value" in args else len(args)
-                self.set_option(" ".join(args[1:k]), " ".join(args[k + 1:]))
-            elif cmd == "usinewgame":
-                self.board = cshogi.Board()
-                self.ensure_player().seed(int(self.options["Seed"]))
-            elif cmd == "position":
-                self.board = None
-                self.board = parse_position(args)
-            elif cmd == "go":
-                self.go(args)
-            else:
-                raise USIError(f"unknown command {cmd!r}")
+            elif cmd:
+                if self.search is not None and self.search.released.is_set():
+                    self.search.thread.join()  # after ponderhit: the search ends by its clock
+                    self.search = None
+                self.end_search()  # any other command ends a search still waiting for stop
+                self.command(cmd, args)
+            return cmd != "quit"
         except Exception as e:  # never crash: report and keep serving
             self.write(f"info string error: {e}")
-        return True
+            return True
 
     def run(self, stdin=None) -> None:
-        "Serve commands from `stdin` (bytes or text lines; default the process's stdin) until quit or EOF."
+        """Serve commands from `stdin` (bytes or text lines; default the process's stdin) until quit or EOF."""
         try:
             for line in (stdin if stdin is not None else sys.stdin.buffer):
                 if isinstance(line, bytes):  # GUIs may send Shift_JIS paths: never die on a decoding error
@@ -603,9 +383,140 @@ class USIEngine:
         finally:
             self.end_search()
 
+# %% ../nbs/32_usi.ipynb #071342ac
+class USIEngine(USIProtocol):
+    """A USI engine over a `maou_nb.players` player: its options, its player, and the commands of a game."""
+    name = "maou_nb"
+
+    def __init__(self, write: Callable[[str], None] | None = None, **options):
+        super().__init__(write)
+        self.spec = engine_options()
+        self.options = {k: v["default"] for k, v in self.spec.items()}
+        for k, v in options.items():
+            self.set_option(k, str(v))
+        self.player: Player | None = None
+        self.playing = ""  # what plays, said at isready
+        self.board: cshogi.Board | None = cshogi.Board()  # None after a refused `position`
+
+    def set_option(self, name: str, value: str) -> None:
+        """Set one option (`check_option`); the player is rebuilt at the next isready/go."""
+        value = check_option(name, value, self.spec)
+        if name not in STANDARD_OPTIONS:
+            self.options[name], self.player = value, None
+
+    def ensure_player(self) -> Player:
+        """The current player, built if needed (ModelError when the model asked for cannot be loaded)."""
+        if self.player is None:
+            self.player, self.playing = build_player(self.options)
+        return self.player
+
+    def refuse(self, e: Exception) -> None:
+        """Report a model that cannot be loaded, to the GUI and on stderr."""
+        self.write(f"info string error: {e}")
+        print(f"maou-nb-usi: error: {e}", file=sys.stderr, flush=True)
+
+    def command(self, cmd: str, args: list[str]) -> None:
+        """Follow `usi`, `isready`, `setoption`, `usinewgame`, `position` or `go` (`ENGINE_COMMANDS`)."""
+        if cmd not in ENGINE_COMMANDS:
+            raise USIError(f"unknown command {cmd!r}")
+        ENGINE_COMMANDS[cmd](self, args)
+
+# %% ../nbs/32_usi.ipynb #6b99214e
+def on_usi(engine: USIEngine, args: list[str]) -> None:
+    """`usi`: the engine's name and author, its options with their current values as defaults, `usiok`."""
+    engine.write(f"id name {engine.name}")
+    engine.write("id author maou_nb developers")
+    for name, spec in engine.spec.items():  # current values as defaults: a GUI that sends every option keeps --model
+        engine.write(option_line(name, {**spec, "default": engine.options[name]}))
+    engine.write("usiok")
+
+# %% ../nbs/32_usi.ipynb #b2736f8e
+def on_isready(engine: USIEngine, args: list[str]) -> None:
+    """`isready`: build the player, say what plays and answer `readyok`; no readyok while the model asked for cannot load."""
+    try:
+        engine.ensure_player()
+    except ModelError as e:  # no readyok until ModelPath names a loadable model (or is emptied)
+        engine.refuse(e)
+        return
+    engine.write(f"info string {engine.playing}")
+    engine.write("readyok")
+
+# %% ../nbs/32_usi.ipynb #adf6b790
+def on_setoption(engine: USIEngine, args: list[str]) -> None:
+    """`setoption name <name> [value <value>]` (names and values may hold spaces)."""
+    if len(args) < 2 or args[0] != "name" or args[1] == "value":
+        raise USIError("setoption needs 'name <name> [value <value>]'")
+    k = args.index("value") if "value" in args else len(args)
+    engine.set_option(" ".join(args[1:k]), " ".join(args[k + 1:]))
+
+# %% ../nbs/32_usi.ipynb #ff1055e2
+def on_usinewgame(engine: USIEngine, args: list[str]) -> None:
+    """`usinewgame`: the starting position, and the player seeded afresh by `Seed`."""
+    engine.board = cshogi.Board()
+    engine.ensure_player().seed(int(engine.options["Seed"]))
+
+# %% ../nbs/32_usi.ipynb #fcbe1e7a
+def on_position(engine: USIEngine, args: list[str]) -> None:
+    """`position …`: the board `parse_position` reads; a refused position leaves none (a later `go` resigns)."""
+    engine.board = None
+    engine.board = parse_position(args)
+
+# %% ../nbs/32_usi.ipynb #69a9ff0e
+def answer_go(engine: USIEngine, s: _Search) -> None:
+    """Think under `s`, write the info lines, and the bestmove once `s` is released (never when discarded)."""
+    try:
+        bestmove, info = think(engine.board, engine.ensure_player(), s.limits, s.clock, s.start,
+                               int(engine.options["Simulations"]))
+    except Exception as e:
+        moves = list(engine.board.legal_moves)
+        bestmove = cshogi.move_to_usi(moves[0]) if moves else "resign"
+        info = [f"info string error while thinking: {e}; playing a legal move"]
+    for line in info:
+        engine.write(line)
+    s.released.wait()
+    if not s.discard:
+        engine.write(f"bestmove {bestmove}")
+
+# %% ../nbs/32_usi.ipynb #c3f8afc2
+def on_go(engine: USIEngine, args: list[str]) -> None:
+    """`go`: info lines then bestmove. A clocked search runs here and ends by its clock; `go infinite` and `go ponder`
+    run in a thread until `stop` (or, pondering, `ponderhit` and then the clock)."""
+    start = time.monotonic()
+    if engine.board is None:  # never think about a position other than the one the GUI sent
+        engine.write("info string error: no position to think about: the last position command was refused; "
+                     "send a valid position before go")
+        engine.write("bestmove resign")
+        return
+    limits = parse_go(args, engine.board)
+    if "mate" in limits:
+        mate = mate_in_one(engine.board)
+        engine.write(f"checkmate {cshogi.move_to_usi(mate)}" if mate else "checkmate nomate")
+        return
+    try:
+        engine.ensure_player()
+    except ModelError as e:  # never play something other than the model asked for
+        engine.refuse(e)
+        engine.write("bestmove resign")
+        return
+    budget = time_budget(limits, engine.board.turn, int(engine.options["ByoyomiMargin"]))
+    if budget is None and "nodes" not in limits:
+        budget = NO_CLOCK_SECONDS
+    held = bool(limits.get("infinite") or limits.get("ponder"))
+    s = _Search(limits, start, Clock(None if held or budget is None else start + budget), budget)
+    if not held:
+        s.released.set()
+        return answer_go(engine, s)
+    s.thread = threading.Thread(target=answer_go, args=(engine, s), daemon=True)
+    engine.search = s
+    s.thread.start()
+
+# %% ../nbs/32_usi.ipynb #1c413300
+ENGINE_COMMANDS = {"usi": on_usi, "isready": on_isready, "setoption": on_setoption, "usinewgame": on_usinewgame,
+                   "position": on_position, "go": on_go}  # what `USIEngine.command` follows; the search controls are USIProtocol's
+
 # %% ../nbs/32_usi.ipynb #baf8b21a
 def main(argv: list[str] | None = None) -> int:
-    "Run the USI engine on stdin/stdout; 2 (the reason on stderr) when the model named by --model cannot be loaded."
+    """Run the USI engine on stdin/stdout; 2 (the reason on stderr) when the model named by --model cannot be loaded."""
     import warnings
     warnings.filterwarnings("ignore")
     parser = argparse.ArgumentParser(prog="maou-nb-usi", description="maou_nb USI engine (stdin/stdout)")

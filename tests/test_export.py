@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from maou_nb.encoding import MOVE_LABELS_NUM, legal_moves_label, move_label
-from maou_nb.export import (FP16_TOLERANCE, FP32_TOLERANCE, OnnxModelError, OnnxVerificationError, export_onnx,
-                            fp16_path, is_float16_model, load_onnx, load_policy, position_arrays, sidecar_path,
-                            torch_outputs)
+from maou_nb.export import (FP16_TOLERANCE, FP32_TOLERANCE, export_onnx, fp16_path, is_float16_model, load_onnx,
+                            load_policy, position_arrays, sidecar_path, torch_outputs)
 from maou_nb.model import build_model
 from maou_nb.storage import save_checkpoint, sha256_file
 
@@ -137,12 +136,9 @@ def test_float16_input_files_load_and_play(exported, real_boards, tmp_path):
     assert all(m in set(b.legal_moves) for b, m in zip(boards, moves))
 
 
-def test_failed_export_leaves_no_file_and_keeps_the_old_one(exported, real_boards, tmp_path, monkeypatch):
+def test_failed_export_keeps_the_old_file(exported, real_boards, tmp_path, monkeypatch):
     import maou_nb.export as export
     model = build_model("mlp-mixer", preset="small")
-    with pytest.raises(OnnxVerificationError, match="nothing was written"):
-        export_onnx(model, tmp_path / "model.onnx", positions=real_boards[:8], tolerance={"atol": 0.0, "rtol": 0.0})
-    assert list(tmp_path.iterdir()) == []
     export_onnx(model, tmp_path / "model.onnx", positions=real_boards[:8], fp16=False)
     before = sha256_file(tmp_path / "model.onnx")
 
@@ -156,20 +152,3 @@ def test_failed_export_leaves_no_file_and_keeps_the_old_one(exported, real_board
     assert sha256_file(tmp_path / "model.onnx") == before
 
 
-def test_bad_files_give_clear_errors(exported, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_onnx(tmp_path / "missing.onnx")
-    with pytest.raises(FileNotFoundError, match="checkpoint .* does not exist"):
-        export_onnx(tmp_path / "missing.pt", tmp_path / "m.onnx")
-    good = Path(exported["resnet"][1]["path"]).read_bytes()
-    (tmp_path / "truncated.onnx").write_bytes(good[: len(good) // 3])
-    with pytest.raises(OnnxModelError, match="truncated.onnx is not a readable ONNX model"):
-        load_onnx(tmp_path / "truncated.onnx")
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
-    onnx.save(onnx.helper.make_model(graph), str(tmp_path / "foreign.onnx"))
-    with pytest.raises(OnnxModelError, match="foreign.onnx has inputs"):
-        load_onnx(tmp_path / "foreign.onnx")
-    with pytest.raises(ValueError, match="should end in .onnx"):
-        export_onnx(build_model("resnet", preset="small"), tmp_path / "model.bin")

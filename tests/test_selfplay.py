@@ -6,8 +6,7 @@ import cshogi
 import numpy as np
 import pytest
 
-from maou_nb.selfplay import (MATE, BaselineEngine, decode_moves, game_name, legal_moves, play_game, play_games,
-                              write_csa)
+from maou_nb.selfplay import MATE, BaselineEngine, game_name, play_game, play_games, write_csa
 from maou_nb.storage import game_id, load_game_ids, load_hcpe, read_manifest
 
 GAMES, SEED, MAX_MOVES = 6, 11, 200
@@ -131,29 +130,6 @@ class RandomPlayer:
         return moves[self.rng.integers(len(moves))]
 
 
-def test_baseline_beats_random():
-    wins, games = 0, 20
-    for g in range(games):
-        engine, rand = BaselineEngine(seed=g), RandomPlayer(seed=1000 + g)
-        if g % 2 == 0:
-            game = play_game(engine, rand, max_moves=256)
-            wins += game.result == cshogi.BLACK_WIN
-        else:
-            game = play_game(rand, engine, max_moves=256)
-            wins += game.result == cshogi.WHITE_WIN
-    assert wins >= 18, f"baseline won only {wins}/{games} against random"
-
-
-def test_engine_mates_in_one_and_avoids_hanging_pieces():
-    for depth in (1, 2):
-        board = cshogi.Board("4k4/9/4P4/9/9/9/9/9/4K4 b G 1")
-        assert cshogi.move_to_usi(BaselineEngine(depth=depth, temperature=0).choose(board)) == "G*5b"
-    # a rook that can take a king-defended pawn, or retreat: taking loses the rook
-    board = cshogi.Board("9/4k4/4p4/9/4R4/9/9/9/4K4 b - 1")
-    move = BaselineEngine(temperature=0).choose(board)
-    assert cshogi.move_to(move) != cshogi.move_to(board.move_from_usi("5e5c"))
-
-
 def test_engine_takes_mates_and_parries_mate_threats():
     """Over real games: a greedy engine always plays a mate in one, and never allows one when it can be avoided."""
     engine, mates, threats = BaselineEngine(temperature=0), 0, 0
@@ -182,33 +158,6 @@ def _after(board: cshogi.Board, move: int, test) -> bool:
         board.pop()
 
 
-def test_choices_are_legal_and_deterministic():
-    for seed in range(3):
-        a, b = BaselineEngine(seed=seed, temperature=60), BaselineEngine(seed=seed, temperature=60)
-        board = cshogi.Board()
-        for _ in range(40):
-            if board.is_game_over():
-                break
-            move = a.choose(board)
-            assert board.is_legal(move) and move == b.choose(board)
-            board.push(move)
-
-
-def test_decode_moves_matches_cshogi():
-    game = play_game(BaselineEngine(seed=3), BaselineEngine(seed=4), max_moves=80)
-    board = cshogi.Board()
-    for move in game.moves:
-        moves = legal_moves(board)
-        fields = decode_moves(moves)
-        assert fields["to"].tolist() == [cshogi.move_to(m) for m in moves]
-        assert fields["captured"].tolist() == [cshogi.move_cap(m) for m in moves]
-        assert fields["promotion"].tolist() == [int(cshogi.move_is_promotion(m)) for m in moves]
-        expected = [cshogi.hand_piece_to_piece_type(cshogi.move_drop_hand_piece(m)) if cshogi.move_is_drop(m)
-                    else cshogi.move_from_piece_type(m) for m in moves]
-        assert fields["piece"].tolist() == expected
-        board.push(move)
-
-
 @pytest.mark.parametrize("kwargs, error, text", [
     (dict(n=-1), ValueError, "n=-1"),
     (dict(n=1.5), ValueError, "n=1.5"),
@@ -227,26 +176,11 @@ def test_bad_parameters_raise_clear_errors(tmp_path, kwargs, error, text):
     assert not (tmp_path / "bad" / "hcpe" / "manifest.json").exists()
 
 
-class ShufflePlayer:
-    """Moves its rook out and back: with two of them the start position repeats every four moves."""
-    def __init__(self, out: str, back: str):
-        self.cycle, self.n = (out, back), 0
-
-    def choose(self, board: cshogi.Board) -> int:
-        move = board.move_from_usi(self.cycle[self.n % 2])
-        self.n += 1
-        return move
-
-
-def test_fourfold_repetition_is_a_draw_and_max_moves_too(tmp_path):
-    game = play_game(ShufflePlayer("2h3h", "3h2h"), ShufflePlayer("8b7b", "7b8b"), max_moves=256)
-    assert (len(game.moves), game.csa_ending(), game.result) == (12, "%SENNICHITE", cshogi.DRAW)
-    record = cshogi.Parser.parse_file(str(write_csa(game, tmp_path / "game.csa")))[0]
-    check_result(game.board(), record, game.result, len(game.moves))
+def test_the_move_cap_is_a_draw():
+    "(The fourth repetition's draw is test_play's test_repetition_is_a_draw_on_the_fourth_occurrence.)"
     short = play_game(BaselineEngine(seed=1), BaselineEngine(seed=2), max_moves=10)
     assert (len(short.moves), short.csa_ending(), short.result) == (10, "%JISHOGI", cshogi.DRAW)
     assert (short.to_hcpe()["gameResult"] == cshogi.DRAW).all()
-
 
 
 def test_one_record_gives_the_csa_and_the_hcpe_of_a_game(tmp_path):

@@ -181,7 +181,8 @@ def test_full_games_between_two_instances(tmp_path, small_model):
 
 # --- issue 11: the engine never silently plays something other than what was asked -----------------------------
 
-from maou_nb.usi import USIEngine, USIError, parse_go, parse_position  # noqa: E402  (names the old engine had too)
+from maou_nb.sfen import USIError, check_sfen, parse_position  # noqa: E402
+from maou_nb.usi import USIEngine, parse_go  # noqa: E402  (names the old engine had too)
 
 
 def engine_process(*flags: str, input: str, env: dict | None = None, cwd: Path | None = None,
@@ -241,27 +242,9 @@ def test_bad_model_set_mid_session_blocks_readyok_until_fixed(small_model, not_m
     assert out[-1].split()[1] in {cshogi.move_to_usi(m) for m in cshogi.Board().legal_moves}, out
 
 
-def random_positions(n_games: int = 40, seed: int = 0) -> list[cshogi.Board]:
-    "Positions of seeded random games that capture when they can (big hands, drops, promotions and checks)."
-    import numpy as np
-    rng, out = np.random.default_rng(seed), []
-    for _ in range(n_games):
-        board = cshogi.Board()
-        for _ in range(int(rng.integers(20, 200))):
-            moves = list(board.legal_moves)
-            if not moves or board.is_draw() == cshogi.REPETITION_DRAW:
-                break
-            captures = [m for m in moves if board.piece(cshogi.move_to(m)) and not cshogi.move_is_drop(m)]
-            pool = captures if captures and rng.random() < 0.8 else moves
-            board.push(pool[int(rng.integers(len(pool)))])
-            out.append(board.copy())
-    return out
-
-
 def test_every_reachable_position_round_trips():
-    from maou_nb.usi import check_sfen
-    boards = random_positions()
-    assert len(boards) > 2000
+    from maou_nb.records import random_boards
+    boards = random_boards(4000, capture_bias=0.8, max_plies=200)  # capturing when it can: big hands, drops, checks
     assert any(sum(map(sum, b.pieces_in_hand)) > 10 for b in boards)  # big hands are covered
     assert any("+" in b.sfen().split()[0] for b in boards) and any(b.is_check() for b in boards)
     for board in boards:

@@ -1,8 +1,6 @@
-"""Viz: overlays land on the right squares of cshogi's SVG, explorers and viewers driven headless, plot_run on a
-real run's metrics.jsonl."""
-import json
+"""Viz: overlays land on the right squares of cshogi's SVG over many real positions, explorers driven headless. (The
+model viewer's checks are examples in nbs/21_viz.ipynb, the training curves' in nbs/24_plots.ipynb.)"""
 import re
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -12,11 +10,7 @@ import numpy as np
 import pytest
 
 from maou_nb.encoding import encode_position, legal_moves_label, move_label, reachable_squares_label
-from maou_nb.export import TorchEvaluator
-from maou_nb.model import build_model
-from maou_nb.viz import (LiveCurves, ModelViewer, board_from_arrays, board_svg, destination_weights, explore,
-                         game_positions, hcpe_positions, parse_position, plot_run, read_metrics, save_run_plots,
-                         save_svg, square_corner)
+from maou_nb.viz import board_from_arrays, board_svg, destination_weights, explore, game_positions, save_svg, square_corner
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -125,61 +119,6 @@ def test_explorer_over_an_hcpe_shard(game_file, tmp_path):
         assert ex.positions[row].value in (0.0, 0.5, 1.0)
 
 
-def test_model_viewer_and_explorer_with_a_model(game_file):
-    policy = TorchEvaluator(build_model("vit", preset="small"))
-    viewer = ModelViewer(policy, "startpos moves 2g2f 8c8d")
-    heat = layer(viewer.svg, "maou-heat")
-    assert squares(heat) == {cshogi.SQUARE_NAMES[cshogi.move_to(m)] for m in viewer.board.legal_moves}
-    assert abs(sum(float(r.get("data-weight")) for r in heat) - 1) < 1e-4
-    probs, value = policy.evaluate(viewer.board)
-    assert viewer.moves.value == cshogi.move_to_usi(max(probs, key=probs.get)) and f"{value:.3f}" in viewer.info.value
-    viewer.play.click()
-    assert viewer.board.move_number == 4
-    viewer.text.value = "startpos moves 2g2f 2g2f"
-    assert "cannot read the position" in viewer.error.value
-    with pytest.raises(ValueError, match="not legal"):
-        parse_position("startpos moves 5a5b")
-    ex = explore(game_file, policy=policy)
-    ex.slider.value = 20
-    ex.show.value = "model"
-    board = ex.positions[20].board()
-    assert squares(layer(ex.svg, "maou-heat")) == {cshogi.SQUARE_NAMES[cshogi.move_to(m)] for m in board.legal_moves}
-    assert "model value" in ex.info.value
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A real (tiny) Stage 1 run of the small ResNet."""
-    from maou_nb.preprocess import make_stage1_data
-    from maou_nb.train import train
-    tmp = tmp_path_factory.mktemp("run")
-    make_stage1_data(tmp / "stage1")
-    train({"stage": "1", "stage1_data": str(tmp / "stage1"), "model": "resnet", "preset": "small",
-           "model_config": {"resnet_widths": [8, 8, 8, 8], "resnet_expansion": 1},   # a tiny ResNet: seconds
-           "batch_size": 256, "stage1_max_epochs": 1, "stage1_threshold": 0.1, "log_every": 1,
-           "out_dir": str(tmp / "run"), "device": "cpu"}, progress=False)
-    return tmp / "run"
-
-
-def test_model_viewer_recovers_from_a_bad_position():
-    """A position that does not parse empties the move list and disables play (no appending to bad text, no stale
-    board); fixing the text clears the error, and play then appends to the position shown."""
-    policy = TorchEvaluator(build_model("mlp-mixer", preset="small"))
-    viewer = ModelViewer(policy, "startpos moves 7g7f")
-    viewer.text.value = "startpos moves 7g7f 7g7f"
-    assert "cannot read the position" in viewer.error.value and "7g7f 7g7f" not in viewer.info.value
-    assert viewer.play.disabled and viewer.moves.options == ()
-    viewer.play.click()
-    viewer.play_selected()
-    assert viewer.text.value == "startpos moves 7g7f 7g7f"          # nothing appended to text that does not parse
-    viewer.text.value = "startpos moves 7g7f 3c3d"
-    assert viewer.error.value == "" and not viewer.play.disabled and viewer.board.move_number == 3
-    top = viewer.moves.value
-    viewer.play.click()
-    assert viewer.text.value == f"startpos moves 7g7f 3c3d {top}" and viewer.board.move_number == 4
-    assert "cannot read" not in viewer.error.value
-
-
 @pytest.mark.parametrize("sfen", [
     "lnsgkg1nl/1r7/pp+Ppppspp/9/3N5/9/PP1PPP1PP/7+p1/L1SGKGSNL b BPrbp 15",    # promoted pieces, both hands
     "ln1g3+Rl/1ks1g4/1ppp1p2p/p3p1pp1/9/P1P1P1P2/1PSP1P2P/1KG2+b3/LN1G4L w RBSN3Psn2p 60",
@@ -241,51 +180,6 @@ def test_no_japanese_font_here_means_letters():
         pytest.skip("fc-list (fontconfig) is not installed: cannot tell independently whether a Japanese font is here")
     has_ja = bool(subprocess.run(["fc-list", ":lang=ja"], capture_output=True, text=True).stdout.strip())
     assert japanese_font_installed() == has_ja
-
-
-def test_plot_run_on_a_real_run(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert read_metrics(run_dir) == records
-    figs = plot_run(run_dir)
-    assert list(figs) == ["1"]
-    loss_ax, metric_ax, lr_ax = figs["1"].axes
-    train_loss = next(l for l in loss_ax.get_lines() if l.get_label() == "train loss")
-    train = [r for r in records if r["kind"] == "train"]
-    assert list(train_loss.get_xdata()) == [r["global_step"] for r in train]
-    assert list(train_loss.get_ydata()) == [r["loss"] for r in train]
-    val = [r for r in records if r["kind"] == "val"]
-    accuracy = next(l for l in metric_ax.get_lines() if l.get_label() == "accuracy")
-    assert list(accuracy.get_ydata()) == [r["accuracy"] for r in val]
-    assert [l.get_ydata()[0] for l in metric_ax.get_lines() if l.get_label().startswith("threshold")] == [0.1]
-    assert list(lr_ax.get_lines()[0].get_ydata()) == [r["lr"] for r in train]
-    pngs = save_run_plots(run_dir)
-    assert [p.name for p in pngs] == ["stage1.png"] and pngs[0].read_bytes()[:4] == b"\x89PNG"
-
-
-def test_run_figures_render_as_png_in_a_notebook(run_dir):
-    """IPython's display formatter (what Lab, papermill and nbclient use) gives plot_run's figures as image/png,
-    without pyplot or an inline backend, not only as `<Figure ...>` text; show_figure does it for pyplot figures."""
-    from IPython.core.interactiveshell import InteractiveShell
-    formatter = InteractiveShell.instance().display_formatter
-    data, _ = formatter.format(plot_run(run_dir)["1"])
-    assert data["image/png"][:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_live_curves_follow_a_growing_file(run_dir, tmp_path):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
-    live = LiveCurves(tmp_path, interval=0.02)
-    assert "waiting" in live.status.value and not live.refresh()
-    (tmp_path / "metrics.jsonl").write_text(lines[0] + lines[1][:7])
-    assert live.refresh() and len(live.records) == 1 and not live.refresh()
-    live.start()
-    (tmp_path / "metrics.jsonl").write_text("".join(lines))
-    deadline = time.time() + 10
-    while len(live.records) < len(lines) and time.time() < deadline:
-        time.sleep(0.01)
-    live.stop()
-    assert len(live.records) == len(lines) and live.image.value[:4] == b"\x89PNG"
-    shown = next(l for l in live.figure.axes[0].get_lines() if l.get_label() == "train loss")
-    assert len(shown.get_xdata()) == sum(json.loads(l)["kind"] == "train" for l in lines)
 
 
 def test_explorer_over_a_stage3_dataset(records_dir, tmp_path):
