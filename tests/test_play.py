@@ -280,7 +280,8 @@ def test_usi_opponent_fairy_stockfish_beats_random(tmp_path):
 def test_ladder_stops_at_the_first_level_not_beaten(tmp_path):
     ladder = place_on_ladder(RandomPlayer(), FAIRY, levels=(-20, -10), games=2, max_moves=200, out_dir=tmp_path)
     assert ladder["highest_beaten"] is None and [r["level"] for r in ladder["rows"]] == [-20]
-    assert ladder["rows"][0]["losses"] == 2
+    # a random mover never beats the engine; on a loaded machine a 200-move cap can end one game drawn
+    assert ladder["rows"][0]["wins"] == 0 and ladder["rows"][0]["verdict"] != "stronger"
     assert len(list((tmp_path / "level_-20").glob("*.csa"))) == 2
 
 
