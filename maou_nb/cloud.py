@@ -276,11 +276,13 @@ def upload_folder(folder: str | os.PathLike, uri: str) -> list[str]:
         upload_file(p, str(r.child(p.relative_to(folder).as_posix())))
     return [r.child(p.relative_to(folder).as_posix()).key for p in files]
 
-# %% ../nbs/07_cloud.ipynb #b7c5e96e
+# %% ../nbs/07_cloud.ipynb #83ff023b
 class ShardCache:
     """Remote objects kept as verified local files under `root`, reused while the server's version is unchanged."""
-    def __init__(self, root: str | os.PathLike, max_workers: int = 8, max_cached_bytes: int | None = None,
+    def __init__(self, root: str | os.PathLike, *, max_workers: int, max_cached_bytes: int | None,
                  timeout: float = TIMEOUT_SECONDS):
+        """`max_workers` parallel downloads; `max_cached_bytes` the cap (None: none). Their defaults are TrainConfig's
+        `input_max_workers` and `input_max_cached_bytes`."""
         self.root, self.max_workers, self.max_cached_bytes = Path(root), max_workers, max_cached_bytes
         self.timeout, self.downloaded = timeout, 0        # objects fetched by this cache object (reuse shows as 0)
         self._index_lock = threading.Lock()
@@ -300,13 +302,19 @@ class ShardCache:
         """Bytes of the files the index holds."""
         return sum(e["size"] for e in self._index().values())
 
-# %% ../nbs/07_cloud.ipynb #0d49103f
+# %% ../nbs/07_cloud.ipynb #19362a26
 def _fetch(self, r: RemotePath, info: ObjectInfo, dest: Path) -> None:
     """Download one object to `dest` through a temporary name; checked against its listing before the rename."""
     uri = f"{r.scheme}://{r.bucket}/{info.key}"
     with atomic_path(dest) as tmp_path:
         with open(tmp_path, "wb") as f:
-            backend(r.scheme, self.timeout).download(r.bucket, info, f)
+            try:
+                backend(r.scheme, self.timeout).download(r.bucket, info, f)
+            except CloudError:
+                raise
+            except Exception as e:    # a connection cut mid-body, a bad gateway: the clients' many ways to fail
+                raise CloudError(f"{uri}: the download failed ({type(e).__name__}: {str(e)[:200]}). Nothing was "
+                                 "cached under its name; rerun to fetch it again.") from None
         size = tmp_path.stat().st_size
         with open(tmp_path, "rb") as f:
             md5 = _md5_of(f) if info.md5 else None
@@ -349,7 +357,7 @@ def _evict(self, files: dict, keep: set[str], incoming: int) -> list[str]:
 
 ShardCache._plan, ShardCache._evict = _plan, _evict
 
-# %% ../nbs/07_cloud.ipynb #8a4d7056
+# %% ../nbs/07_cloud.ipynb #35209155
 def materialise(self, uris: str | Iterable[str]) -> list[Path]:
     """Local copies of `uris` (folders or single objects), downloading only what the cache lacks or what changed."""
     uris = [uris] if isinstance(uris, str) else list(uris)
@@ -369,15 +377,16 @@ def materialise(self, uris: str | Iterable[str]) -> list[Path]:
     try:
         with ThreadPoolExecutor(max(1, min(self.max_workers, len(todo) or 1))) as pool:
             jobs = {pool.submit(self._fetch, r, o, self.root / rel): (rel, o) for rel, (r, o) in todo.items()}
-            for job in jobs:
-                if job.exception() is not None:
+            failed = []
+            for job in jobs:                    # the first failure cancels the downloads not yet started
+                if not job.cancelled() and job.exception() is not None:
+                    failed.append(job.exception())
                     for other in jobs:
                         other.cancel()
             for job, (rel, o) in jobs.items():
                 if not job.cancelled() and job.exception() is None:
                     files[rel] = {"version": o.version, "size": o.size, "used": 0.0}
                     self.downloaded += 1
-            failed = [job.exception() for job in jobs if not job.cancelled() and job.exception() is not None]
             if failed:
                 raise failed[0]
     finally:

@@ -1,0 +1,297 @@
+"""gs:// and s3:// data paths, the local shard cache and the run mirror, against real servers on 127.0.0.1:
+gcp-storage-emulator (GCS) and moto's S3 server, started here and stopped by their handles. The code under test
+reaches them only through the clients' own endpoint variables, as it reaches the cloud."""
+import hashlib
+import http.client
+import http.server
+import itertools
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maou_nb import cloud
+from maou_nb.cloud import CloudError, Mirror, ShardCache, check_uri, list_uri, upload_file, upload_folder
+from maou_nb.storage import load_checkpoint, manifest_shards, save_array, write_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+_names = itertools.count()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """Both servers on loopback, the endpoint variables pointing at them; yields {scheme: endpoint}."""
+    from gcp_storage_emulator.server import create_server
+    from moto.server import ThreadedMotoServer
+    port = free_port()
+    gcs = create_server("127.0.0.1", port, in_memory=True)
+    gcs.start()
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
+           "AWS_ENDPOINT_URL_S3": "http://%s:%d" % s3.get_host_and_port(),
+           "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield {"gs": env["STORAGE_EMULATOR_HOST"], "s3": env["AWS_ENDPOINT_URL_S3"]}
+    gcs.stop()
+    s3.stop()
+
+
+def new_bucket(scheme: str) -> str:
+    """A fresh bucket on the server of `scheme`."""
+    name = f"b{next(_names):03d}-{os.getpid()}"
+    b = cloud.backend(scheme)
+    b.client.create_bucket(name) if scheme == "gs" else b.client.create_bucket(Bucket=name)
+    return name
+
+
+def corpus(folder: Path, n: int = 3, rows: int = 1000) -> Path:
+    """A data folder like the kit's: n .npy shards and a manifest."""
+    for i in range(n):
+        save_array(folder / f"part{i}.npy", np.arange(rows * i, rows * (i + 1), dtype=np.int64))
+    write_manifest(folder, "hcpe", sorted(folder.glob("*.npy")), rows=n * rows)
+    return folder
+
+
+@pytest.fixture(params=["gs", "s3"])
+def remote(request, servers, tmp_path):
+    """(scheme, uri of an uploaded 3-shard corpus, its local source folder)."""
+    scheme = request.param
+    source = corpus(tmp_path / "source")
+    uri = f"{scheme}://{new_bucket(scheme)}/corpus/v1"
+    upload_folder(source, uri)
+    return scheme, uri, source
+
+
+def test_list_download_and_reuse(remote, tmp_path):
+    scheme, uri, source = remote
+    _, objects, is_folder = list_uri(uri)
+    assert is_folder and sorted(Path(o.key).name for o in objects) == ["manifest.json", "part0.npy", "part1.npy", "part2.npy"]
+    assert all(o.md5 == hashlib.md5((source / Path(o.key).name).read_bytes()).hexdigest() for o in objects)
+    cache = ShardCache(tmp_path / "cache", max_workers=3, max_cached_bytes=None)
+    [local] = cache.materialise(uri)
+    assert [p.name for p in manifest_shards(local, "hcpe")] == ["part0.npy", "part1.npy", "part2.npy"]
+    for p in source.iterdir():
+        assert (local / p.name).read_bytes() == p.read_bytes()
+    assert cache.downloaded == 4
+    again = ShardCache(tmp_path / "cache", max_workers=3, max_cached_bytes=None)   # a later process, same disk
+    assert again.materialise(uri) == [local] and again.downloaded == 0
+    [one] = again.materialise(f"{uri}/part1.npy")                                  # a URI naming one object
+    assert one == local / "part1.npy" and again.downloaded == 0
+
+
+def test_changed_object_is_fetched_again(remote, tmp_path):
+    scheme, uri, source = remote
+    cache = ShardCache(tmp_path / "cache", max_workers=2, max_cached_bytes=None)
+    [local] = cache.materialise(uri)
+    save_array(tmp_path / "v2.npy", np.full(5, 7))
+    upload_file(tmp_path / "v2.npy", f"{uri}/part1.npy")      # same name, new bytes: a new generation / ETag
+    cache.materialise(uri)
+    assert cache.downloaded == 5
+    assert np.load(local / "part1.npy", allow_pickle=False).tolist() == [7] * 5
+
+
+def test_object_changed_mid_download_is_not_cached(remote, tmp_path):
+    """The listing said one version; the server then holds another: the download is refused, nothing is left."""
+    scheme, uri, source = remote
+    r, objects, _ = list_uri(uri)
+    info = next(o for o in objects if o.key.endswith("part0.npy"))
+    save_array(tmp_path / "v2.npy", np.full(5, 7))
+    upload_file(tmp_path / "v2.npy", f"{uri}/part0.npy")
+    cache = ShardCache(tmp_path / "cache", max_workers=1, max_cached_bytes=None)
+    dest = cache.local_path(r) / "part0.npy"
+    with pytest.raises(CloudError, match="changed|does not match"):
+        cache._fetch(r, info, dest)
+    assert not dest.parent.exists() or list(dest.parent.iterdir()) == []
+
+
+class CuttingProxy(http.server.ThreadingHTTPServer):
+    """An HTTP proxy on loopback in front of a storage server that cuts every object download off half-way."""
+    def __init__(self, upstream: str):
+        self.upstream = upstream.removeprefix("http://")
+        super().__init__(("127.0.0.1", 0), _CutHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class _CutHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _forward(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        conn = http.client.HTTPConnection(self.server.upstream, timeout=10)
+        conn.request(self.command, self.path, body, {k: v for k, v in self.headers.items() if k.lower() != "host"})
+        resp = conn.getresponse()
+        data = resp.read()
+        media = "alt=media" in self.path or (self.command == "GET" and "?" not in self.path and self.path.count("/") >= 2)
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2] if media and len(data) > 100 else data)
+        self.close_connection = True
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+
+def test_truncated_download_never_cached_under_its_name(remote, tmp_path, monkeypatch, servers):
+    scheme, uri, source = remote
+    proxy = CuttingProxy(servers[scheme])
+    try:
+        monkeypatch.setenv(cloud.backend(scheme).env, "http://127.0.0.1:%d" % proxy.server_address[1])
+        cache = ShardCache(tmp_path / "cache", max_workers=2, max_cached_bytes=None, timeout=3)
+        t0 = time.time()
+        with pytest.raises(CloudError, match="part|manifest"):
+            cache.materialise(uri)
+        assert time.time() - t0 < 30
+        leftovers = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.name != "index.json"]
+        assert leftovers == []                   # no shard under its name, no temporary either
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    monkeypatch.undo()                           # the real server again: the same cache now completes
+    cache = ShardCache(tmp_path / "cache", max_workers=2, max_cached_bytes=None)
+    [local] = cache.materialise(uri)
+    assert (local / "part2.npy").read_bytes() == (source / "part2.npy").read_bytes()
+
+
+def test_eviction_keeps_the_cache_under_its_cap(servers, tmp_path):
+    a, b = (f"s3://{new_bucket('s3')}/{name}" for name in ("a", "b"))
+    upload_folder(corpus(tmp_path / "a"), a)
+    upload_folder(corpus(tmp_path / "b"), b)
+    one = sum(p.stat().st_size for p in (tmp_path / "a").iterdir())
+    cache = ShardCache(tmp_path / "cache", max_workers=2, max_cached_bytes=int(one * 1.5))
+    [la] = cache.materialise(a)
+    [lb] = cache.materialise(b)                  # a is the least recently used: as much of it evicted as needed
+    kept = len(list(la.iterdir()))
+    assert 0 < kept < 4 and len(list(lb.iterdir())) == 4
+    assert cache.cached_bytes() <= int(one * 1.5)
+    cache.materialise(a)                         # a again: only what was evicted is downloaded
+    assert cache.downloaded == 8 + 4 - kept and len(list(la.iterdir())) == 4 and len(list(lb.iterdir())) < 4
+    with pytest.raises(CloudError, match="input_max_cached_bytes"):
+        cache.materialise([a, b])                # both at once cannot fit: refused before downloading
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+def test_unreachable_endpoint_is_a_clear_bounded_error(scheme, servers, monkeypatch):
+    env = {"gs": "STORAGE_EMULATOR_HOST", "s3": "AWS_ENDPOINT_URL_S3"}[scheme]
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv(env, dead)
+    t0 = time.time()
+    with pytest.raises(CloudError) as e:
+        list_uri(f"{scheme}://somewhere/data", timeout=3)
+    assert time.time() - t0 < 20
+    assert dead.removeprefix("http://") in str(e.value) and env in str(e.value) and "cannot reach" in str(e.value)
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+def test_missing_bucket_and_prefix(scheme, servers):
+    with pytest.raises(CloudError, match=r"train.stage3_data: .*bucket 'no-such-bucket' not found"):
+        check_uri(f"{scheme}://no-such-bucket/data", "train.stage3_data")
+    with pytest.raises(CloudError, match="no objects there"):
+        check_uri(f"{scheme}://{new_bucket(scheme)}/nothing/here")
+
+
+def test_missing_extra_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "boto3", None)          # as if the aws extra were not installed
+    monkeypatch.setattr(cloud, "_BACKENDS", {})
+    with pytest.raises(CloudError, match=r'pip install "maou_nb\[aws\]"'):
+        cloud.backend("s3")
+
+
+def test_mirror_rerun_uploads_only_what_is_missing(servers, tmp_path):
+    run = tmp_path / "r1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"w" * 1000)
+    (run / "stats.json").write_text("{}")
+    (run / "summary.md").write_text("# r1")
+    uri = f"s3://{new_bucket('s3')}/base/r1"
+    first = Mirror(run, uri)
+    assert first.close(timeout=60) == {} and sorted(first.uploaded) == ["checkpoints/last.pt", "stats.json", "summary.md"]
+    b = cloud.backend("s3")
+    bucket, key = uri[5:].split("/", 1)
+    b.client.delete_object(Bucket=bucket, Key=f"{key}/stats.json")
+    (run / "summary.md").write_text("# r1, rerun")
+    second = Mirror(run, uri)
+    assert second.close(timeout=60) == {} and sorted(second.uploaded) == ["stats.json", "summary.md"]
+    pointer = b.client.get_object(Bucket=bucket, Key=f"{key}/checkpoints/latest.json")["Body"].read()
+    assert hashlib.md5(b"w" * 1000).hexdigest().encode() in pointer
+
+
+# --- whole pipeline runs: data in a bucket, outputs mirrored, a resume from the mirror --------------------------
+
+TRAIN = {"stage": "3", "preset": "small", "model_config": {"resnet_widths": [8, 8, 8, 8]}, "batch_size": 16,
+         "epoch": 1, "log_every": 1, "device": "cpu", "input_max_workers": 2}
+
+
+@pytest.fixture(scope="module")
+def hcpe(tmp_path_factory):
+    """Real HCPE shards from the kit's own self-play (4 short games)."""
+    from maou_nb.selfplay import play_games
+    out = tmp_path_factory.mktemp("selfplay")
+    play_games(4, out, max_moves=60, workers=1)
+    return out / "hcpe"
+
+
+def _objects(uri: str) -> set[str]:
+    r, objects, _ = list_uri(uri)
+    return {o.key[len(r.key) + 1:] for o in objects}
+
+
+def test_pipeline_reads_buckets_mirrors_and_resumes_from_the_mirror(servers, hcpe, tmp_path, monkeypatch):
+    from maou_nb.pipeline import load_params, run_pipeline
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MAOU_NB_DATA_ROOT", str(tmp_path / "data-root"))
+    gs_in, gs_out = f"gs://{new_bucket('gs')}/hcpe", f"gs://{new_bucket('gs')}/runs"
+    upload_folder(hcpe, gs_in)
+    first = {"name": "cloud-first", "steps": ["preprocess", "train"], "output_uri": gs_out,
+             "preprocess": {"hcpe_inputs": [gs_in], "test_ratio": 0.5}, "train": {**TRAIN, "max_steps": 2}}
+    assert load_params(first)["preprocess"]["hcpe_inputs"] == [gs_in]          # a URI stays a URI
+    lines: list[str] = []
+    run1 = run_pipeline(first, run_id="first", runs_root=str(tmp_path / "machine1"), echo=lines.append)
+    assert any("remote input(s)" in line for line in lines) and any("mirror complete" in line for line in lines)
+    mirrored = _objects(f"{gs_out}/first")
+    assert {"checkpoints/last.pt", "checkpoints/latest.json", "notebooks/preprocess.ipynb", "notebooks/train.ipynb",
+            "stats.json", "metrics.jsonl", "summary.md", "params.yaml", "run.json"} <= mirrored
+    assert any(k.startswith("logs/") and "tfevents" in k for k in mirrored) and not any(k.startswith("data/") for k in mirrored)
+    stopped = load_checkpoint(run1 / "checkpoints" / "last.pt")
+    assert stopped["global_step"] == 2
+
+    # a fresh machine: training data from S3, the run to resume from in the GCS mirror, outputs mirrored to S3
+    s3_data, s3_out = f"s3://{new_bucket('s3')}/preprocessed", f"s3://{new_bucket('s3')}/runs"
+    upload_folder(run1 / "data" / "preprocessed", s3_data)
+    second = {"name": "cloud-second", "steps": ["train", "export"], "output_uri": s3_out,
+              "train": {**TRAIN, "stage3_data": f"{s3_data}/train", "stage3_val_data": f"{s3_data}/val",
+                        "resume_from": f"{gs_out}/first"},
+              "export": {"positions_data": f"{s3_data}/val", "verify_positions": 8, "fp16": False}}
+    run2 = run_pipeline(second, run_id="second", runs_root=str(tmp_path / "machine2"), echo=lines.append)
+    resumed = load_checkpoint(run2 / "checkpoints" / "last.pt")
+    assert resumed["global_step"] > 2 and resumed["completed_stages"] == ["3"]
+    assert {"checkpoints/last.pt", "checkpoints/latest.json", "models/model.onnx", "summary.md",
+            "notebooks/export.ipynb"} <= _objects(f"{s3_out}/second")
+
+
+def test_load_params_refuses_a_missing_remote_path_before_any_step(servers, tmp_path):
+    from maou_nb.pipeline import load_params
+    uri = f"gs://{new_bucket('gs')}/records"
+    with pytest.raises(CloudError, match=r"convert.inputs: .*no objects there"):
+        load_params({"steps": ["convert"], "convert": {"inputs": [uri]}})
+    upload_file(ROOT / "tests" / "data" / "records" / "README.md", f"{uri}/README.md")
+    assert load_params({"steps": ["convert"], "convert": {"inputs": [uri]}})["convert"]["inputs"] == [uri]
+    with pytest.raises(CloudError, match="not a cloud URI"):
+        load_params({"steps": ["convert"], "convert": {"inputs": [uri]}, "output_uri": "gs:/x"})
