@@ -295,3 +295,29 @@ def test_load_params_refuses_a_missing_remote_path_before_any_step(servers, tmp_
     assert load_params({"steps": ["convert"], "convert": {"inputs": [uri]}})["convert"]["inputs"] == [uri]
     with pytest.raises(CloudError, match="not a cloud URI"):
         load_params({"steps": ["convert"], "convert": {"inputs": [uri]}, "output_uri": "gs:/x"})
+
+
+@pytest.mark.parametrize("name", ["gcs", "s3"])
+def test_cloud_params_files_are_valid_against_an_emulator(name, servers, tmp_path):
+    """The README's examples load as written once their buckets hold data; before, the first URI param is named."""
+    from maou_nb.pipeline import find_params, load_params
+    scheme = {"gcs": "gs", "s3": "s3"}[name]
+    b = cloud.backend(scheme)
+    with pytest.raises(CloudError, match=r"(hcpe_inputs|stage3_data|positions_data): .*(not found|no objects)"):
+        load_params(find_params(f"cloud/{name}"))
+    for bucket in ("my-shogi-data", "my-shogi-runs"):
+        if not _exists(b, bucket):
+            b.client.create_bucket(bucket) if scheme == "gs" else b.client.create_bucket(Bucket=bucket)
+    (tmp_path / "x.npy").write_bytes(b"x")
+    for prefix in ("hcpe/v1", "preprocessed/v1/train", "preprocessed/v1/val"):
+        upload_file(tmp_path / "x.npy", f"{scheme}://my-shogi-data/{prefix}/x.npy")
+    params = load_params(find_params(f"cloud/{name}"))
+    assert params["output_uri"] == f"{scheme}://my-shogi-runs/maou"
+
+
+def _exists(b, bucket: str) -> bool:
+    try:
+        b.list(bucket, "")
+        return True
+    except CloudError:
+        return False
