@@ -25,7 +25,7 @@ from .storage import atomic_path, read_json, remove_stale_temps, write_json
 # %% auto #0
 __all__ = ['SCHEMES', 'TIMEOUT_SECONDS', 'MIRROR_SKIP', 'POINTER', 'CloudError', 'is_uri', 'RemotePath', 'parse_uri', 'require',
            'ObjectInfo', 'GCSBackend', 'S3Backend', 'backend', 'list_uri', 'check_uri', 'upload_file', 'upload_folder',
-           'ShardCache', 'materialise', 'Mirror']
+           'RemoteStorage', 'ShardCache', 'materialise', 'Mirror']
 
 # %% ../nbs/07_cloud.ipynb #94d9e2c1
 class CloudError(RuntimeError):
@@ -275,6 +275,45 @@ def upload_folder(folder: str | os.PathLike, uri: str) -> list[str]:
     for p in files:
         upload_file(p, str(r.child(p.relative_to(folder).as_posix())))
     return [r.child(p.relative_to(folder).as_posix()).key for p in files]
+
+# %% ../nbs/07_cloud.ipynb #37b25ae6
+class RemoteStorage:
+    """A bucket prefix as a storage backend with `LocalStorage`'s methods; keys are relative to the prefix."""
+    def __init__(self, uri: str):
+        self.remote = parse_uri(uri)
+        self.backend = backend(self.remote.scheme)
+
+    def _info(self, key: str) -> ObjectInfo | None:
+        r = self.remote.child(key)
+        return next((o for o in self.backend.list(r.bucket, r.key) if o.key == r.key), None)
+
+    def exists(self, key: str) -> bool:
+        """Whether `key` is an object or a non-empty prefix."""
+        r = self.remote.child(key)
+        return any(o.key == r.key or o.key.startswith(f"{r.key}/") for o in self.backend.list(r.bucket, r.key))
+
+    def list(self, prefix: str = "", pattern: str = "*.npy") -> list[str]:
+        """Keys of shards under `prefix`, sorted (sidecars and temporaries left out, as locally)."""
+        from fnmatch import fnmatch
+        from maou_nb.storage import _is_shard
+        r, base = self.remote.child(prefix), f"{self.remote.key}/" if self.remote.key else ""
+        keys = [o.key[len(base):] for o in self.backend.list(r.bucket, f"{r.key}/" if r.key else "")]
+        return sorted(k for k in keys if fnmatch(Path(k).name, pattern) and _is_shard(Path(k), pattern.lstrip("*")))
+
+    def read_bytes(self, key: str) -> bytes:
+        """The bytes stored at `key`."""
+        import io
+        info, out = self._info(key), io.BytesIO()
+        if info is None:
+            raise _missing(self.remote.child(key), self.backend.endpoint, "object")
+        self.backend.download(self.remote.bucket, info, out)
+        return out.getvalue()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Store `data` at `key` (complete or not at all)."""
+        import io
+        self.backend.upload(self.remote.bucket, self.remote.child(key).key, io.BytesIO(data), len(data),
+                            hashlib.md5(data).hexdigest())
 
 # %% ../nbs/07_cloud.ipynb #83ff023b
 class ShardCache:
