@@ -130,6 +130,8 @@ class TrainConfig:
     input_local_cache_dir: str | None = None  # where; None: <data_root>/cache
     input_max_workers: int = knob(8, min=1)   # parallel downloads into the cache
     input_max_cached_bytes: int | None = knob(None, min=1)  # evict least recently used shards beyond this; None: no cap
+    input_batch_size: int = knob(100_000, min=1)  # bq:// tables: rows per Storage Read page and per cached shard
+    input_partitioning_key_date: str | None = None  # bq:// tables: read only this partitioningKey DATE (YYYY-MM-DD)
 
     def __post_init__(self):
         check_config(self)

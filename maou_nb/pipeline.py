@@ -532,7 +532,9 @@ def input_cache(params: dict) -> ShardCache:
     train = params.get("train") or {}
     root = train.get("input_local_cache_dir") or Path(setting("data_root", params=params)) / "cache"
     return ShardCache(Path(root).resolve(), max_workers=train.get("input_max_workers", TrainConfig.input_max_workers),
-                      max_cached_bytes=train.get("input_max_cached_bytes", TrainConfig.input_max_cached_bytes))
+                      max_cached_bytes=train.get("input_max_cached_bytes", TrainConfig.input_max_cached_bytes),
+                      batch_size=train.get("input_batch_size", TrainConfig.input_batch_size),
+                      partition_date=train.get("input_partitioning_key_date", TrainConfig.input_partitioning_key_date))
 
 def _remote_targets(key: str, uri: str) -> str:
     """What to fetch for `uri`: a run's `checkpoints/` for a resume URI that names no checkpoint file."""

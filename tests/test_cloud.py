@@ -5,6 +5,7 @@ import hashlib
 import http.client
 import http.server
 import itertools
+import json
 import os
 import socket
 import sys
@@ -16,8 +17,9 @@ import numpy as np
 import pytest
 
 from maou_nb import cloud
-from maou_nb.cloud import CloudError, Mirror, ShardCache, check_uri, list_uri, upload_file, upload_folder
-from maou_nb.storage import load_checkpoint, manifest_shards, save_array, write_manifest
+from maou_nb.cloud import (CloudError, Mirror, ShardCache, check_uri, list_uri, read_hcpe_table, upload_file,
+                           upload_folder, write_hcpe_table)
+from maou_nb.storage import load_checkpoint, load_game_ids, load_hcpe, manifest_shards, save_array, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 _names = itertools.count()
@@ -48,6 +50,29 @@ def servers():
         yield {"gs": env["STORAGE_EMULATOR_HOST"], "s3": env["AWS_ENDPOINT_URL_S3"]}
     gcs.stop()
     s3.stop()
+
+
+@pytest.fixture(scope="module")
+def bigquery(servers):
+    """bqemulator on loopback (REST and gRPC), in this process; yields the project with a dataset `maou`.
+    Its engine loads DuckDB's spatial extension at start, which needs a download: skipped (no GEOGRAPHY here)."""
+    from bqemulator.config import PersistenceMode, Settings
+    from bqemulator.storage.engine import DuckDBEngine
+    from bqemulator.testing._thread_runner import ThreadedEmulator
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DuckDBEngine, "_load_spatial", lambda self: None)
+        mp.setenv("BQEMU_ENABLE_FORMAT_EXTENSIONS", "false")
+        mp.setenv("BQEMU_WRITE_API_MAX_REQUEST_BYTES", str(256 << 20))
+        server = ThreadedEmulator(Settings(persistence_mode=PersistenceMode.EPHEMERAL, rest_host="127.0.0.1",
+                                           rest_port=0, grpc_host="127.0.0.1", grpc_port=0))
+        server.start()
+        try:
+            mp.setenv("BIGQUERY_EMULATOR_HOST", server.server.rest_url)
+            mp.setenv("BIGQUERY_STORAGE_EMULATOR_HOST", server.server.grpc_endpoint)
+            cloud.bq_backend("test-project").client.create_dataset("maou")
+            yield "test-project"
+        finally:
+            server.stop()
 
 
 def new_bucket(scheme: str) -> str:
@@ -248,20 +273,48 @@ def hcpe(tmp_path_factory):
     return out / "hcpe"
 
 
+def test_bigquery_writer_and_reader_round_trip(bigquery, hcpe, tmp_path):
+    """HCPE shards -> a partitioned table -> the Storage Read API -> the same rows and game ids as local shards."""
+    uri = f"bq://{bigquery}.maou.roundtrip"
+    rows = write_hcpe_table(hcpe, uri, partition_date="2026-01-01", clustering_key="gameId")
+    write_hcpe_table(hcpe, uri, partition_date="2026-01-02")
+    assert check_uri(uri) == 2 * rows
+    shards = sorted(p for p in hcpe.glob("*.npy") if "." not in p.stem)
+    original = {(bytes(h["hcp"]), int(h["bestMove16"]), int(g)) for p in shards
+                for h, g in zip(load_hcpe(p), load_game_ids(p))}
+    cache = ShardCache(tmp_path / "cache", max_workers=1, max_cached_bytes=None, batch_size=40, partition_date="2026-01-01")
+    [local] = cache.materialise(uri)
+    read = manifest_shards(local, "hcpe")
+    assert len(read) == -(-rows // 40) and all(len(load_hcpe(p)) <= 40 for p in read)
+    assert {(bytes(h["hcp"]), int(h["bestMove16"]), int(g)) for p in read
+            for h, g in zip(load_hcpe(p), load_game_ids(p))} == original
+    assert cache.materialise(uri) == [local] and cache.downloaded == 1          # unchanged table: reused
+    write_hcpe_table(shards[:1], uri, partition_date="2026-01-01")              # the table changed: read again
+    cache.materialise(uri)
+    assert cache.downloaded == 2 and sum(len(load_hcpe(p)) for p in manifest_shards(local, "hcpe")) > rows
+    with pytest.raises(CloudError, match="no rows in partition 2030-01-01"):
+        read_hcpe_table(uri, tmp_path / "empty", partition_date="2030-01-01")
+    with pytest.raises(CloudError, match=r"train.stage3_data: .*table not found"):
+        check_uri(f"bq://{bigquery}.maou.nothing", "train.stage3_data")
+
+
 def _objects(uri: str) -> set[str]:
     r, objects, _ = list_uri(uri)
     return {o.key[len(r.key) + 1:] for o in objects}
 
 
-def test_pipeline_reads_buckets_mirrors_and_resumes_from_the_mirror(servers, hcpe, tmp_path, monkeypatch):
+def test_pipeline_reads_buckets_mirrors_and_resumes_from_the_mirror(servers, bigquery, hcpe, tmp_path, monkeypatch):
     from maou_nb.pipeline import load_params, run_pipeline
+    from maou_nb.selfplay import play_games
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MAOU_NB_DATA_ROOT", str(tmp_path / "data-root"))
     gs_in, gs_out = f"gs://{new_bucket('gs')}/hcpe", f"gs://{new_bucket('gs')}/runs"
     upload_folder(hcpe, gs_in)
+    bq_in = f"bq://{bigquery}.maou.more_games"                                   # two other games, from a table
+    write_hcpe_table(play_games(2, tmp_path / "more", seed=7, max_moves=60, workers=1)[0].parent, bq_in)
     first = {"name": "cloud-first", "steps": ["preprocess", "train"], "output_uri": gs_out,
-             "preprocess": {"hcpe_inputs": [gs_in], "test_ratio": 0.5}, "train": {**TRAIN, "max_steps": 2}}
-    assert load_params(first)["preprocess"]["hcpe_inputs"] == [gs_in]          # a URI stays a URI
+             "preprocess": {"hcpe_inputs": [gs_in, bq_in], "test_ratio": 0.5}, "train": {**TRAIN, "max_steps": 2}}
+    assert load_params(first)["preprocess"]["hcpe_inputs"] == [gs_in, bq_in]   # a URI stays a URI
     lines: list[str] = []
     run1 = run_pipeline(first, run_id="first", runs_root=str(tmp_path / "machine1"), echo=lines.append)
     assert any("remote input(s)" in line for line in lines) and any("mirror complete" in line for line in lines)
@@ -269,6 +322,9 @@ def test_pipeline_reads_buckets_mirrors_and_resumes_from_the_mirror(servers, hcp
     assert {"checkpoints/last.pt", "checkpoints/latest.json", "notebooks/preprocess.ipynb", "notebooks/train.ipynb",
             "stats.json", "metrics.jsonl", "summary.md", "params.yaml", "run.json"} <= mirrored
     assert any(k.startswith("logs/") and "tfevents" in k for k in mirrored) and not any(k.startswith("data/") for k in mirrored)
+    split = sum(json.loads((run1 / "data" / "split" / side / "manifest.json").read_text())["rows"] for side in ("train", "val"))
+    assert split == sum(len(load_hcpe(p)) for p in hcpe.glob("*.npy") if "." not in p.stem) + sum(
+        len(load_hcpe(p)) for p in (tmp_path / "more" / "hcpe").glob("*.npy") if "." not in p.stem)
     stopped = load_checkpoint(run1 / "checkpoints" / "last.pt")
     assert stopped["global_step"] == 2
 
