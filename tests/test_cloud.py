@@ -377,3 +377,14 @@ def _exists(b, bucket: str) -> bool:
         return True
     except CloudError:
         return False
+
+
+def test_bigquery_params_file_is_valid_against_the_emulator(bigquery, hcpe):
+    from maou_nb.pipeline import find_params, load_params
+    with pytest.raises(CloudError, match=r"preprocess.hcpe_inputs: .*not found"):
+        load_params(find_params("cloud/bigquery"))
+    cloud.bq_backend("my-project").client.create_dataset("shogi", exists_ok=True)
+    write_hcpe_table(hcpe, "bq://my-project.shogi.hcpe", partition_date="2026-01-01")
+    params = load_params(find_params("cloud/bigquery"))
+    assert params["preprocess"]["hcpe_inputs"] == ["bq://my-project.shogi.hcpe"]
+    assert params["train"]["input_partitioning_key_date"] == "2026-01-01"
