@@ -32,11 +32,11 @@ from .storage import atomic_path, game_id, read_json, read_yaml, remove_stale_te
 
 # %% auto #0
 __all__ = ['STAGE_MARK', 'INJECTED_MARK', 'STEPS', 'TOP_LEVEL_KEYS', 'PATH_PARAMS', 'URI_PARAMS', 'RUN_ID', 'MIRROR_WAIT_SECONDS',
-           'stage_params', 'Need', 'Step', 'mark_done', 'kit_folder', 'bundled_params', 'find_params', 'stages_dir',
-           'notebook_parameters', 'load_params', 'check_step_params', 'check_split', 'notebook_sha256', 'run_metadata',
-           'record_step', 'resolve_run_id', 'steps_to_run', 'check_inputs', 'step_failure', 'run_pipeline',
-           'input_cache', 'check_pointer', 'materialise_inputs', 'start_mirror', 'close_mirror', 'StepLines',
-           'batch_environment', 'stage_kernel_manager', 'write_summary', 'markdown_table']
+           'PROVIDER_KEYS', 'stage_params', 'Need', 'Step', 'mark_done', 'kit_folder', 'bundled_params', 'find_params',
+           'stages_dir', 'notebook_parameters', 'load_params', 'check_step_params', 'check_split', 'notebook_sha256',
+           'run_metadata', 'record_step', 'resolve_run_id', 'steps_to_run', 'check_inputs', 'step_failure',
+           'run_pipeline', 'input_cache', 'check_pointer', 'input_provider', 'materialise_inputs', 'start_mirror',
+           'close_mirror', 'StepLines', 'batch_environment', 'stage_kernel_manager', 'write_summary', 'markdown_table']
 
 # %% ../nbs/22_pipeline.ipynb #549d0410
 STAGE_MARK, INJECTED_MARK = "# Stage parameters", "# Parameters"
@@ -278,6 +278,8 @@ def load_params(source: str | os.PathLike | dict) -> dict:
     unknown = sorted(set(params) - TOP_LEVEL_KEYS - set(STEPS))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(TOP_LEVEL_KEYS)} and step sections {list(STEPS)}")
+    if isinstance(params.get("train"), dict):
+        params["train"] = input_provider(params["train"], where)   # Maou's provider keys -> stage3_data
     folder = stages_dir(params)
     for name in STEPS:
         section = params.get(name)
@@ -550,6 +552,33 @@ def check_pointer(checkpoints: Path, uri: str) -> None:
     if md5 != read_json(pointer).get("md5"):
         raise CloudError(f"resume_from={uri}: checkpoints/last.pt is not the checkpoint latest.json publishes (the run "
                          "was being mirrored while it was read). Rerun to fetch it again once the mirror is complete.")
+
+# %% ../nbs/22_pipeline.ipynb #928fa908
+PROVIDER_KEYS = ("stage3_data", "input_gcs", "input_s3", "input_dataset_id")
+
+def input_provider(section: dict, where: str = "params") -> dict:
+    """The train section with Maou's provider keys (input_gcs, input_s3, input_dataset_id + input_table_name)
+    replaced by the `stage3_data` URI they name; more than one provider for it is refused, naming the keys."""
+    given = [k for k in PROVIDER_KEYS if section.get(k) is not None] + (
+        ["input_table_name"] if section.get("input_table_name") is not None and section.get("input_dataset_id") is None else [])
+    if given in ([], ["stage3_data"]):
+        return section
+    if len(given) > 1:
+        raise ValueError(f"{where}: train.{' and train.'.join(given)} each name the Stage 3 training data: keep one of them.")
+    out, key = {k: v for k, v in section.items() if k not in (*PROVIDER_KEYS[1:], "input_table_name")}, given[0]
+    if key in ("input_gcs", "input_s3"):
+        spec = section[key]
+        if not (isinstance(spec, dict) and set(spec) <= {"bucket", "prefix"} and isinstance(spec.get("bucket"), str)):
+            raise ValueError(f"{where}: train.{key}={spec!r}: give {{bucket: NAME, prefix: PATH}}.")
+        out["stage3_data"] = f"{'gs' if key == 'input_gcs' else 's3'}://{spec['bucket']}/{spec.get('prefix') or ''}".rstrip("/")
+        return out
+    dataset, table = str(section.get("input_dataset_id") or ""), section.get("input_table_name")
+    project = dataset.split(".")[0] if "." in dataset else os.environ.get("GOOGLE_CLOUD_PROJECT")
+    if not (table and project and dataset):
+        raise ValueError(f"{where}: train.input_dataset_id={section.get('input_dataset_id')!r} and train.input_table_name="
+                         f"{table!r}: set both, the dataset as PROJECT.DATASET (or GOOGLE_CLOUD_PROJECT to the project).")
+    out["stage3_data"] = f"bq://{project}.{dataset.split('.')[-1]}.{table}"
+    return out
 
 # %% ../nbs/22_pipeline.ipynb #3d383745
 def materialise_inputs(name: str, values: dict, cache: ShardCache, echo: Callable[[str], None] = print) -> dict:

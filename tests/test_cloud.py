@@ -388,3 +388,18 @@ def test_bigquery_params_file_is_valid_against_the_emulator(bigquery, hcpe):
     params = load_params(find_params("cloud/bigquery"))
     assert params["preprocess"]["hcpe_inputs"] == ["bq://my-project.shogi.hcpe"]
     assert params["train"]["input_partitioning_key_date"] == "2026-01-01"
+
+
+def test_one_input_provider_per_data_path(servers, tmp_path):
+    """Maou's provider keys name the Stage 3 data; two providers at once are refused naming both keys."""
+    from maou_nb.pipeline import load_params
+    bucket = new_bucket("s3")
+    upload_folder(corpus(tmp_path / "c"), f"s3://{bucket}/pre/train")
+    base = {"steps": ["train"], "train": {"stage": "3", "stage3_val_data": f"s3://{bucket}/pre/train"}}
+    params = load_params({**base, "train": {**base["train"], "input_s3": {"bucket": bucket, "prefix": "pre/train"}}})
+    assert params["train"]["stage3_data"] == f"s3://{bucket}/pre/train" and "input_s3" not in params["train"]
+    with pytest.raises(ValueError, match="train.stage3_data and train.input_s3 each name the Stage 3 training data"):
+        load_params({**base, "train": {**base["train"], "stage3_data": "data/x", "input_s3": {"bucket": bucket}}})
+    with pytest.raises(ValueError, match="train.input_gcs and train.input_dataset_id"):
+        load_params({**base, "train": {**base["train"], "input_gcs": {"bucket": bucket},
+                                       "input_dataset_id": "p.d", "input_table_name": "t"}})
