@@ -660,7 +660,7 @@ class Mirror:
                 out.append(rel.as_posix())
         return out
 
-# %% ../nbs/07_cloud.ipynb #bb02777c
+# %% ../nbs/07_cloud.ipynb #e76dfd3f
 def _sync(self) -> int:
     """Submit every file that is new or changed since it was last submitted; how many were submitted."""
     n = 0
@@ -693,7 +693,7 @@ def _upload(self, rel: str) -> None:
                 self._pointer(md5, size)
             self.failures.pop(rel, None)
             return
-        except (CloudError, OSError) as e:
+        except Exception as e:          # any failure is kept for the report; the run goes on
             self.failures[rel] = f"{type(e).__name__}: {e}"
             if attempt + 1 < self.attempts and not self._stop.is_set():
                 time.sleep(self.backoff * 2 ** attempt)

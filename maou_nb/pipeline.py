@@ -559,6 +559,12 @@ PROVIDER_KEYS = ("stage3_data", "input_gcs", "input_s3", "input_dataset_id")
 def input_provider(section: dict, where: str = "params") -> dict:
     """The train section with Maou's provider keys (input_gcs, input_s3, input_dataset_id + input_table_name)
     replaced by the `stage3_data` URI they name; more than one provider for it is refused, naming the keys."""
+    day = section.get("input_partitioning_key_date")
+    if day is not None:          # YAML reads an unquoted 2026-01-01 as a date: keep it as its ISO text
+        try:
+            section = {**section, "input_partitioning_key_date": _dt.date.fromisoformat(str(day)).isoformat()}
+        except ValueError:
+            raise ValueError(f"{where}: train.input_partitioning_key_date={day!r}: give a date as YYYY-MM-DD.") from None
     given = [k for k in PROVIDER_KEYS if section.get(k) is not None] + (
         ["input_table_name"] if section.get("input_table_name") is not None and section.get("input_dataset_id") is None else [])
     if given in ([], ["stage3_data"]):
