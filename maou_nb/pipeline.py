@@ -483,16 +483,15 @@ def run_pipeline(params: str | os.PathLike | dict, *, run_id: str | None = None,
     resolved = yaml.safe_dump({**{k: v for k, v in params.items() if k != "output_uri"}, "run_id": run_id}, sort_keys=False)
     if (run / "params.yaml").is_file() and (run / "params.yaml").read_text() != resolved:
         raise ValueError(f"{run} already holds a run with other params. Use a new run_id, or the same params to resume it.")
-    (run / "notebooks").mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(run)  # temporaries of writes that a kill of an earlier attempt cut short
-    with atomic_path(run / "params.yaml") as tmp:
-        tmp.write_text(resolved)
-    meta = {**run_metadata(run), **({"output_uri": f"{output_uri.rstrip('/')}/{run_id}"} if output_uri else {})}
-    write_json(run / "run.json", meta)
-    folder = stages_dir(params)
-    cache, mirror = input_cache(params), start_mirror(run, output_uri, echo)
+    mirror = start_mirror(run, output_uri, echo)   # a bad URI or a missing bucket stops here, before the run folder
     try:
-        summary = _run_steps(params, steps, run, run_id, meta, folder, cache, mirror, echo)
+        (run / "notebooks").mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(run)  # temporaries of writes that a kill of an earlier attempt cut short
+        with atomic_path(run / "params.yaml") as tmp:
+            tmp.write_text(resolved)
+        meta = {**run_metadata(run), **({"output_uri": f"{output_uri.rstrip('/')}/{run_id}"} if output_uri else {})}
+        write_json(run / "run.json", meta)
+        summary = _run_steps(params, steps, run, run_id, meta, stages_dir(params), input_cache(params), mirror, echo)
     finally:
         close_mirror(mirror, run, echo)
     echo(summary.read_text())

@@ -403,3 +403,10 @@ def test_one_input_provider_per_data_path(servers, tmp_path):
     with pytest.raises(ValueError, match="train.input_gcs and train.input_dataset_id"):
         load_params({**base, "train": {**base["train"], "input_gcs": {"bucket": bucket},
                                        "input_dataset_id": "p.d", "input_table_name": "t"}})
+
+
+def test_output_uri_to_a_missing_bucket_stops_the_command_before_the_run_folder(servers, tmp_path, capsys):
+    from maou_nb.cli import main
+    code = main(["run", "tiny", "--runs-root", str(tmp_path / "runs"), "--output-uri", "gs://no-such-bucket/runs"])
+    assert code == 2 and "bucket 'no-such-bucket' not found" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
