@@ -410,3 +410,17 @@ def test_output_uri_to_a_missing_bucket_stops_the_command_before_the_run_folder(
     code = main(["run", "tiny", "--runs-root", str(tmp_path / "runs"), "--output-uri", "gs://no-such-bucket/runs"])
     assert code == 2 and "bucket 'no-such-bucket' not found" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_server_gone_after_caching_fails_clearly_and_keeps_the_cache(remote, tmp_path, monkeypatch):
+    """The server stops (here: its endpoint no longer answers) after a first run cached the data: the next
+    materialise fails in bounded time naming the endpoint, and the cached shards stay whole."""
+    scheme, uri, source = remote
+    cache = ShardCache(tmp_path / "cache", max_workers=2, max_cached_bytes=None, timeout=3)
+    [local] = cache.materialise(uri)
+    monkeypatch.setenv(cloud.backend(scheme).env, f"http://127.0.0.1:{free_port()}")
+    t0 = time.time()
+    with pytest.raises(CloudError, match="cannot reach"):
+        cache.materialise(uri)
+    assert time.time() - t0 < 20
+    assert all((local / p.name).read_bytes() == p.read_bytes() for p in source.iterdir())
