@@ -72,6 +72,7 @@ def command_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", help="reuse to resume a run; default: timestamp + params name")
     run.add_argument("--runs-root", help="overrides settings.ini's runs_root")
     run.add_argument("--only", help="comma-separated steps to run (others are skipped)")
+    run.add_argument("--output-uri", help="mirror the run to OUTPUT_URI/<run_id>/ (gs://bucket/base or s3://bucket/base)")
     commands.add_parser("init", add_help=False, help="copy the example params (and --notebooks) into a folder to edit")
     commands.add_parser("usi", add_help=False, help="play as a USI engine on stdin/stdout (maou-nb usi --help)")
     return parser
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     only = None if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
     try:
-        run_pipeline(args.params, run_id=args.run_id, runs_root=args.runs_root, only=only)
+        run_pipeline(args.params, run_id=args.run_id, runs_root=args.runs_root, only=only, output_uri=args.output_uri)
     except (ValueError, FileNotFoundError, ShardError, RuntimeError) as e:
         print(f"maou-nb: error: {e}", file=sys.stderr)
         return 2

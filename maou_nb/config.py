@@ -126,6 +126,12 @@ class TrainConfig:
     log_every: int = knob(50, min=1)
     tensorboard_histogram_frequency: int = knob(0, min=0)  # weight histograms every N steps; 0 = off
     tensorboard_histogram_module: str | None = None  # regex on parameter names; None = all
+    # cloud input: gs:// and s3:// data paths are copied into a local shard cache before the step runs (maou_nb.cloud)
+    input_local_cache_dir: str | None = None  # where; None: <data_root>/cache
+    input_max_workers: int = knob(8, min=1)   # parallel downloads into the cache
+    input_max_cached_bytes: int | None = knob(None, min=1)  # evict least recently used shards beyond this; None: no cap
+    input_batch_size: int = knob(100_000, min=1)  # bq:// tables: rows per Storage Read page and per cached shard
+    input_partitioning_key_date: str | None = None  # bq:// tables: read only this partitioningKey DATE (YYYY-MM-DD)
 
     def __post_init__(self):
         check_config(self)

@@ -25,16 +25,18 @@ import yaml
 
 import maou_nb
 from . import __version__
+from .cloud import CloudError, Mirror, ShardCache, check_uri, is_uri, parse_uri, upload_file
 from .selfplay import game_name
 from .settings import setting
 from .storage import atomic_path, game_id, read_json, read_yaml, remove_stale_temps, split_by_game, write_json
 
 # %% auto #0
-__all__ = ['STAGE_MARK', 'INJECTED_MARK', 'STEPS', 'TOP_LEVEL_KEYS', 'PATH_PARAMS', 'RUN_ID', 'stage_params', 'Need', 'Step',
-           'mark_done', 'kit_folder', 'bundled_params', 'find_params', 'stages_dir', 'notebook_parameters',
-           'load_params', 'check_step_params', 'check_split', 'notebook_sha256', 'run_metadata', 'record_step',
-           'resolve_run_id', 'steps_to_run', 'check_inputs', 'step_failure', 'run_pipeline', 'StepLines',
-           'batch_environment', 'stage_kernel_manager', 'write_summary', 'markdown_table']
+__all__ = ['STAGE_MARK', 'INJECTED_MARK', 'STEPS', 'TOP_LEVEL_KEYS', 'PATH_PARAMS', 'URI_PARAMS', 'RUN_ID', 'MIRROR_WAIT_SECONDS',
+           'PROVIDER_KEYS', 'stage_params', 'Need', 'Step', 'mark_done', 'kit_folder', 'bundled_params', 'find_params',
+           'stages_dir', 'notebook_parameters', 'load_params', 'check_step_params', 'check_split', 'notebook_sha256',
+           'run_metadata', 'record_step', 'resolve_run_id', 'steps_to_run', 'check_inputs', 'step_failure',
+           'run_pipeline', 'input_cache', 'check_pointer', 'input_provider', 'materialise_inputs', 'start_mirror',
+           'close_mirror', 'StepLines', 'batch_environment', 'stage_kernel_manager', 'write_summary', 'markdown_table']
 
 # %% ../nbs/22_pipeline.ipynb #549d0410
 STAGE_MARK, INJECTED_MARK = "# Stage parameters", "# Parameters"
@@ -187,7 +189,8 @@ def find_params(source: str | os.PathLike) -> Path:
                             f"one ({', '.join(bundled_params())}); `maou-nb init` copies those into a folder to edit.")
 
 # %% ../nbs/22_pipeline.ipynb #51121ee2
-TOP_LEVEL_KEYS = {"name", "run_id", "steps", "stages_dir", "runs_root", "data_root", "device", "description"}
+TOP_LEVEL_KEYS = {"name", "run_id", "steps", "stages_dir", "runs_root", "data_root", "device", "description",
+                  "output_uri"}   # gs://bucket/base or s3://bucket/base: the run is mirrored to <output_uri>/<run_id>/
 
 def stages_dir(params: dict | None = None) -> Path:
     """The folder of stage notebooks: params `stages_dir`, `$MAOU_NB_STAGES`, or the kit's own (`kit_folder`)."""
@@ -242,14 +245,16 @@ PATH_PARAMS: dict[str, tuple[str, ...]] = {
     "export": ("checkpoint", "positions_data"),
 }
 
+URI_PARAMS = {**PATH_PARAMS, "evaluate": ("model",)}   # the parameters that may also name gs:// or s3:// data
+
 def _absolute_paths(name: str, section: dict) -> dict:
     """The section with its path parameters made absolute (notebooks run inside the run directory)."""
     out = dict(section)
     for key in PATH_PARAMS.get(name, ()):
         value = out.get(key)
         if isinstance(value, list):
-            out[key] = [str(Path(v).resolve()) for v in value]
-        elif isinstance(value, str) and value:
+            out[key] = [v if is_uri(v) else str(Path(v).resolve()) for v in value]
+        elif isinstance(value, str) and value and not is_uri(value):
             out[key] = str(Path(value).resolve())
     return out
 
@@ -273,6 +278,8 @@ def load_params(source: str | os.PathLike | dict) -> dict:
     unknown = sorted(set(params) - TOP_LEVEL_KEYS - set(STEPS))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(TOP_LEVEL_KEYS)} and step sections {list(STEPS)}")
+    if isinstance(params.get("train"), dict):
+        params["train"] = input_provider(params["train"], where)   # Maou's provider keys -> stage3_data
     folder = stages_dir(params)
     for name in STEPS:
         section = params.get(name)
@@ -292,14 +299,18 @@ def load_params(source: str | os.PathLike | dict) -> dict:
             if rest is None and not _type_ok(value, declared[key]):
                 raise ValueError(f"{where}: {name}.{key}={value!r} has type {type(value).__name__}, "
                                  f"expected {type(declared[key]).__name__} like the default {declared[key]!r}")
-            if key in PATH_PARAMS.get(name, ()) and value:
+            if key in URI_PARAMS.get(name, ()) and value:
                 for p in (value if isinstance(value, list) else [value]):
-                    if not Path(p).exists():
+                    if is_uri(p):
+                        check_uri(p, f"{where}: {name}.{key}")   # listed before compute: it exists and answers
+                    elif key in PATH_PARAMS.get(name, ()) and not Path(p).exists():
                         raise FileNotFoundError(f"{where}: {name}.{key}: {p} does not exist. Fix the path.")
         check_step_params(name, {**{k: v for k, v in declared.items() if k != rest}, **section}, where)
         if name in params:
             params[name] = _absolute_paths(name, section)
     check_split(params, where)
+    if params.get("output_uri") is not None:
+        parse_uri(params["output_uri"])
     return params
 
 def check_step_params(name: str, values: dict, where: str = "params") -> None:
@@ -460,23 +471,34 @@ def _run_notebook(nb_in: Path, nb_out: Path, parameters: dict, cwd: Path,
 
 # %% ../nbs/22_pipeline.ipynb #8e3220a0
 def run_pipeline(params: str | os.PathLike | dict, *, run_id: str | None = None, runs_root: str | None = None,
-                 only: list[str] | None = None, echo: Callable[[str], None] = print) -> Path:
-    """Run the steps of a params file; return the run directory."""
+                 only: list[str] | None = None, output_uri: str | None = None,
+                 echo: Callable[[str], None] = print) -> Path:
+    """Run the steps of a params file; return the run directory (mirrored to `output_uri`/<run_id> when given)."""
     params = load_params(params)
     steps = steps_to_run(params, only)
     run_id = resolve_run_id(run_id, params)
     run = Path(setting("runs_root", explicit=runs_root, params=params)).resolve() / run_id
     check_inputs(params, run, steps)
-    resolved = yaml.safe_dump({**params, "run_id": run_id}, sort_keys=False)
+    output_uri = output_uri or params.get("output_uri") or setting("cloud_bucket") or None
+    resolved = yaml.safe_dump({**{k: v for k, v in params.items() if k != "output_uri"}, "run_id": run_id}, sort_keys=False)
     if (run / "params.yaml").is_file() and (run / "params.yaml").read_text() != resolved:
         raise ValueError(f"{run} already holds a run with other params. Use a new run_id, or the same params to resume it.")
-    (run / "notebooks").mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(run)  # temporaries of writes that a kill of an earlier attempt cut short
-    with atomic_path(run / "params.yaml") as tmp:
-        tmp.write_text(resolved)
-    meta = run_metadata(run)
-    write_json(run / "run.json", meta)
-    folder = stages_dir(params)
+    mirror = start_mirror(run, output_uri, echo)   # a bad URI or a missing bucket stops here, before the run folder
+    try:
+        (run / "notebooks").mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(run)  # temporaries of writes that a kill of an earlier attempt cut short
+        with atomic_path(run / "params.yaml") as tmp:
+            tmp.write_text(resolved)
+        meta = {**run_metadata(run), **({"output_uri": f"{output_uri.rstrip('/')}/{run_id}"} if output_uri else {})}
+        write_json(run / "run.json", meta)
+        summary = _run_steps(params, steps, run, run_id, meta, stages_dir(params), input_cache(params), mirror, echo)
+    finally:
+        close_mirror(mirror, run, echo)
+    echo(summary.read_text())
+    return run
+
+def _run_steps(params, steps, run, run_id, meta, folder, cache, mirror, echo) -> Path:
+    """The step loop of `run_pipeline`: each step's remote inputs cached, its notebook run, the mirror synced."""
     for k, name in enumerate(steps, 1):
         step = STEPS[name]
         if step.done_file(run).is_file():
@@ -487,6 +509,7 @@ def run_pipeline(params: str | os.PathLike | dict, *, run_id: str | None = None,
             injected["device"] = setting("device", params=params)
         if name == "train" and (run / "checkpoints/last.pt").is_file():
             injected["resume_from"] = str(run / "checkpoints/last.pt")
+        injected = materialise_inputs(name, injected, cache, echo)
         record_step(run, meta, name, folder / step.notebook)
         echo(f"[{k}/{len(steps)}] {name}: running {step.notebook} ...")
         t0 = time.time()
@@ -496,10 +519,125 @@ def run_pipeline(params: str | os.PathLike | dict, *, run_id: str | None = None,
         except Exception as e:
             raise RuntimeError(step_failure(name, e, run / "notebooks" / step.notebook, run_id)) from e
         echo(f"[{k}/{len(steps)}] {name}: done in {time.time() - t0:.1f}s")
+        if mirror is not None:
+            mirror.sync()
     write_json(run / "run.json", {**meta, "finished": _now()})
-    summary = write_summary(run, steps)
-    echo(summary.read_text())
-    return run
+    return write_summary(run, steps)
+
+# %% ../nbs/22_pipeline.ipynb #b43d5c6b
+MIRROR_WAIT_SECONDS = 600.0   # how long a returning run waits for its pending uploads
+
+def input_cache(params: dict) -> ShardCache:
+    """The shard cache for the run's remote inputs, from the train section's knobs (TrainConfig's defaults)."""
+    from maou_nb.config import TrainConfig
+    train = params.get("train") or {}
+    root = train.get("input_local_cache_dir") or Path(setting("data_root", params=params)) / "cache"
+    return ShardCache(Path(root).resolve(), max_workers=train.get("input_max_workers", TrainConfig.input_max_workers),
+                      max_cached_bytes=train.get("input_max_cached_bytes", TrainConfig.input_max_cached_bytes),
+                      batch_size=train.get("input_batch_size", TrainConfig.input_batch_size),
+                      partition_date=train.get("input_partitioning_key_date", TrainConfig.input_partitioning_key_date))
+
+def _remote_targets(key: str, uri: str) -> str:
+    """What to fetch for `uri`: a run's `checkpoints/` for a resume URI that names no checkpoint file."""
+    return f"{uri.rstrip('/')}/checkpoints" if key.startswith("resume") and not uri.endswith(".pt") else uri
+
+def check_pointer(checkpoints: Path, uri: str) -> None:
+    """Refuse a mirrored run whose `last.pt` is not the one its `latest.json` pointer names (caught mid-update)."""
+    pointer = checkpoints / "latest.json"
+    if not pointer.is_file() or not (checkpoints / "last.pt").is_file():
+        return
+    with open(checkpoints / "last.pt", "rb") as f:
+        md5 = hashlib.file_digest(f, "md5").hexdigest()
+    if md5 != read_json(pointer).get("md5"):
+        raise CloudError(f"resume_from={uri}: checkpoints/last.pt is not the checkpoint latest.json publishes (the run "
+                         "was being mirrored while it was read). Rerun to fetch it again once the mirror is complete.")
+
+# %% ../nbs/22_pipeline.ipynb #928fa908
+PROVIDER_KEYS = ("stage3_data", "input_gcs", "input_s3", "input_dataset_id")
+
+def input_provider(section: dict, where: str = "params") -> dict:
+    """The train section with Maou's provider keys (input_gcs, input_s3, input_dataset_id + input_table_name)
+    replaced by the `stage3_data` URI they name; more than one provider for it is refused, naming the keys."""
+    day = section.get("input_partitioning_key_date")
+    if day is not None:          # YAML reads an unquoted 2026-01-01 as a date: keep it as its ISO text
+        try:
+            section = {**section, "input_partitioning_key_date": _dt.date.fromisoformat(str(day)).isoformat()}
+        except ValueError:
+            raise ValueError(f"{where}: train.input_partitioning_key_date={day!r}: give a date as YYYY-MM-DD.") from None
+    given = [k for k in PROVIDER_KEYS if section.get(k) is not None] + (
+        ["input_table_name"] if section.get("input_table_name") is not None and section.get("input_dataset_id") is None else [])
+    if given in ([], ["stage3_data"]):
+        return section
+    if len(given) > 1:
+        raise ValueError(f"{where}: train.{' and train.'.join(given)} each name the Stage 3 training data: keep one of them.")
+    out, key = {k: v for k, v in section.items() if k not in (*PROVIDER_KEYS[1:], "input_table_name")}, given[0]
+    if key in ("input_gcs", "input_s3"):
+        spec = section[key]
+        if not (isinstance(spec, dict) and set(spec) <= {"bucket", "prefix"} and isinstance(spec.get("bucket"), str)):
+            raise ValueError(f"{where}: train.{key}={spec!r}: give {{bucket: NAME, prefix: PATH}}.")
+        out["stage3_data"] = f"{'gs' if key == 'input_gcs' else 's3'}://{spec['bucket']}/{spec.get('prefix') or ''}".rstrip("/")
+        return out
+    dataset, table = str(section.get("input_dataset_id") or ""), section.get("input_table_name")
+    project = dataset.split(".")[0] if "." in dataset else os.environ.get("GOOGLE_CLOUD_PROJECT")
+    if not (table and project and dataset):
+        raise ValueError(f"{where}: train.input_dataset_id={section.get('input_dataset_id')!r} and train.input_table_name="
+                         f"{table!r}: set both, the dataset as PROJECT.DATASET (or GOOGLE_CLOUD_PROJECT to the project).")
+    out["stage3_data"] = f"bq://{project}.{dataset.split('.')[-1]}.{table}"
+    return out
+
+# %% ../nbs/22_pipeline.ipynb #3d383745
+def materialise_inputs(name: str, values: dict, cache: ShardCache, echo: Callable[[str], None] = print) -> dict:
+    """Step `name`'s parameters with each gs:// / s3:// data path replaced by its local copy in `cache`."""
+    wanted = [(key, uri) for key in URI_PARAMS.get(name, ()) for uri in
+              (values.get(key) if isinstance(values.get(key), list) else [values.get(key)]) if is_uri(uri)]
+    if not wanted:
+        return values
+    t0, before = time.time(), cache.downloaded
+    paths = dict(zip(wanted, cache.materialise([_remote_targets(k, u) for k, u in wanted])))
+    echo(f"  {name}: {len(wanted)} remote input(s) in {cache.root} ({cache.downloaded - before} object(s) "
+         f"downloaded, {time.time() - t0:.1f}s)")
+    out = dict(values)
+    for key in dict.fromkeys(k for k, _ in wanted):
+        def local(uri):
+            if not is_uri(uri):
+                return uri
+            path = paths[(key, uri)]
+            if _remote_targets(key, uri) == uri:
+                return str(path)
+            check_pointer(path, uri)
+            return str(path.parent)
+        out[key] = [local(u) for u in out[key]] if isinstance(out[key], list) else local(out[key])
+    return out
+
+# %% ../nbs/22_pipeline.ipynb #32fd4ec6
+def start_mirror(run: Path, output_uri: str | None, echo: Callable[[str], None] = print) -> Mirror | None:
+    """Mirror `run` to `<output_uri>/<run id>/` in the background (None without an output_uri)."""
+    if not output_uri:
+        return None
+    target = f"{output_uri.rstrip('/')}/{run.name}"
+    mirror = Mirror(run, target).start()    # lists the target first: a missing bucket stops the run here
+    echo(f"mirroring {run} to {target} ({len(mirror.there)} object(s) already there)")
+    return mirror
+
+def close_mirror(mirror: Mirror | None, run: Path, echo: Callable[[str], None] = print) -> dict[str, str]:
+    """Wait (bounded) for the mirror's uploads; list the failures in `summary.md` and return them."""
+    if mirror is None:
+        return {}
+    failures = mirror.close(timeout=MIRROR_WAIT_SECONDS)
+    target = str(mirror.remote)
+    if not failures:
+        echo(f"mirror complete: {target} ({len(mirror.uploaded)} file(s) uploaded)")
+        return failures
+    lines = ["", "## Mirror", "", f"Not uploaded to `{target}` (rerun with the same run id to upload what is missing):", ""]
+    lines += [f"- `{rel}`: {why}" for rel, why in sorted(failures.items())]
+    summary = run / "summary.md"
+    with atomic_path(summary) as tmp:
+        tmp.write_text((summary.read_text(encoding="utf-8") if summary.is_file() else "") + "\n".join(lines) + "\n",
+                       encoding="utf-8")
+    with contextlib.suppress(CloudError, OSError):
+        upload_file(summary, f"{target}/summary.md")
+    echo(f"warning: {len(failures)} file(s) not mirrored to {target}; see {summary}")
+    return failures
 
 # %% ../nbs/22_pipeline.ipynb #bc844231
 class StepLines:

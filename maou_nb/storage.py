@@ -452,11 +452,11 @@ class LocalStorage:
         with atomic_path(self.path(key)) as tmp_path:
             tmp_path.write_bytes(data)
 
-def get_storage(uri: str | os.PathLike) -> LocalStorage:
-    """The backend for a URI: a local folder today; `gs://` and `s3://` name the plug-in point."""
+def get_storage(uri: str | os.PathLike):
+    """The backend for a URI: `LocalStorage` for a local folder, `maou_nb.cloud.RemoteStorage` for gs:// and s3://."""
     uri = str(uri)
     scheme = uri.split("://", 1)[0] if "://" in uri else "file"
     if scheme == "file":
         return LocalStorage(uri.removeprefix("file://"))
-    raise ValueError(f"{uri}: no storage backend for {scheme}:// yet. Copy the data to a local folder "
-                     "(e.g. `gsutil -m cp -r` or `aws s3 sync`) and pass that folder.")
+    from maou_nb.cloud import RemoteStorage   # the cloud module builds on this one; it refuses unknown schemes
+    return RemoteStorage(uri)
