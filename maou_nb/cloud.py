@@ -9,23 +9,30 @@ import base64
 import contextlib
 import datetime as _dt
 import hashlib
+import io
+import json
 import importlib
 import os
 import re
 import shutil
 import threading
 import time
+from fnmatch import fnmatch
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .storage import atomic_path, read_json, remove_stale_temps, write_json
+import numpy as np
+
+from .storage import (
+    HCPE_DTYPE, LocalStorage, _is_shard, atomic_path, list_shards, load_game_ids, load_hcpe, read_json, remove_stale_temps,
+    save_hcpe, write_json, write_manifest)
 
 # %% auto #0
 __all__ = ['SCHEMES', 'TIMEOUT_SECONDS', 'HCPE_COLUMNS', 'MIRROR_SKIP', 'POINTER', 'CloudError', 'is_uri', 'RemotePath',
            'parse_uri', 'require', 'ObjectInfo', 'GCSBackend', 'S3Backend', 'backend', 'list_uri', 'check_uri',
-           'upload_file', 'upload_folder', 'RemoteStorage', 'ShardCache', 'materialise', 'parse_table',
+           'upload_file', 'upload_folder', 'RemoteStorage', 'get_storage', 'ShardCache', 'materialise', 'parse_table',
            'BigQueryBackend', 'bq_backend', 'write_hcpe_table', 'read_hcpe_table', 'Mirror']
 
 # %% ../nbs/07_cloud.ipynb #94d9e2c1
@@ -303,15 +310,12 @@ class RemoteStorage:
 
     def list(self, prefix: str = "", pattern: str = "*.npy") -> list[str]:
         """Keys of shards under `prefix`, sorted (sidecars and temporaries left out, as locally)."""
-        from fnmatch import fnmatch
-        from maou_nb.storage import _is_shard
         r, base = self.remote.child(prefix), f"{self.remote.key}/" if self.remote.key else ""
         keys = [o.key[len(base):] for o in self.backend.list(r.bucket, f"{r.key}/" if r.key else "")]
         return sorted(k for k in keys if fnmatch(Path(k).name, pattern) and _is_shard(Path(k), pattern.lstrip("*")))
 
     def read_bytes(self, key: str) -> bytes:
         """The bytes stored at `key`."""
-        import io
         info, out = self._info(key), io.BytesIO()
         if info is None:
             raise _missing(self.remote.child(key), self.backend.endpoint, "object")
@@ -320,9 +324,17 @@ class RemoteStorage:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Store `data` at `key` (complete or not at all)."""
-        import io
         self.backend.upload(self.remote.bucket, self.remote.child(key).key, io.BytesIO(data), len(data),
                             hashlib.md5(data).hexdigest())
+
+# %% ../nbs/07_cloud.ipynb #7e9d405e
+def get_storage(uri: str | os.PathLike):
+    """The backend for a URI: `LocalStorage` for a local folder, `maou_nb.cloud.RemoteStorage` for gs:// and s3://."""
+    uri = str(uri)
+    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+    if scheme == "file":
+        return LocalStorage(uri.removeprefix("file://"))
+    return RemoteStorage(uri)
 
 # %% ../nbs/07_cloud.ipynb #bfa6f959
 class ShardCache:
@@ -532,9 +544,6 @@ def bq_backend(project: str, timeout: float = TIMEOUT_SECONDS) -> BigQueryBacken
 def write_hcpe_table(inputs, uri: str, *, partition_date: str | None = None, clustering_key: str | None = None) -> int:
     """Append HCPE shards (files or folders) to the table `uri`, created partitioned by `partitioningKey` (set to
     `partition_date`, default today) and clustered by `clustering_key` if given; the rows written."""
-    import io
-    import numpy as np
-    from maou_nb.storage import list_shards, load_game_ids, load_hcpe
     pq, pa, bigquery = require("arrow"), importlib.import_module("pyarrow"), require("bq")
     project, dataset, table = parse_table(uri)
     b = bq_backend(project)
@@ -564,8 +573,6 @@ def read_hcpe_table(uri: str, folder: str | os.PathLike, *, batch_size: int = 10
                     partition_date: str | None = None) -> Path:
     """Read the table `uri` (only `partition_date`'s rows if given) through the Storage Read API into HCPE shards
     of at most `batch_size` rows (game ids as sidecars) and a manifest in `folder`."""
-    import numpy as np
-    from maou_nb.storage import HCPE_DTYPE, save_hcpe, write_manifest
     bqs = require("bqs")
     project, dataset, table = parse_table(uri)
     b, folder = bq_backend(project), Path(folder)
@@ -703,7 +710,6 @@ Mirror.sync, Mirror._upload = _sync, _upload
 # %% ../nbs/07_cloud.ipynb #d9262889
 def _pointer(self, md5: str, size: int) -> None:
     """Publish `checkpoints/latest.json`, naming the checkpoint just uploaded (written after it, so it is complete)."""
-    import io, json
     body = json.dumps({"checkpoint": "checkpoints/last.pt", "md5": md5, "size": size,
                        "published": _dt.datetime.now().isoformat(timespec="seconds")}).encode()
     self.backend.upload(self.remote.bucket, self.remote.child(POINTER).key, io.BytesIO(body), len(body),

@@ -29,7 +29,7 @@ __all__ = ['HCPE_DTYPE', 'SIDECAR_SUFFIXES', 'DATA_KINDS', 'CHECKPOINT_FORMAT', 
            'atomic_path', 'remove_stale_temps', 'write_json', 'read_json', 'read_yaml', 'save_array', 'load_array',
            'sidecar_path', 'game_id', 'save_hcpe', 'load_hcpe', 'load_game_ids', 'list_shards', 'mix64',
            'split_by_game', 'write_manifest', 'read_manifest', 'manifest_shards', 'ParamError', 'Rule', 'check_params',
-           'sha256_file', 'save_checkpoint', 'load_checkpoint', 'LocalStorage', 'get_storage']
+           'sha256_file', 'save_checkpoint', 'load_checkpoint', 'LocalStorage']
 
 # %% ../nbs/04_storage.ipynb #285ca7a1
 HCPE_DTYPE = np.dtype(cshogi.HuffmanCodedPosAndEval)
@@ -451,12 +451,3 @@ class LocalStorage:
         """Store `data` at `key`, atomically."""
         with atomic_path(self.path(key)) as tmp_path:
             tmp_path.write_bytes(data)
-
-def get_storage(uri: str | os.PathLike):
-    """The backend for a URI: `LocalStorage` for a local folder, `maou_nb.cloud.RemoteStorage` for gs:// and s3://."""
-    uri = str(uri)
-    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
-    if scheme == "file":
-        return LocalStorage(uri.removeprefix("file://"))
-    from maou_nb.cloud import RemoteStorage   # the cloud module builds on this one; it refuses unknown schemes
-    return RemoteStorage(uri)
