@@ -8,8 +8,8 @@ Usage:
   python benchmarks/learning.py --train ../shared/data/hcpe/train.hcpe --val ../shared/data/hcpe/val.hcpe \\
       [--preset spatial-small] [--params params/real-hcpe.yaml] [--stages 3|all] [--epochs 3] [--rows N] \\
       [--set key=json ...] [--model-set key=json ...] [--out result.json] [--work DIR]
-`--stages all` runs Stage 1 (the fixed curriculum) -> Stage 2 (legal moves of the training positions, validated on
-the held-out ones) -> Stage 3; `--stages 3` Stage 3 alone. Stage 3 reads the training rows as HCPE (one-hot move
+`--stages all` runs Stage 1 (the fixed curriculum, to its 0.99 gate) -> Stage 2 (legal moves of the training
+positions, validated on the held-out ones; one epoch unless the params file says otherwise) -> Stage 3; `--stages 3` Stage 3 alone. Stage 3 reads the training rows as HCPE (one-hot move
 played, mover's result), as python-dlshogi2 does. `--rows N` keeps the first N training rows (a quick ranking run).
 """
 from __future__ import annotations
@@ -101,6 +101,8 @@ def run(args) -> dict:
         prep["stage_data_s"] = round(time.perf_counter() - t0, 1)
         config.update(stage1_data=str(work / "stage1"), stage2_data=str(work / "stage2" / "train"),
                       stage2_val_data=str(work / "stage2" / "val"))
+        for key, value in {"stage1_max_epochs": 100, "stage2_threshold": None, "stage2_max_epochs": 1}.items():
+            config.setdefault(key, value)          # without a params file: Stage 1 to its gate, one Stage 2 epoch
     c = TrainConfig.from_dict(config)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
