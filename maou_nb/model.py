@@ -282,6 +282,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # the kit's own: the whole 9x9 board to the heads, moves predicted per square (issue 16's measurements)
         "spatial-small": {"resnet_widths": [64] * 5, "resnet_blocks": [1] * 5, "resnet_strides": [1] * 5, "resnet_expansion": 1,
                           "resnet_block": "basic", "head_layout": "spatial", "value_head_hidden": 256},
+        "spatial-tiny": {"resnet_widths": [32] * 4, "resnet_blocks": [1] * 4, "resnet_strides": [1] * 4, "resnet_expansion": 1,
+                         "resnet_block": "basic", "head_layout": "spatial", "value_head_hidden": 128, "legal_head_hidden": 128},
     },
     "vit": {
         "default": {"vit_embed_dim": 512, "vit_num_layers": 6, "vit_num_heads": 8, "vit_mlp_ratio": 4.0, "vit_dropout": 0.1},
