@@ -247,8 +247,9 @@ def open_stage_data(stage: int | str, path, *, input_format: str | None = None,
     if stage != 3:
         raise ValueError(f"stage={stage!r}: must be 1, 2 or 3")
     if input_format is None:
-        folder = Path(path)
-        input_format = read_manifest(path).get("kind") if (folder / "manifest.json").is_file() else "hcpe"
+        folder = Path(path)   # a folder of raw .hcpe files needs no manifest; any other folder must have one
+        raw = folder.is_dir() and not (folder / "manifest.json").is_file() and any(folder.rglob("*.hcpe"))
+        input_format = read_manifest(path).get("kind") if folder.is_dir() and not raw else "hcpe"
     if input_format == "hcpe":
         return HcpeDataset(path)
     if input_format != "preprocessed":
