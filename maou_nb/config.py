@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .model import resolve_config
-from .storage import ParamError, Rule, ShardError, check_params, list_shards, load_hcpe, read_manifest, read_yaml
+from .preprocess import hcpe_shards
+from .storage import ParamError, Rule, ShardError, check_params, load_hcpe, read_manifest, read_yaml
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'MODEL_NAMES', 'DATA_KIND', 'PART_KEYS', 'knob', 'check_fields', 'ConfigError', 'TrainConfig',
@@ -80,8 +81,8 @@ class TrainConfig:
     test_ratio: float = knob(0.1, above=0, below=1)
     # Stages 1 and 2
     stage_metric: str = knob("accuracy", choices=("accuracy", "f1", "exact"))  # see "Stage thresholds"
-    stage1_threshold: float = knob(0.99, above=0, max=1)
-    stage2_threshold: float = knob(0.95, above=0, max=1)
+    stage1_threshold: float | None = knob(0.99, above=0, max=1)  # null: no gate, train stage1_max_epochs epochs
+    stage2_threshold: float | None = knob(0.95, above=0, max=1)
     stage1_max_epochs: int = knob(10, min=1)
     stage2_max_epochs: int = knob(10, min=1)
     stage1_pos_weight: float = knob(1.0, above=0)
@@ -122,6 +123,11 @@ class TrainConfig:
     resume_value_head_from: str | None = None
     resume_reachable_head_from: str | None = None
     resume_legal_moves_head_from: str | None = None
+    # learning recipe: curriculum lengths, warm-up, checkpoints kept per epoch
+    stage1_min_epochs: int = knob(1, min=1)  # the gate is not tried before this many epochs
+    stage2_min_epochs: int = knob(1, min=1)
+    warmup_ratio: float | None = knob(None, min=0, max=1)  # Warmup+CosineDecay warm-up share of a stage's steps; null: Maou's max(1 epoch, 10%)
+    keep_epochs: int = knob(0, min=0)      # keep the last N Stage 3 epochs as checkpoints/epoch<E>.pt (0: none)
     # telemetry
     log_every: int = knob(50, min=1)
     tensorboard_histogram_frequency: int = knob(0, min=0)  # weight histograms every N steps; 0 = off
@@ -241,6 +247,10 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"optimizer_beta1={config.optimizer_beta1} must be < optimizer_beta2={config.optimizer_beta2}")
     if config.start_epoch >= config.epoch:
         raise ConfigError(f"start_epoch={config.start_epoch}: must be < epoch={config.epoch}")
+    for s in ("1", "2"):
+        low, high = getattr(config, f"stage{s}_min_epochs"), getattr(config, f"stage{s}_max_epochs")
+        if low > high:
+            raise ConfigError(f"stage{s}_min_epochs={low} exceeds stage{s}_max_epochs={high}: raise the cap or lower the minimum")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.device):
         raise ConfigError(f"device={config.device!r}: allowed auto, cpu, cuda, cuda:N, mps")
     check_model_config(config)
@@ -275,7 +285,7 @@ def _check_data_folder(key: str, path: str, kind: str) -> None:
     p = Path(path)
     if kind == "hcpe" and (p.is_file() or (p.is_dir() and not (p / "manifest.json").is_file())):
         try:
-            for shard in list_shards(p):  # HCPE files from anywhere (records, other tools) need no manifest
+            for shard in hcpe_shards(p):  # HCPE files from anywhere (records, other tools, raw .hcpe) need no manifest
                 load_hcpe(shard)
         except ShardError as e:
             raise ConfigError(f"{key}={path!r}: {e}") from None

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .encoding import MOVE_LABELS_NUM, encode_hcps, hcp_turns, move16_labels
 from .preprocess import MOVE_DTYPE, POSITION_DTYPE, _mover_half_points, hcpe_shards, labelled_dtype
-from .storage import HCPE_DTYPE, ShardError, load_array, read_manifest, sidecar_path
+from .storage import HCPE_DTYPE, ShardError, load_array, load_hcpe, read_manifest, sidecar_path
 
 # %% auto #0
 __all__ = ['POLICY_TARGETS', 'ShardedDataset', 'unpack_bits', 'Stage1Dataset', 'Stage2Dataset', 'policy_weights', 'Stage3Dataset',
@@ -216,6 +216,10 @@ class HcpeDataset(ShardedDataset):
     def __init__(self, inputs):
         super().__init__(hcpe_shards(inputs))
 
+    def _open(self, path: Path) -> np.ndarray:
+        """Memory-map an HCPE `.npy` shard or a raw cshogi `.hcpe` file."""
+        return load_hcpe(path)
+
     def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         records, shard, local = self.gather(indices)
         try:
@@ -243,7 +247,9 @@ def open_stage_data(stage: int | str, path, *, input_format: str | None = None,
     if stage != 3:
         raise ValueError(f"stage={stage!r}: must be 1, 2 or 3")
     if input_format is None:
-        input_format = read_manifest(path).get("kind") if Path(path).is_dir() else "hcpe"
+        folder = Path(path)   # a folder of raw .hcpe files needs no manifest; any other folder must have one
+        raw = folder.is_dir() and not (folder / "manifest.json").is_file() and any(folder.rglob("*.hcpe"))
+        input_format = read_manifest(path).get("kind") if folder.is_dir() and not raw else "hcpe"
     if input_format == "hcpe":
         return HcpeDataset(path)
     if input_format != "preprocessed":

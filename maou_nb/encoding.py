@@ -10,9 +10,9 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['MOVE_LABELS_NUM', 'SQUARE_CELL', 'PIECE_NAMES', 'PIECE_ID', 'MOVE_CATEGORIES', 'DROP_PIECES', 'LANDING', 'BLOCKS',
-           'LANDING_LABELS', 'DROP_BLOCK', 'LABEL_TABLE', 'mover_square', 'encode_position', 'move_category',
-           'mover_move16', 'normalised_move16_label', 'move_label', 'label_move', 'legal_moves_label',
-           'reachable_squares_label', 'hcp_rows', 'hcp_turns', 'encode_hcps', 'legal_moves_labels',
+           'LANDING_LABELS', 'MOVE_PLANES', 'LABEL_PLANE', 'MIRROR_LABEL', 'DROP_BLOCK', 'LABEL_TABLE', 'mover_square',
+           'encode_position', 'move_category', 'mover_move16', 'normalised_move16_label', 'move_label', 'label_move',
+           'legal_moves_label', 'reachable_squares_label', 'hcp_rows', 'hcp_turns', 'encode_hcps', 'legal_moves_labels',
            'reachable_squares_labels', 'move16_labels', 'legal_moves_and_labels', 'legal_mask', 'encode_boards']
 
 # %% ../nbs/01_encoding.ipynb #7a911eb7
@@ -110,6 +110,34 @@ def _landing_labels() -> np.ndarray:
     return labels
 
 LANDING_LABELS = _landing_labels()
+
+# %% ../nbs/01_encoding.ipynb #93515635
+MOVE_PLANES = len(BLOCKS)  # 27 move types, each a 9x9 plane of destinations
+
+def _label_planes() -> np.ndarray:
+    """int64[1496]: each label's index in the (27, 9, 9) move-type planes, flattened (block * 81 + [rank][file] cell)."""
+    block, sq = np.nonzero(LANDING_LABELS >= 0)
+    out = np.empty(MOVE_LABELS_NUM, np.int64)
+    out[LANDING_LABELS[block, sq]] = block * 81 + SQUARE_CELL[sq]
+    return out
+
+LABEL_PLANE = _label_planes()
+
+# %% ../nbs/01_encoding.ipynb #bea8ef43
+def _mirror_labels() -> np.ndarray:
+    """int64[1496]: the label of each label's move mirrored left-right (file x -> 8 - x, LEFT <-> RIGHT)."""
+    swap = {"LEFT": "RIGHT", "RIGHT": "LEFT"}
+    out = np.empty(MOVE_LABELS_NUM, np.int64)
+    for b, (name, promote) in enumerate(BLOCKS):
+        parts = name.split("_")
+        mirrored = (name if name.startswith("drop") else "_".join(swap.get(p, p) for p in parts), promote)
+        for sq in np.flatnonzero(LANDING_LABELS[b] >= 0):
+            x, y = divmod(int(sq), 9)
+            out[LANDING_LABELS[b, sq]] = LANDING_LABELS[BLOCKS.index(mirrored), (8 - x) * 9 + y]
+    assert (out >= 0).all() and (out[out] == np.arange(MOVE_LABELS_NUM)).all()
+    return out
+
+MIRROR_LABEL = _mirror_labels()
 
 # %% ../nbs/01_encoding.ipynb #9e6a8575
 DROP_BLOCK = {getattr(cshogi, name) - 1: DROP_PIECES.index(piece)  # move16 drop index -> drop block

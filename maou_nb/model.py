@@ -14,17 +14,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .encoding import MOVE_LABELS_NUM  # 1496 move labels
+from .encoding import LABEL_PLANE, MOVE_LABELS_NUM, MOVE_PLANES  # 1496 move labels, as 27 planes of 81 squares
 from .storage import load_checkpoint
 
 # %% auto #0
 __all__ = ['BOARD_VOCAB', 'BOARD_EMBED_DIM', 'HAND_SIZE', 'HAND_EMBED_DIM', 'STEM_CHANNELS', 'NUM_SQUARES', 'HEAD_NAMES', 'ARCHS',
-           'COMMON_DEFAULTS', 'PRESETS', 'PARTS', 'STAGE_HEADS', 'Stem', 'Bottleneck', 'ResNetBackbone',
-           'SelfAttention', 'TransformerBlock', 'ViTBackbone', 'MixerBlock', 'MixerBackbone', 'MeanPool', 'make_head',
-           'model_config_keys', 'resolve_config', 'ShogiNet', 'build_model', 'unwrap_model', 'count_parameters',
-           'model_summary', 'apply_freezing', 'clean_state_dict', 'model_state_dict', 'part_state_dict',
-           'load_part_state_dict', 'checkpoint_payload', 'model_from_payload', 'load_model', 'build_train_model',
-           'load_parts']
+           'HEAD_LAYOUTS', 'RESNET_BLOCKS', 'COMMON_DEFAULTS', 'PRESETS', 'PARTS', 'STAGE_HEADS', 'Stem', 'Bottleneck',
+           'BasicBlock', 'ResNetBackbone', 'SelfAttention', 'TransformerBlock', 'ViTBackbone', 'MixerBlock',
+           'MixerBackbone', 'MeanPool', 'SpatialHead', 'make_head', 'model_config_keys', 'resolve_config', 'ShogiNet',
+           'build_model', 'unwrap_model', 'count_parameters', 'model_summary', 'apply_freezing', 'clean_state_dict',
+           'model_state_dict', 'part_state_dict', 'load_part_state_dict', 'checkpoint_payload', 'model_from_payload',
+           'load_model', 'build_train_model', 'load_parts']
 
 # %% ../nbs/10_model.ipynb #74ccdf1f
 BOARD_VOCAB = 256  # rows of the board-ID embedding (IDs 0-28 are used)
@@ -35,6 +35,8 @@ STEM_CHANNELS = BOARD_EMBED_DIM + HAND_EMBED_DIM  # 64 channels on the 9x9 board
 NUM_SQUARES = 81
 HEAD_NAMES = ("policy", "value", "reachable", "legal")
 ARCHS = ("resnet", "vit", "mlp-mixer")
+HEAD_LAYOUTS = ("pooled", "spatial")  # move heads on the pooled vector (Maou), or per square on the 9x9 map
+RESNET_BLOCKS = ("bottleneck", "basic")
 
 # %% ../nbs/10_model.ipynb #7d5ee62e
 class Stem(nn.Module):
@@ -85,17 +87,38 @@ class Bottleneck(nn.Module):
         y = self.bn3(self.conv3(y))
         return F.relu(y + self.shortcut(x))
 
+# %% ../nbs/10_model.ipynb #f81bab48
+class BasicBlock(nn.Module):
+    """Basic residual block: 3x3 (stride) -> 3x3 at one width, BatchNorm, ReLU after the add."""
+
+    def __init__(self, in_ch: int, width: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, width, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_ch != width:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual 3x3 transform."""
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
 # %% ../nbs/10_model.ipynb #98f8bc7b
 class ResNetBackbone(nn.Module):
-    """Stacked bottleneck layers on the 9x9 stem features; `layers` are the freezing groups."""
+    """Stacked residual layers (bottleneck or basic blocks) on the 9x9 stem features; `layers` are the freezing groups."""
 
-    def __init__(self, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), strides=(1, 2, 2, 2), expansion: int = 4):
+    def __init__(self, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), strides=(1, 2, 2, 2), expansion: int = 4,
+                 block: str = "bottleneck"):
         super().__init__()
+        make = (lambda i, w, s: Bottleneck(i, w, s, expansion)) if block == "bottleneck" else BasicBlock
         layers, in_ch = [], STEM_CHANNELS
         for width, n_blocks, stride in zip(widths, blocks, strides):
-            group = [Bottleneck(in_ch, width, stride, expansion)]
-            in_ch = width * expansion
-            group += [Bottleneck(in_ch, width, 1, expansion) for _ in range(n_blocks - 1)]
+            group = [make(in_ch, width, stride)]
+            in_ch = width * expansion if block == "bottleneck" else width
+            group += [make(in_ch, width, 1) for _ in range(n_blocks - 1)]
             layers.append(nn.Sequential(*group))
         self.layers = nn.ModuleList(layers)
         self.feature_dim = in_ch
@@ -214,21 +237,53 @@ class MeanPool(nn.Module):
         """Pooled features."""
         return x.mean(dim=(2, 3)) if self.layout == "spatial" else x.mean(dim=1)
 
+# %% ../nbs/10_model.ipynb #55e5801e
+class SpatialHead(nn.Module):
+    """Per-square planes of a (B, C, 81) feature map (1x1 conv, optional hidden layer), gathered into labels by `index`."""
+
+    def __init__(self, feature_dim: int, planes: int, index, hidden: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        layers = []
+        if hidden:
+            layers += [nn.Conv1d(feature_dim, hidden, 1), nn.GELU(), nn.Dropout(dropout)]
+            feature_dim = hidden
+        self.planes = nn.Sequential(*layers, nn.Conv1d(feature_dim, planes, 1, bias=False))
+        self.register_buffer("index", torch.as_tensor(index, dtype=torch.long), persistent=False)
+        self.bias = nn.Parameter(torch.zeros(len(self.index)))
+
+    def forward(self, squares: torch.Tensor) -> torch.Tensor:
+        """(B, C, 81) square features -> (B, len(index)) logits."""
+        return self.planes(squares).flatten(1).index_select(1, self.index) + self.bias
+
 # %% ../nbs/10_model.ipynb #d31f2b5a
-def make_head(name: str, feature_dim: int, legal_hidden: int | None = None, legal_dropout: float = 0.1) -> nn.Module:
-    """The head called `name` on features of width `feature_dim`."""
+def make_head(name: str, feature_dim: int, legal_hidden: int | None = None, legal_dropout: float = 0.1,
+              layout: str = "pooled", value_hidden: int | None = None) -> nn.Module:
+    """The head called `name` on features of width `feature_dim` (pooled, or per square with layout="spatial")."""
     out = {"policy": MOVE_LABELS_NUM, "value": 1, "reachable": NUM_SQUARES, "legal": MOVE_LABELS_NUM}[name]
+    if name == "value" and value_hidden:
+        return nn.Sequential(nn.Linear(feature_dim, value_hidden), nn.ReLU(), nn.Linear(value_hidden, 1))
+    if layout == "spatial" and name != "value":
+        if name == "reachable":
+            return SpatialHead(feature_dim, 1, torch.arange(NUM_SQUARES))
+        return SpatialHead(feature_dim, MOVE_PLANES, LABEL_PLANE, legal_hidden if name == "legal" else None, legal_dropout)
     if name == "legal" and legal_hidden:
         return nn.Sequential(nn.Linear(feature_dim, legal_hidden), nn.GELU(), nn.Dropout(legal_dropout), nn.Linear(legal_hidden, out))
     return nn.Linear(feature_dim, out)
 
 # %% ../nbs/10_model.ipynb #f831ded6
-COMMON_DEFAULTS: dict[str, Any] = {"heads": list(HEAD_NAMES), "legal_head_hidden": None, "legal_head_dropout": 0.1}
+COMMON_DEFAULTS: dict[str, Any] = {"heads": list(HEAD_NAMES), "legal_head_hidden": None, "legal_head_dropout": 0.1,
+                                   "head_layout": "pooled", "value_head_hidden": None}
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "resnet": {
-        "default": {"resnet_widths": [64, 128, 256, 512], "resnet_blocks": [2, 2, 2, 2], "resnet_strides": [1, 2, 2, 2], "resnet_expansion": 4},
+        "default": {"resnet_widths": [64, 128, 256, 512], "resnet_blocks": [2, 2, 2, 2], "resnet_strides": [1, 2, 2, 2], "resnet_expansion": 4,
+                    "resnet_block": "bottleneck"},
         "small": {"resnet_widths": [16, 32, 32, 32], "resnet_blocks": [1, 1, 1, 1], "resnet_strides": [1, 2, 2, 2], "resnet_expansion": 4},
+        # the kit's own: the whole 9x9 board to the heads, moves predicted per square (issue 16's measurements)
+        "spatial-small": {"resnet_widths": [64] * 5, "resnet_blocks": [1] * 5, "resnet_strides": [1] * 5, "resnet_expansion": 1,
+                          "resnet_block": "basic", "head_layout": "spatial", "value_head_hidden": 256},
+        "spatial-tiny": {"resnet_widths": [32] * 4, "resnet_blocks": [1] * 4, "resnet_strides": [1] * 4, "resnet_expansion": 1,
+                         "resnet_block": "basic", "head_layout": "spatial", "value_head_hidden": 128, "legal_head_hidden": 128},
     },
     "vit": {
         "default": {"vit_embed_dim": 512, "vit_num_layers": 6, "vit_num_heads": 8, "vit_mlp_ratio": 4.0, "vit_dropout": 0.1},
@@ -286,15 +341,23 @@ def _validate(name: str, cfg: dict) -> None:
     heads = cfg["heads"]
     if not isinstance(heads, (list, tuple)) or not heads or any(h not in HEAD_NAMES for h in heads) or len(set(heads)) != len(heads):
         raise _bad("heads", heads, f"a non-empty list of distinct names from {list(HEAD_NAMES)}")
-    if cfg["legal_head_hidden"] is not None:
-        _check_int(cfg, "legal_head_hidden")
+    for key in ("legal_head_hidden", "value_head_hidden"):
+        if cfg[key] is not None:
+            _check_int(cfg, key)
     _check_float(cfg, "legal_head_dropout", 0.0, 1.0)
+    if cfg["head_layout"] not in HEAD_LAYOUTS:
+        raise _bad("head_layout", cfg["head_layout"], f"one of {list(HEAD_LAYOUTS)}")
     if name == "resnet":
         _check_int_list(cfg, "resnet_widths", None)
         n = len(cfg["resnet_widths"])
         _check_int_list(cfg, "resnet_blocks", n)
         _check_int_list(cfg, "resnet_strides", n)
         _check_int(cfg, "resnet_expansion")
+        if cfg["resnet_block"] not in RESNET_BLOCKS:
+            raise _bad("resnet_block", cfg["resnet_block"], f"one of {list(RESNET_BLOCKS)}")
+        if cfg["head_layout"] == "spatial" and any(s != 1 for s in cfg["resnet_strides"]):
+            raise _bad("resnet_strides", cfg["resnet_strides"], "all 1 with head_layout='spatial' (its heads read the "
+                       "9x9 board), or set head_layout='pooled'")
     elif name == "vit":
         for key in ("vit_embed_dim", "vit_num_layers", "vit_num_heads"):
             _check_int(cfg, key)
@@ -320,8 +383,8 @@ def resolve_config(name: str, preset: str | None = "default", **config: Any) -> 
             owner = [a for a in PRESETS if a != name and key in PRESETS[a]["default"]]
             hint = f" (it belongs to {owner[0]!r})" if owner else ""
             raise ValueError(f"model config key {key!r}{hint} is not accepted by {name!r}: allowed keys are {['preset'] + allowed}")
-    cfg = copy.deepcopy({**PRESETS[name][preset], **COMMON_DEFAULTS})
-    cfg.update({k: copy.deepcopy(v) for k, v in config.items() if v is not None or k == "legal_head_hidden"})
+    cfg = copy.deepcopy({**PRESETS[name]["default"], **COMMON_DEFAULTS, **PRESETS[name][preset]})
+    cfg.update({k: copy.deepcopy(v) for k, v in config.items() if v is not None or k in ("legal_head_hidden", "value_head_hidden")})
     for key, value in cfg.items():  # tuples -> lists so the config survives JSON and weights_only loading
         if isinstance(value, tuple):
             cfg[key] = list(value)
@@ -337,7 +400,8 @@ class ShogiNet(nn.Module):
         self.arch, self.config = arch, config
         if arch == "resnet":
             self.stem = Stem("broadcast")
-            self.backbone = ResNetBackbone(config["resnet_widths"], config["resnet_blocks"], config["resnet_strides"], config["resnet_expansion"])
+            self.backbone = ResNetBackbone(config["resnet_widths"], config["resnet_blocks"], config["resnet_strides"],
+                                           config["resnet_expansion"], config["resnet_block"])
             self.pool = MeanPool("spatial")
         elif arch == "vit":
             self.stem = Stem("corner")
@@ -348,18 +412,28 @@ class ShogiNet(nn.Module):
             self.backbone = MixerBackbone(config["mixer_dim"], config["mixer_num_layers"], config["mixer_token_dim"], config["mixer_channel_dim"], config["mixer_dropout"])
             self.pool = MeanPool("tokens")
         self.feature_dim = self.backbone.feature_dim
-        self.heads = nn.ModuleDict({h: make_head(h, self.feature_dim, config["legal_head_hidden"], config["legal_head_dropout"]) for h in config["heads"]})
+        self.heads = nn.ModuleDict({h: make_head(h, self.feature_dim, config["legal_head_hidden"], config["legal_head_dropout"],
+                                                 config["head_layout"], config["value_head_hidden"]) for h in config["heads"]})
+        self.spatial = {h for h in config["heads"] if config["head_layout"] == "spatial" and h != "value"}
+
+    def feature_map(self, board: torch.Tensor, hand: torch.Tensor) -> torch.Tensor:
+        """The backbone's output: (B, C, h, w) for the ResNet, (B, 81, D) tokens for the ViT and the Mixer."""
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            _check_inputs(board, hand)
+        return self.backbone(self.stem(board, hand))
 
     def features(self, board: torch.Tensor, hand: torch.Tensor) -> torch.Tensor:
         """Pooled shared features (B, feature_dim)."""
-        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
-            _check_inputs(board, hand)
-        return self.pool(self.backbone(self.stem(board, hand)))
+        return self.pool(self.feature_map(board, hand))
 
     def forward(self, board: torch.Tensor, hand: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits of every head for a batch: board (B, 9, 9) piece IDs, hand (B, 14) counts."""
-        feats = self.features(board, hand)
-        return {name: head(feats) for name, head in self.heads.items()}
+        fmap = self.feature_map(board, hand)
+        pooled = self.pool(fmap)
+        squares = None
+        if self.spatial:   # (B, C, 81), square i = [rank][file] cell i
+            squares = fmap.flatten(2) if self.pool.layout == "spatial" else fmap.transpose(1, 2)
+        return {name: head(squares if name in self.spatial else pooled) for name, head in self.heads.items()}
 
 # %% ../nbs/10_model.ipynb #36e4619c
 def _check_inputs(board: torch.Tensor, hand: torch.Tensor) -> None:

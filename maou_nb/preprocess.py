@@ -19,7 +19,7 @@ from typing import Callable
 import cshogi
 import numpy as np
 
-from .storage import (HCPE_DTYPE, mix64, ShardError, list_shards, load_game_ids, load_hcpe, read_manifest, save_array,
+from .storage import (HCPE_DTYPE, RAW_HCPE_SUFFIX, mix64, ShardError, list_shards, load_game_ids, load_hcpe, read_manifest, save_array,
                              save_hcpe, sidecar_path, split_by_game, write_manifest, Rule, check_params)
 from .encoding import (MOVE_LABELS_NUM, encode_hcps, encode_position, hcp_turns, legal_moves_labels,
                               move16_labels, reachable_squares_label, reachable_squares_labels)
@@ -28,7 +28,7 @@ from .settings import progress as progress_bar
 # %% auto #0
 __all__ = ['POSITION_DTYPE', 'MOVE_DTYPE', 'ROW_DTYPE', 'MERGE_RULES', 'PREPROCESS_RULES', 'STAGE_DATA_RULES', 'STAGE1_PIECES',
            'STAGE1_HAND_PIECES', 'hcp_keys', 'hcpe_rows', 'hcpe_shards', 'tqdm_disable', 'bucket_of', 'n_buckets_for',
-           'partition_rows', 'check_positions', 'merge_rows', 'ShardWriter', 'preprocess', 'split_hcpe',
+           'partition_rows', 'check_positions', 'merge_rows', 'ShardWriter', 'preprocess', 'split_ids', 'split_hcpe',
            'check_preprocess_params', 'labelled_dtype', 'unique_rows', 'make_labelled_data', 'make_stage2_data',
            'make_stage1_data_from_hcpe', 'reachable_squares_flat', 'check_stage_data_params', 'stage1_sfens',
            'make_stage1_data']
@@ -105,7 +105,8 @@ def hcpe_rows(hcpe: np.ndarray, shard_index: int, first_row: int, shard_name: st
 
 # %% ../nbs/05_preprocess.ipynb #655b8b78
 def hcpe_shards(inputs) -> list[Path]:
-    """HCPE shard files of files and/or folders; a folder with a manifest must be HCPE data and gives its shards."""
+    """HCPE files of files and/or folders: a folder with a manifest must be HCPE data and gives its shards; any
+    other folder gives its `.npy` shards and raw cshogi `.hcpe` files (recursively)."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     shards = []
@@ -113,6 +114,9 @@ def hcpe_shards(inputs) -> list[Path]:
         if p.is_dir() and (p / "manifest.json").is_file():
             manifest = read_manifest(p, expect_kind="hcpe")
             shards += [p / s for s in manifest["shards"]]
+        elif p.is_dir():
+            raw = sorted(q for q in p.rglob("*" + RAW_HCPE_SUFFIX) if q.is_file() and not q.name.startswith("."))
+            shards += (list_shards(p) if not raw or any(p.rglob("*.npy")) else []) + raw
         else:
             shards += list_shards(p)
     return list(dict.fromkeys(shards))
@@ -341,6 +345,7 @@ def preprocess(hcpe_inputs, out_dir, *, rows_per_shard: int = 1 << 20, memory_by
                workers: int = 1, check: bool = True, progress: bool | None = None) -> list[Path]:
     """Merge identical positions of HCPE shards into `out_dir` (kind "preprocessed"); returns the shard paths."""
     shards = hcpe_shards(hcpe_inputs)
+    _read_hcpe_shards(shards)                  # a file that is no HCPE is refused before anything is written
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, shards)
     writer = ShardWriter(out_dir, rows_per_shard)
@@ -356,8 +361,8 @@ def preprocess(hcpe_inputs, out_dir, *, rows_per_shard: int = 1 << 20, memory_by
     return writer.shards
 
 # %% ../nbs/05_preprocess.ipynb #6138aba7
-def _check_split(ids: list[np.ndarray], masks: list[np.ndarray], test_ratio: float, seed: int) -> None:
-    """Refuse a split that leaves training or validation without a game, with the numbers and the fix."""
+def _check_split(ids: list[np.ndarray], masks: list[np.ndarray], test_ratio: float, seed: int, by: str = "game") -> None:
+    """Refuse a split that leaves training or validation without a game (or position), with the numbers and the fix."""
     all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     val_ids = np.concatenate([i[m] for i, m in zip(ids, masks)]) if ids else all_ids
     games, val_games = len(np.unique(all_ids)), len(np.unique(val_ids))
@@ -366,18 +371,32 @@ def _check_split(ids: list[np.ndarray], masks: list[np.ndarray], test_ratio: flo
                          "(more self-play games, or records with moves).")
     if val_games in (0, games):
         side = "validation" if val_games == 0 else "training"
-        raise ValueError(f"split by game with test_ratio={test_ratio} (seed {seed}) puts {games - val_games} of {games} "
-                         f"game(s) in training and {val_games} in validation, leaving {side} empty. Give more games "
+        raise ValueError(f"split by {by} with test_ratio={test_ratio} (seed {seed}) puts {games - val_games} of {games} "
+                         f"{by}(s) in training and {val_games} in validation, leaving {side} empty. Give more games "
                          f"(e.g. more self-play games) or change test_ratio so both sides get at least one game.")
+
+# %% ../nbs/05_preprocess.ipynb #f3a327fd
+def split_ids(shards: list[Path], arrays: list[np.ndarray]) -> tuple[list[np.ndarray], str]:
+    """(per-row ids that decide the split, "game" / "position" / "game and position"): a shard's game ids from its
+    sidecar, else each row's position hash, so a position never lands on both sides of a file without games."""
+    ids, kinds = [], set()
+    for path, hcpe in zip(shards, arrays):
+        if path.suffix == ".npy" and sidecar_path(path).is_file():
+            ids.append(load_game_ids(path, len(hcpe))); kinds.add("game")
+        else:
+            ids.append(hcp_keys(np.asarray(hcpe["hcp"]))[0].view(np.int64)); kinds.add("position")
+    return ids, " and ".join(k for k in ("game", "position") if k in kinds) or "game"
 
 # %% ../nbs/05_preprocess.ipynb #87c33520
 def split_hcpe(hcpe_inputs, out_dir, test_ratio: float = 0.1, seed: int = 0) -> tuple[Path, Path]:
-    """Split HCPE shards by game into `out_dir/train` and `out_dir/val` (each kind "hcpe"); returns both folders."""
+    """Split HCPE shards by game into `out_dir/train` and `out_dir/val` (each kind "hcpe"); returns both folders.
+    Rows of a shard without a game-id sidecar (a raw `.hcpe` file) are split by position instead; the manifests
+    say which (`split_by`)."""
     shards = hcpe_shards(hcpe_inputs)
     arrays = _read_hcpe_shards(shards)
-    ids = [load_game_ids(path, len(hcpe)) for path, hcpe in zip(shards, arrays)]
+    ids, by = split_ids(shards, arrays)
     masks = [split_by_game(i, test_ratio, seed) for i in ids]
-    _check_split(ids, masks, test_ratio, seed)  # before anything is written
+    _check_split(ids, masks, test_ratio, seed, by)  # before anything is written
     out_dir = Path(out_dir)
     train_dir, val_dir = out_dir / "train", out_dir / "val"
     for d in (train_dir, val_dir):
@@ -387,10 +406,10 @@ def split_hcpe(hcpe_inputs, out_dir, test_ratio: float = 0.1, seed: int = 0) -> 
     for i, (path, hcpe) in enumerate(zip(shards, arrays)):
         for d, mask in ((train_dir, ~masks[i]), (val_dir, masks[i])):
             if mask.any():
-                written[d].append(save_hcpe(d / f"{i:05d}-{path.name}", np.asarray(hcpe)[mask], ids[i][mask]))
+                written[d].append(save_hcpe(d / f"{i:05d}-{path.stem}.npy", np.asarray(hcpe)[mask], ids[i][mask]))
                 rows[d] += int(mask.sum())
     for d in (train_dir, val_dir):
-        write_manifest(d, "hcpe", written[d], rows=rows[d], test_ratio=test_ratio, seed=seed,
+        write_manifest(d, "hcpe", written[d], rows=rows[d], test_ratio=test_ratio, seed=seed, split_by=by,
                        side=d.name, sources=[str(p) for p in shards])
     return train_dir, val_dir
 
@@ -448,6 +467,7 @@ def make_labelled_data(hcpe_inputs, out_dir, kind: str, label_fn: Callable, n_la
                        check: bool = True, progress: bool | None = None) -> list[Path]:
     """Distinct positions of HCPE shards with bit-packed labels from `label_fn`, as a data folder of `kind`."""
     shards = hcpe_shards(hcpe_inputs)
+    _read_hcpe_shards(shards)                  # a file that is no HCPE is refused before anything is written
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, shards)
     writer = ShardWriter(out_dir, rows_per_shard, prefix="positions")

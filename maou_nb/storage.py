@@ -25,11 +25,11 @@ from . import __version__
 
 
 # %% auto #0
-__all__ = ['HCPE_DTYPE', 'SIDECAR_SUFFIXES', 'DATA_KINDS', 'CHECKPOINT_FORMAT', 'ShardError', 'StorageError', 'disk_error',
-           'atomic_path', 'remove_stale_temps', 'write_json', 'read_json', 'read_yaml', 'save_array', 'load_array',
-           'sidecar_path', 'game_id', 'save_hcpe', 'load_hcpe', 'load_game_ids', 'list_shards', 'mix64',
-           'split_by_game', 'write_manifest', 'read_manifest', 'manifest_shards', 'ParamError', 'Rule', 'check_params',
-           'sha256_file', 'save_checkpoint', 'load_checkpoint', 'LocalStorage']
+__all__ = ['HCPE_DTYPE', 'SIDECAR_SUFFIXES', 'RAW_HCPE_SUFFIX', 'DATA_KINDS', 'CHECKPOINT_FORMAT', 'ShardError', 'StorageError',
+           'disk_error', 'atomic_path', 'remove_stale_temps', 'write_json', 'read_json', 'read_yaml', 'save_array',
+           'load_array', 'sidecar_path', 'game_id', 'save_hcpe', 'load_hcpe', 'load_game_ids', 'load_raw_hcpe',
+           'list_shards', 'mix64', 'split_by_game', 'write_manifest', 'read_manifest', 'manifest_shards', 'ParamError',
+           'Rule', 'check_params', 'sha256_file', 'save_checkpoint', 'load_checkpoint', 'LocalStorage']
 
 # %% ../nbs/04_storage.ipynb #285ca7a1
 HCPE_DTYPE = np.dtype(cshogi.HuffmanCodedPosAndEval)
@@ -206,7 +206,9 @@ def save_hcpe(path: str | os.PathLike, hcpe: np.ndarray, game_ids: np.ndarray | 
     return save_array(path, hcpe)
 
 def load_hcpe(path: str | os.PathLike, *, mmap: bool = True) -> np.ndarray:
-    """Load an HCPE shard, refusing any other dtype."""
+    """Load an HCPE shard (`.npy`) or a raw headerless cshogi `.hcpe` file, refusing anything else."""
+    if Path(path).suffix == RAW_HCPE_SUFFIX:
+        return load_raw_hcpe(path, mmap=mmap)
     return load_array(path, dtype=HCPE_DTYPE, mmap=mmap)
 
 def load_game_ids(path: str | os.PathLike, n: int | None = None) -> np.ndarray:
@@ -221,6 +223,32 @@ def load_game_ids(path: str | os.PathLike, n: int | None = None) -> np.ndarray:
                              "Delete both files and rerun the conversion.")
         return ids
     return np.full(n, game_id(Path(path).name), dtype=np.int64)
+
+# %% ../nbs/04_storage.ipynb #a086a188
+RAW_HCPE_SUFFIX = ".hcpe"
+
+def load_raw_hcpe(path: str | os.PathLike, *, mmap: bool = True, check_rows: int = 16) -> np.ndarray:
+    """A raw headerless cshogi HCPE file as HCPE records (memory-mapped); its first `check_rows` rows must decode."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"{path}: file not found. Check the path (relative paths start at {Path.cwd()}).")
+    size = path.stat().st_size
+    if size == 0 or size % HCPE_DTYPE.itemsize:
+        raise ShardError(f"{path}: {size} bytes is not a whole number of {HCPE_DTYPE.itemsize}-byte HCPE records, so it "
+                         "is no raw cshogi .hcpe file. Give a file written by HuffmanCodedPosAndEval.tofile (dlshogi's "
+                         "tools), or the kit's .npy shards.")
+    hcpe = np.memmap(path, dtype=HCPE_DTYPE, mode="r") if mmap else np.fromfile(path, dtype=HCPE_DTYPE)
+    board = cshogi.Board()
+    for i, row in enumerate(np.asarray(hcpe[:check_rows])):
+        try:
+            board.set_hcp(row["hcp"])
+            ok = board.is_ok()
+        except (RuntimeError, ValueError):
+            ok = False
+        if not ok:
+            raise ShardError(f"{path}: row {i} is not a readable shogi position, so the file is no raw cshogi .hcpe "
+                             "file (or it is corrupt). Give HCPE records written by cshogi, or the kit's .npy shards.")
+    return hcpe
 
 # %% ../nbs/04_storage.ipynb #af47433b
 def _is_shard(p: Path, pattern_suffix: str) -> bool:

@@ -125,12 +125,15 @@ class StageSpec:
     gate_name: str = ""
     threshold: float | None = None
     max_epochs: int = 1
+    min_epochs: int = 1                       # the gate is not tried before this many epochs
     start_epoch: int = 0
     best_key: str = "loss"                    # validation metric (lower is better) that picks `best`
 
-    def reached(self, metrics: dict) -> bool:
-        """Whether validation `metrics` meet the threshold (never without a threshold or before any validation)."""
-        return self.threshold is not None and bool(metrics) and self.gate(metrics) >= self.threshold
+    def reached(self, metrics: dict, epochs: int | None = None) -> bool:
+        """Whether validation `metrics` meet the threshold (never without a threshold, before any validation, or
+        after fewer than `min_epochs` epochs when `epochs` is given)."""
+        return (self.threshold is not None and bool(metrics) and (epochs is None or epochs >= self.min_epochs)
+                and self.gate(metrics) >= self.threshold)
 
 # %% ../nbs/12_train.ipynb #382f6983
 def stage_spec(stage: str, config: TrainConfig) -> StageSpec:
@@ -151,7 +154,8 @@ def stage_spec(stage: str, config: TrainConfig) -> StageSpec:
     gate, name = stage_gate(stage, c.stage_metric)
     return StageSpec(stage, (head,), losses, metrics, gate, name,
                      threshold=c.stage1_threshold if stage == "1" else c.stage2_threshold,
-                     max_epochs=c.stage1_max_epochs if stage == "1" else c.stage2_max_epochs)
+                     max_epochs=c.stage1_max_epochs if stage == "1" else c.stage2_max_epochs,
+                     min_epochs=c.stage1_min_epochs if stage == "1" else c.stage2_min_epochs)
 
 # %% ../nbs/12_train.ipynb #eabe70e1
 def stage_gate(stage: str, stage_metric: str) -> tuple[Callable[[dict], float], str]:
@@ -190,13 +194,15 @@ def make_optimizer(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.optimizer_beta1, c.optimizer_beta2), eps=c.optimizer_eps)
 
 # %% ../nbs/12_train.ipynb #9b286b8e
-def make_scheduler(optimizer, name: str, steps_per_epoch: int, total_steps: int):
-    """The learning-rate schedule `name` (any spelling) over `total_steps` optimiser steps."""
+def make_scheduler(optimizer, name: str, steps_per_epoch: int, total_steps: int, warmup_ratio: float | None = None):
+    """The learning-rate schedule `name` (any spelling) over `total_steps` optimiser steps; Warmup+CosineDecay warms
+    up for `warmup_ratio` of them, or by Maou's rule, max(one epoch, 10%), when it is None."""
     name = scheduler_name(name)
     total_steps = max(1, total_steps)
     if name == "CosineAnnealingLR":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    warmup = min(total_steps, max(steps_per_epoch, math.ceil(0.1 * total_steps)))
+    maou = max(steps_per_epoch, math.ceil(0.1 * total_steps))
+    warmup = min(total_steps, maou if warmup_ratio is None else max(1, math.ceil(warmup_ratio * total_steps)))
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -343,7 +349,7 @@ class StageTrainer:
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / c.gradient_accumulation_steps)
         self.optimizer = make_optimizer(model, c)
         self.scheduler = make_scheduler(self.optimizer, c.lr_scheduler, self.steps_per_epoch,
-                                        self.steps_per_epoch * spec.max_epochs)
+                                        self.steps_per_epoch * spec.max_epochs, c.warmup_ratio)
         cuda_amp = c.amp and device.startswith("cuda")
         self.amp_dtype = (torch.bfloat16 if c.amp_dtype == "bf16" else torch.float16) if cuda_amp else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
@@ -479,7 +485,7 @@ def fit_stage(tr: StageTrainer, run: TrainRun) -> dict:
     """The one training loop, for any stage; returns the stage's final validation metrics and status."""
     spec, c = tr.spec, tr.c
     for epoch in range(tr.epoch, spec.max_epochs):
-        if spec.reached(tr.metrics):                            # resumed after the epoch that met the threshold
+        if spec.reached(tr.metrics, tr.epoch):                  # resumed after the epoch that met the threshold
             break
         for batch in tr.epoch_batches(epoch):
             losses = tr.backward(batch, run.global_step)
@@ -575,6 +581,9 @@ class TrainRun:
         if tr.best is None or value < tr.best:
             tr.best = value
             self.save(tr, "best")   # before the `last` that records this best: a kill in between replays the epoch
+        if spec.stage == "3" and self.c.keep_epochs:
+            self.save(tr, f"epoch{tr.epoch}")
+            (self.ckpt_dir / f"epoch{tr.epoch - self.c.keep_epochs}.pt").unlink(missing_ok=True)
         self.save(tr, "last")
 
 # %% ../nbs/12_train.ipynb #7e5a11c2

@@ -215,3 +215,17 @@ def test_bad_data_is_refused_by_name(data, tmp_path):
     (folder / "manifest.json").unlink()
     with pytest.raises(ShardError, match="no manifest.json"):
         dsm.open_stage_data(3, folder, input_format="preprocessed")
+
+
+def test_raw_hcpe_file_and_folder_as_stage3_data(data, tmp_path):
+    """A raw cshogi .hcpe file (and a folder without a manifest holding it) serves the same batches as its .npy shard."""
+    rows = raw_rows(data)
+    (tmp_path / "raw").mkdir()
+    rows.tofile(tmp_path / "raw" / "all.hcpe")
+    npy = dsm.HcpeDataset(data / "hcpe")
+    for source in (tmp_path / "raw" / "all.hcpe", tmp_path / "raw"):
+        ds = dsm.open_stage_data(3, source)
+        assert isinstance(ds, dsm.HcpeDataset) and len(ds) == len(npy)
+        idx = np.arange(0, len(ds), 7)
+        for key, value in npy[idx].items():
+            assert torch.equal(ds[idx][key], value), key

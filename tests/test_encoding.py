@@ -303,3 +303,69 @@ def test_garbage_rows_raise_instead_of_crashing():
             assert "HuffmanCodedPos" in str(error)
             outcomes["refused"] += 1
     assert outcomes["refused"] > 0
+
+
+# ---------------------------------------------------------------- labels as planes, mirror
+
+def mirrored_sfen(sfen: str) -> str:
+    """The same position mirrored left-right (files 1 <-> 9), colours, hands and side to move kept."""
+    placement, turn, hands, ply = sfen.split()
+    rows = []
+    for row in placement.split("/"):
+        cells, promoted = [], ""
+        for ch in row:
+            if ch.isdigit():
+                cells += ["1"] * int(ch)
+            elif ch == "+":
+                promoted = "+"
+            else:
+                cells.append(promoted + ch)
+                promoted = ""
+        text, empty = "", 0
+        for cell in reversed(cells):
+            if cell == "1":
+                empty += 1
+                continue
+            text += (str(empty) if empty else "") + cell
+            empty = 0
+        rows.append(text + (str(empty) if empty else ""))
+    return " ".join(["/".join(rows), turn, hands, ply])
+
+
+def test_label_planes_are_move_type_and_destination(boards):
+    """Every legal move's place in the 27 planes: the plane of its block (direction, promotion or dropped piece)
+    and the [rank][file] cell of its destination in the mover's frame, as cshogi says."""
+    from maou_nb.encoding import BLOCKS, LABEL_PLANE, MOVE_CATEGORIES, move_category
+    drop_names = {cshogi.HPAWN: "FU", cshogi.HLANCE: "KY", cshogi.HKNIGHT: "KE", cshogi.HSILVER: "GI",
+                  cshogi.HGOLD: "KI", cshogi.HBISHOP: "KA", cshogi.HROOK: "HI"}    # cshogi's hand-piece order
+    assert len(set(LABEL_PLANE.tolist())) == MOVE_LABELS_NUM
+    for board in boards[:2000]:
+        turn = board.turn
+        for move in board.legal_moves:
+            to = cshogi.move_to(move) if turn == cshogi.BLACK else 80 - cshogi.move_to(move)
+            if cshogi.move_is_drop(move):
+                block = ("drop " + drop_names[cshogi.move_drop_hand_piece(move)], False)
+            else:
+                frm = cshogi.move_from(move) if turn == cshogi.BLACK else 80 - cshogi.move_from(move)
+                block = (MOVE_CATEGORIES[move_category(frm, to)], bool(cshogi.move_is_promotion(move)))
+            plane, cell = divmod(int(LABEL_PLANE[move_label(board, move)]), 81)
+            assert (BLOCKS[plane], cell) == (block, (to % 9) * 9 + to // 9), (board.sfen(), cshogi.move_to_usi(move))
+
+
+def test_mirror_labels_match_cshogi_on_mirrored_positions(boards):
+    """A position mirrored left-right (SFEN files reversed) has as legal moves exactly the mirrored labels, its
+    encoding is the board flipped along the files with the same hands, and each move maps to its mirror image."""
+    from maou_nb.encoding import MIRROR_LABEL
+    mirrored = cshogi.Board()
+    for board in boards[:1500]:
+        mirrored.set_sfen(mirrored_sfen(board.sfen()))
+        np.testing.assert_array_equal(legal_moves_label(mirrored), legal_moves_label(board)[MIRROR_LABEL])
+        cells, hand = encode_position(board)
+        m_cells, m_hand = encode_position(mirrored)
+        np.testing.assert_array_equal(m_cells, cells[:, ::-1])
+        np.testing.assert_array_equal(m_hand, hand)
+        for move in list(board.legal_moves)[:5]:
+            usi = cshogi.move_to_usi(move)
+            flip = lambda sq: str(10 - int(sq[0])) + sq[1]
+            m_usi = (usi[:2] + flip(usi[2:4]) if usi[1] == "*" else flip(usi[:2]) + flip(usi[2:4])) + usi[4:]
+            assert move_label(mirrored, mirrored.move_from_usi(m_usi)) == MIRROR_LABEL[move_label(board, move)]

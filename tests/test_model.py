@@ -253,3 +253,28 @@ def test_onnx_export_int32_dynamic_batch(arch, tmp_path):
 def test_resolve_config_fills_preset_and_none_means_default():
     cfg = resolve_config("mlp-mixer", preset="small", mixer_dim=None, mixer_num_layers=2)
     assert cfg["mixer_dim"] == 64 and cfg["mixer_num_layers"] == 2 and cfg["heads"] == list(HEAD_NAMES)
+
+
+def test_spatial_presets_and_heads_export_to_onnx(tmp_path):
+    """The kit's spatial preset keeps the 9x9 board (stride 1, basic blocks), predicts all four heads per square
+    with the same output shapes as Maou's, rebuilds from its config, and exports to verified ONNX; Maou's default
+    shapes are untouched; a spatial head on a strided ResNet is refused naming the key and the fix."""
+    from maou_nb.export import export_onnx
+    assert count_parameters(build_model("resnet"))["reference"] == 17_012_665
+    assert resolve_config("resnet")["head_layout"] == "pooled" and resolve_config("resnet")["resnet_block"] == "bottleneck"
+    model = build_model("resnet", preset="spatial-small").eval()
+    assert model.backbone(torch.zeros(1, 64, 9, 9)).shape[-2:] == (9, 9)
+    board, hand = real_batch()
+    out = model(board.int(), hand)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"policy": (len(board), 1496), "value": (len(board), 1),
+                                                           "reachable": (len(board), 81), "legal": (len(board), 1496)}
+    twin = build_model(model.arch, **json.loads(json.dumps(model.config)))
+    twin.load_state_dict(model.state_dict())
+    assert torch.equal(twin.eval()(board.int(), hand)["policy"], out["policy"])
+    figures = export_onnx(build_model("resnet", preset="spatial-small", heads=["policy", "value"]), tmp_path / "m.onnx",
+                          n_default_positions=16, fp16=False)
+    assert figures["fp32"]["real"]["within_tolerance"] and figures["fp32"]["scrambled"]["within_tolerance"]
+    vit = build_model("vit", preset="small", head_layout="spatial").eval()
+    assert vit(board.int(), hand)["legal"].shape == (len(board), 1496)
+    with pytest.raises(ValueError, match=r"resnet_strides=\[1, 2, 2, 2\].*all 1 with head_layout='spatial'"):
+        build_model("resnet", preset="small", head_layout="spatial")

@@ -249,3 +249,46 @@ def test_split_leaving_a_side_empty_is_refused_before_writing(tmp_path):
     assert not (tmp_path / "split").exists()
     train, val = pp.split_hcpe(tmp_path / "selfplay" / "hcpe", tmp_path / "split", test_ratio=0.5, seed=2)
     assert read_manifest(train)["rows"] > 0 and read_manifest(val)["rows"] > 0
+
+
+def test_raw_hcpe_files_are_read_split_by_position_and_preprocessed(hcpe_dir, tmp_path):
+    """Raw headerless cshogi .hcpe files (a file and a folder of them) give the same rows as the .npy shards; with
+    no game ids the split goes by position (none on both sides, none empty) and says so; preprocess reads them."""
+    rows = all_rows(hcpe_dir)
+    (tmp_path / "raw" / "sub").mkdir(parents=True)
+    rows[:500].tofile(tmp_path / "raw" / "a.hcpe")
+    rows[500:].tofile(tmp_path / "raw" / "sub" / "b.hcpe")
+    shards = pp.hcpe_shards(tmp_path / "raw")
+    assert shards == [tmp_path / "raw" / "a.hcpe", tmp_path / "raw" / "sub" / "b.hcpe"]
+    assert np.concatenate([np.asarray(load_hcpe(p)) for p in shards]).tobytes() == rows.tobytes()
+    train, val = pp.split_hcpe(tmp_path / "raw", tmp_path / "split", test_ratio=0.2, seed=1)
+    assert read_manifest(train)["split_by"] == read_manifest(val)["split_by"] == "position"
+    sides = [np.concatenate([np.asarray(load_hcpe(p)) for p in list_shards(d)]) for d in (train, val)]
+    assert len(sides[0]) + len(sides[1]) == len(rows) and 0.1 < len(sides[1]) / len(rows) < 0.3
+    assert not {r.tobytes() for r in sides[0]["hcp"]} & {r.tobytes() for r in sides[1]["hcp"]}
+    pp.preprocess(tmp_path / "raw" / "a.hcpe", tmp_path / "pre", progress=False)
+    assert read_manifest(tmp_path / "pre", expect_kind="preprocessed")["input_rows"] == 500
+
+
+def test_raw_hcpe_that_is_not_hcpe_is_refused_by_name(hcpe_dir, tmp_path):
+    rows = all_rows(hcpe_dir)[:10]
+    bad = tmp_path / "odd.hcpe"
+    bad.write_bytes(rows.tobytes()[:-5])
+    with pytest.raises(ShardError, match="odd.hcpe: 375 bytes is not a whole number of 38-byte HCPE records"):
+        pp.preprocess(bad, tmp_path / "pre", progress=False)
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 380, dtype=np.uint8).tobytes())
+    with pytest.raises(ShardError, match="odd.hcpe: row 0 is not a readable shogi position"):
+        pp.split_hcpe(bad, tmp_path / "split")
+    assert not (tmp_path / "pre").exists() and not (tmp_path / "split").exists()
+
+
+def test_shared_raw_hcpe_reads_as_cshogi_does(shared_dir):
+    """The real floodgate-class file in ../shared: every row is what cshogi reads from it, and its moves are legal."""
+    path = shared_dir / "data" / "hcpe" / "val.hcpe"
+    rows = load_hcpe(path)
+    oracle = np.fromfile(path, dtype=cshogi.HuffmanCodedPosAndEval)
+    assert len(rows) == 5998 and rows.tobytes() == oracle.tobytes()
+    board = cshogi.Board()
+    for row in oracle[:200]:
+        board.set_hcp(row["hcp"])
+        assert board.is_legal(board.move_from_move16(row["bestMove16"]))

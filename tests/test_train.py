@@ -480,3 +480,43 @@ def test_full_disk_stops_training_naming_the_path_and_keeps_the_last_checkpoint(
         assert last["step"] >= 1 and not list((disk / "run").rglob(".*.tmp"))
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+# ---------------------------------------------------------------- curriculum lengths, epoch checkpoints, raw HCPE
+
+def test_stage_fixed_epoch_count_and_minimum_before_the_gate(data, tmp_path):
+    """threshold null trains exactly stage1_max_epochs (no gate); a minimum keeps an easy gate from stopping early."""
+    base = {**TINY, "stage": 1, "stage1_data": str(data / "stage1"), "batch_size": 256, "log_every": 1000}
+    fixed = train({**base, "out_dir": str(tmp_path / "a"), "stage1_threshold": None, "stage1_max_epochs": 2},
+                  progress=False).stages["1"]
+    assert fixed["epochs"] == 2 and fixed["stopped"] == "epochs" and fixed["threshold"] is None
+    easy = {**base, "stage1_threshold": 0.01, "stage1_max_epochs": 3}
+    assert train({**easy, "out_dir": str(tmp_path / "b")}, progress=False).stages["1"]["epochs"] == 1
+    assert train({**easy, "out_dir": str(tmp_path / "c"), "stage1_min_epochs": 2}, progress=False).stages["1"]["epochs"] == 2
+    with pytest.raises(ConfigError, match="stage2_min_epochs=4 exceeds stage2_max_epochs=3"):
+        TrainConfig.from_dict({"stage2_min_epochs": 4, "stage2_max_epochs": 3}, check_files=False)
+
+
+def test_keep_epochs_and_short_warmup(data, tmp_path):
+    """keep_epochs=2 keeps the last two Stage 3 epochs beside best/last; warmup_ratio shortens Maou's one-epoch warm-up."""
+    result = train(run_config(data, tmp_path, epoch=3, keep_epochs=2, warmup_ratio=0.05), progress=False)
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("epoch*.pt"))
+    assert kept == ["epoch2.pt", "epoch3.pt"]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "epoch3.pt")["epoch"] == 3
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    steps_per_epoch = result.stages["3"]["steps"] // 3
+    assert max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) < steps_per_epoch - 1   # peak inside epoch 1
+
+
+def test_stage3_from_a_raw_hcpe_file(data, tmp_path):
+    """A raw cshogi .hcpe file (no header, no manifest) is Stage 3 data and validation data as it is."""
+    rows = np.concatenate([np.asarray(load_array(data / "hcpe" / n)) for n in ("a.npy", "b.npy")])
+    rows[: len(rows) // 2].tofile(tmp_path / "train.hcpe")
+    rows[len(rows) // 2:].tofile(tmp_path / "val.hcpe")
+    result = train(run_config(data, tmp_path, stage3_data=str(tmp_path / "train.hcpe"), input_format="hcpe", epoch=1,
+                              stage3_val_data=str(tmp_path / "val.hcpe")), progress=False)
+    assert math.isfinite(result.stages["3"]["metrics"]["policy_loss"])
+    (tmp_path / "bad.hcpe").write_bytes(b"\0" * 37)
+    with pytest.raises(ConfigError, match="bad.hcpe: 37 bytes is not a whole number of 38-byte HCPE records"):
+        TrainConfig.from_dict(run_config(data, tmp_path, stage3_data=str(tmp_path / "bad.hcpe"), input_format="hcpe"))
