@@ -6,15 +6,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
-from .pipeline import kit_folder, run_pipeline
+from .pipeline import STEPS, kit_folder, load_params, resolve_run_id, run_pipeline
+from .settings import setting
 from .storage import ShardError, atomic_path
 
 # %% auto #0
-__all__ = ['COMMANDS', 'init', 'init_command', 'command_parser', 'main']
+__all__ = ['COMMANDS', 'init', 'init_command', 'train_config', 'train_command', 'command_parser', 'main']
 
 # %% ../nbs/23_cli.ipynb #ff79ddd9
 def init(folder: str | os.PathLike = ".", *, notebooks: bool = False, overwrite: bool = False) -> list[Path]:
@@ -59,8 +61,41 @@ def init_command(argv: list[str] | None = None) -> int:
         "   (MAOU_NB_STAGES=stages to run the copied notebooks)" if args.notebooks else ""))
     return 0
 
+# %% ../nbs/23_cli.ipynb #76f0a0de
+def train_config(params: str | os.PathLike | dict, run_id: str | None = None, runs_root: str | None = None) -> dict:
+    """The TrainConfig parameters of run `run_id`'s train step, wired as `maou-nb run` wires them (the data folders
+    that the run's earlier steps wrote; the params' own paths win)."""
+    params = load_params(params)
+    run = Path(setting("runs_root", explicit=runs_root, params=params)).resolve() / resolve_run_id(run_id, params)
+    step = STEPS["train"]
+    made = {k: v for k, v in step.wire(run).items() if isinstance(v, str) and Path(v).exists()}
+    config = {**made, **(params.get("train") or {}), "out_dir": str(run / step.out_dir)}
+    config.setdefault("device", setting("device", params=params))
+    if (run / "checkpoints/last.pt").is_file():
+        config["resume_from"] = str(run / "checkpoints/last.pt")
+    return config
+
+# %% ../nbs/23_cli.ipynb #d52f6cf6
+def train_command(argv: list[str] | None = None) -> int:
+    """`maou-nb train PARAMS --run-id ID [--runs-root DIR]`."""
+    parser = argparse.ArgumentParser(prog="maou-nb train", description="Run the train step of a run (also as the "
+                                     "script torchrun starts: torchrun --nproc_per_node=N $(command -v maou-nb) train ...).")
+    parser.add_argument("params", help="a params YAML file, or the name of a bundled one")
+    parser.add_argument("--run-id", required=True, help="the run whose data it trains on and whose folder it writes")
+    parser.add_argument("--runs-root", help="overrides settings.ini's runs_root")
+    args = parser.parse_args(argv)
+    from maou_nb.train import NonFiniteLossError, train
+    try:
+        result = train(train_config(args.params, args.run_id, args.runs_root))
+    except (ValueError, FileNotFoundError, ShardError, RuntimeError, NonFiniteLossError) as e:
+        print(f"maou-nb train: error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(result.to_dict(), indent=1))
+    return 0
+
 # %% ../nbs/23_cli.ipynb #dac81966
-COMMANDS = ("run", "init", "usi")
+COMMANDS = ("run", "train", "init", "usi")
 
 def command_parser() -> argparse.ArgumentParser:
     """The `maou-nb` parser: one subcommand per job, each listed with one line in `maou-nb --help`."""
@@ -72,6 +107,7 @@ def command_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", help="reuse to resume a run; default: timestamp + params name")
     run.add_argument("--runs-root", help="overrides settings.ini's runs_root")
     run.add_argument("--only", help="comma-separated steps to run (others are skipped)")
+    commands.add_parser("train", add_help=False, help="run the train step of a run (torchrun starts this for DDP)")
     commands.add_parser("init", add_help=False, help="copy the example params (and --notebooks) into a folder to edit")
     commands.add_parser("usi", add_help=False, help="play as a USI engine on stdin/stdout (maou-nb usi --help)")
     return parser
@@ -82,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "init":
         return init_command(argv[1:])
+    if argv and argv[0] == "train":
+        return train_command(argv[1:])
     if argv and argv[0] == "usi":
         from maou_nb.usi import main as usi_main
         return usi_main(argv[1:]) or 0

@@ -112,6 +112,9 @@ class TrainConfig:
     max_steps: int | None = knob(None, min=1)  # stop this run after N optimiser steps (writes `last`); None = no cap
     seed: int = knob(0, min=0)
     device: str = "auto"                  # auto | cpu | cuda | cuda:N | mps
+    # distributed and speed (batch_size is the global batch: each of W processes computes batch_size / W rows)
+    nproc_per_node: int = knob(1, min=1)  # > 1: the train stage runs torchrun with this many processes
+    ddp_backend: str = knob("auto", choices=("auto", "nccl", "gloo"))  # auto: nccl on CUDA, gloo on CPU
     # outputs, resume
     out_dir: str | None = None            # None: <runs_root>/train
     save_every: int = knob(0, min=0)      # also checkpoint every N optimiser steps; 0 = at epoch ends only
