@@ -102,7 +102,7 @@ class TrainConfig:
     weight_decay: float = knob(0.01, min=0)  # not on norms, biases or other 1-d parameters
     lr_scheduler: str = "Warmup+CosineDecay"  # or CosineAnnealingLR (any case, snake_case too)
     grad_clip: float | None = knob(1.0, above=0)
-    amp: bool = False                     # CUDA only; fp32 elsewhere
+    amp: bool = False                     # autocast: amp_dtype on CUDA, bf16 on CPU; fp32 elsewhere
     amp_dtype: str = knob("bf16", choices=("bf16", "fp16"))  # fp16 uses a GradScaler
     compilation: bool = False             # torch.compile the forward pass
     detect_anomaly: bool = False
@@ -115,6 +115,7 @@ class TrainConfig:
     # distributed and speed (batch_size is the global batch: each of W processes computes batch_size / W rows)
     nproc_per_node: int = knob(1, min=1)  # > 1: the train stage runs torchrun with this many processes
     ddp_backend: str = knob("auto", choices=("auto", "nccl", "gloo"))  # auto: nccl on CUDA, gloo on CPU
+    channels_last: bool = False           # conv weights (ResNet) in channels-last memory: same maths, faster kernels
     # outputs, resume
     out_dir: str | None = None            # None: <runs_root>/train
     save_every: int = knob(0, min=0)      # also checkpoint every N optimiser steps; 0 = at epoch ends only

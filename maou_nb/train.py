@@ -439,8 +439,9 @@ class StageTrainer:
         self.optimizer = make_optimizer(model, c)
         self.scheduler = make_scheduler(self.optimizer, c.lr_scheduler, self.steps_per_epoch,
                                         self.steps_per_epoch * spec.max_epochs)
-        cuda_amp = c.amp and device.startswith("cuda")
-        self.amp_dtype = (torch.bfloat16 if c.amp_dtype == "bf16" else torch.float16) if cuda_amp else None
+        self.device_type = torch.device(device).type
+        self.amp_dtype = ({"cuda": torch.bfloat16 if c.amp_dtype == "bf16" else torch.float16, "cpu": torch.bfloat16}
+                          .get(self.device_type) if c.amp else None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
         self.ema = EMA(model, c.ema_decay) if c.ema_decay else None
         self.ddp = self.wrap(model) if d.world_size > 1 else None
@@ -466,8 +467,8 @@ class StageTrainer:
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=idle)
 
     def autocast(self):
-        """Mixed precision on CUDA when `amp`, else a no-op."""
-        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        """Mixed precision when `amp` (CUDA: `amp_dtype`; CPU: bf16), else a no-op."""
+        return torch.autocast(self.device_type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
     def epoch_batches(self, epoch: int):
         """This epoch's batches from the current position, on the device (iterator creation is RNG-neutral)."""
@@ -801,7 +802,7 @@ def _train(c: TrainConfig, d: Dist, device: str, progress: bool, callback) -> Tr
         set_rng_state(resume["rng"])
     else:
         run.log.rewind(0)                                  # a fresh run's telemetry starts empty, as its checkpoints do
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if c.channels_last else torch.preserve_format)
     stopped = None
     try:
         with torch.autograd.set_detect_anomaly(c.detect_anomaly):

@@ -480,3 +480,31 @@ def test_full_disk_stops_training_naming_the_path_and_keeps_the_last_checkpoint(
         assert last["step"] >= 1 and not list((disk / "run").rglob(".*.tmp"))
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+# ---------------------------------------------------------------- speed knobs
+
+def _step_losses(data, tmp_path, name, **overrides) -> list[float]:
+    losses = []
+    train(run_config(data, tmp_path / name, epoch=1, **overrides), progress=False,
+          callback=lambda info: losses.append(info["loss"]))
+    return losses
+
+
+def test_channels_last_is_the_same_maths_and_its_checkpoint_loads_anywhere(data, tmp_path):
+    plain = _step_losses(data, tmp_path, "plain")
+    last = _step_losses(data, tmp_path, "cl", channels_last=True)
+    assert len(plain) == len(last) >= 2 and last == pytest.approx(plain, rel=1e-4)
+    ckpt = load_checkpoint(tmp_path / "cl" / "run" / "checkpoints" / "best.pt")
+    conv = next(v for v in ckpt["model"].values() if v.ndim == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)     # the layout really changed
+    from maou_nb.model import build_model
+    build_model(ckpt["arch"], **ckpt["model_config"]).load_state_dict(ckpt["model"])   # and loads into a plain model
+
+
+def test_amp_on_cpu_trains_in_bf16(data, tmp_path):
+    fp32 = _step_losses(data, tmp_path, "fp32")
+    bf16 = _step_losses(data, tmp_path, "bf16", amp=True)
+    assert len(bf16) == len(fp32) and all(math.isfinite(x) for x in bf16)
+    assert bf16 != fp32                                              # autocast was on (fp32 reproduces itself exactly)
+    assert bf16 == pytest.approx(fp32, rel=0.05)                     # and it is the same training within bf16 noise
