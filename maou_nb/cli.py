@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .pipeline import STEPS, kit_folder, load_params, resolve_run_id, run_pipeline
@@ -16,7 +18,8 @@ from .settings import setting
 from .storage import ShardError, atomic_path
 
 # %% auto #0
-__all__ = ['COMMANDS', 'init', 'init_command', 'train_config', 'train_command', 'command_parser', 'main']
+__all__ = ['COMMANDS', 'init', 'init_command', 'train_config', 'train_command', 'loader_sweep', 'benchmark_dataloader_command',
+           'command_parser', 'main']
 
 # %% ../nbs/23_cli.ipynb #ff79ddd9
 def init(folder: str | os.PathLike = ".", *, notebooks: bool = False, overwrite: bool = False) -> list[Path]:
@@ -94,8 +97,56 @@ def train_command(argv: list[str] | None = None) -> int:
         print(json.dumps(result.to_dict(), indent=1))
     return 0
 
+# %% ../nbs/23_cli.ipynb #6d679064
+def loader_sweep(config: dict, *, workers=(0, 1, 2), pin_memory=(False, True), prefetch=(2, 4),
+                 batch_sizes=(256, 1024), batches: int = 20) -> dict:
+    """Samples/s of the train loader of the config's last stage for each setting (iterator start-up included)."""
+    from maou_nb.config import TrainConfig
+    from maou_nb.datasets import make_loader, stage_datasets
+    c = TrainConfig.from_dict(config)
+    stage = c.stages()[-1]
+    train_ds, _ = stage_datasets(stage, getattr(c, f"stage{stage}_data"), getattr(c, f"stage{stage}_val_data"),
+                                 test_ratio=c.test_ratio, seed=c.seed, input_format=c.input_format,
+                                 policy_target=c.policy_target)
+    rows = []
+    for w, pin, pf, bs in itertools.product(workers, pin_memory, prefetch, batch_sizes):
+        if w == 0 and pf != prefetch[0]:
+            continue                                       # prefetch applies to workers only
+        loader, _ = make_loader(train_ds, bs, workers=w, pin_memory=pin, prefetch_factor=pf if w else None)
+        t0, n = time.perf_counter(), 0
+        for batch in itertools.islice(iter(loader), batches):
+            n += len(batch["board"])
+        seconds = time.perf_counter() - t0
+        rows.append({"workers": w, "pin_memory": pin, "prefetch_factor": pf if w else None, "batch_size": bs,
+                     "samples": n, "seconds": round(seconds, 4), "samples_per_s": round(n / seconds, 1)})
+    best = max(rows, key=lambda r: r["samples_per_s"])
+    return {"benchmark": "dataloader", "stage": stage, "rows": len(train_ds), "best": best, "table": rows}
+
+# %% ../nbs/23_cli.ipynb #e9c0ce54
+def benchmark_dataloader_command(argv: list[str] | None = None) -> int:
+    """`maou-nb benchmark-dataloader PARAMS [--run-id ID] [--runs-root DIR] [--batches N]`."""
+    parser = argparse.ArgumentParser(prog="maou-nb benchmark-dataloader", description="Time the train step's data "
+                                     "loader over workers, pin memory, prefetch and batch size; print JSON.")
+    parser.add_argument("params", help="a params YAML file, or the name of a bundled one")
+    parser.add_argument("--run-id", help="read that run's data (default: the paths in the params' train section)")
+    parser.add_argument("--runs-root", help="overrides settings.ini's runs_root")
+    parser.add_argument("--batches", type=int, default=20, help="batches timed per setting")
+    parser.add_argument("--batch-sizes", default="256,1024", help="comma-separated batch sizes")
+    args = parser.parse_args(argv)
+    try:
+        config = (train_config(args.params, args.run_id, args.runs_root) if args.run_id
+                  else dict(load_params(args.params).get("train") or {}))
+        config.pop("resume_from", None)
+        result = loader_sweep(config, batches=args.batches,
+                              batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")))
+    except (ValueError, FileNotFoundError, ShardError) as e:
+        print(f"maou-nb benchmark-dataloader: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1))
+    return 0
+
 # %% ../nbs/23_cli.ipynb #dac81966
-COMMANDS = ("run", "train", "init", "usi")
+COMMANDS = ("run", "train", "benchmark-dataloader", "init", "usi")
 
 def command_parser() -> argparse.ArgumentParser:
     """The `maou-nb` parser: one subcommand per job, each listed with one line in `maou-nb --help`."""
@@ -108,6 +159,7 @@ def command_parser() -> argparse.ArgumentParser:
     run.add_argument("--runs-root", help="overrides settings.ini's runs_root")
     run.add_argument("--only", help="comma-separated steps to run (others are skipped)")
     commands.add_parser("train", add_help=False, help="run the train step of a run (torchrun starts this for DDP)")
+    commands.add_parser("benchmark-dataloader", add_help=False, help="time the train loader's settings; print JSON")
     commands.add_parser("init", add_help=False, help="copy the example params (and --notebooks) into a folder to edit")
     commands.add_parser("usi", add_help=False, help="play as a USI engine on stdin/stdout (maou-nb usi --help)")
     return parser
@@ -120,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         return init_command(argv[1:])
     if argv and argv[0] == "train":
         return train_command(argv[1:])
+    if argv and argv[0] == "benchmark-dataloader":
+        return benchmark_dataloader_command(argv[1:])
     if argv and argv[0] == "usi":
         from maou_nb.usi import main as usi_main
         return usi_main(argv[1:]) or 0

@@ -112,8 +112,7 @@ class TrainConfig:
     max_steps: int | None = knob(None, min=1)  # stop this run after N optimiser steps (writes `last`); None = no cap
     seed: int = knob(0, min=0)
     device: str = "auto"                  # auto | cpu | cuda | cuda:N | mps
-    # distributed and speed (batch_size is the global batch: each of W processes computes batch_size / W rows)
-    nproc_per_node: int = knob(1, min=1)  # > 1: the train stage runs torchrun with this many processes
+    # distributed and speed (torchrun ... maou-nb train: batch_size is the global batch, each of W ranks computes 1/W)
     ddp_backend: str = knob("auto", choices=("auto", "nccl", "gloo"))  # auto: nccl on CUDA, gloo on CPU
     channels_last: bool = False           # conv weights (ResNet) in channels-last memory: same maths, faster kernels
     # outputs, resume

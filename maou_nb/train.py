@@ -620,7 +620,7 @@ def fit_stage(tr: StageTrainer, run: TrainRun) -> dict:
 def run_token(c: TrainConfig) -> str:
     """A short digest of the parameters a fresh run starts from: runs with the same ones reach the same states,
     and a rerun writes byte-identical checkpoints (the loop's registry knows a model by its bytes)."""
-    params = {k: v for k, v in c.to_dict().items() if k not in ("resume_from", "max_steps", "nproc_per_node", "ddp_backend")}
+    params = {k: v for k, v in c.to_dict().items() if k not in ("resume_from", "max_steps", "ddp_backend")}
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 # %% ../nbs/12_train.ipynb #646e6be1
