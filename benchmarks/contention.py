@@ -23,7 +23,7 @@ k = KitStep(__import__("pathlib").Path(sys.argv[2]), "small", int(sys.argv[3]), 
 k.steps(2)
 rates = []
 for _ in range(3):
-    seconds, _ = k.steps(int(sys.argv[5]))
+    seconds, _, _ = k.steps(int(sys.argv[5]))
     rates.append(int(sys.argv[5]) * int(sys.argv[3]) / seconds)
 print(json.dumps({"samples_per_s": sorted(rates)[1], "threads": torch.get_num_threads()}))
 '''

@@ -4,7 +4,8 @@ rate (torch.utils.flop_counter) as a fraction of the machine's peak, and each sp
 
 Usage: python benchmarks/step.py [--sizes maou,small,default] [--batches 64,256] [--variants ...] [--rounds 3]
 Variants are engine configs (TrainConfig overrides) timed in alternating rounds with the reference; medians and
-bests (the best round is the least disturbed by other work on a shared machine) are both reported.
+bests of wall-clock samples/s, and samples per CPU-second of this process (on a shared machine the steadiest
+measure of the work a step costs; run with --threads 1 so that no OpenMP thread spins) are reported.
 Data: real positions (seeded random cshogi games -> HCPE -> preprocess), as benchmarks/training.py makes them.
 """
 from __future__ import annotations
@@ -80,13 +81,14 @@ class KitStep:
         for epoch in range(10**6):
             yield from self.tr.epoch_batches(epoch)
 
-    def steps(self, n: int) -> tuple[float, list[float]]:
-        """(seconds, losses) of `n` full engine steps (tr.backward + tr.optimizer_step, as fit_stage calls them)."""
-        t0, losses = time.perf_counter(), []
+    def steps(self, n: int) -> tuple[float, float, list[float]]:
+        """(wall seconds, CPU seconds, losses) of `n` full engine steps (tr.backward + tr.optimizer_step, as
+        fit_stage calls them)."""
+        t0, c0, losses = time.perf_counter(), time.process_time(), []
         for _ in range(n):
             losses.append(self.tr.backward(next(self.batches), 0)["loss"])
             self.tr.optimizer_step()
-        return time.perf_counter() - t0, losses
+        return time.perf_counter() - t0, time.process_time() - c0, losses
 
     def split(self, n: int) -> dict:
         """Mean seconds of each part of a step over `n` steps (the same calls, with clocks between them)."""
@@ -122,20 +124,31 @@ def compare(data: Path, size: str, batch: int, variants: list[str], rounds: int,
     for k in kits.values():
         k.steps(2)
     rates = {"reference": [], **{v: [] for v in variants}}
+    cpu = {name: [] for name in rates}                                      # samples per CPU-second of this process
     for _ in range(rounds):
-        rates["reference"].append(steps * batch / timed_reference(ref_model, ref_opt, ref_batches, steps)[0])
+        wall, cpu_s, _ = timed_reference(ref_model, ref_opt, ref_batches, steps)
+        rates["reference"].append(steps * batch / wall)
+        cpu["reference"].append(steps * batch / cpu_s)
         for v, k in kits.items():
-            rates[v].append(steps * batch / k.steps(steps)[0])
+            wall, cpu_s, _ = k.steps(steps)
+            rates[v].append(steps * batch / wall)
+            cpu[v].append(steps * batch / cpu_s)
     peak = cpu_peak()
     out = {"size": size, "parameters": count_parameters(ref_model)["total"], "batch": batch,
            "train_mflop_per_sample": round(flops / 1e6, 1), "results": {}}
     ref, ref_best = float(np.median(rates["reference"])), max(rates["reference"])
+    ref_cpu = float(np.median(cpu["reference"]))
     for name, r in rates.items():
         rate = float(np.median(r))
         bf16 = name != "reference" and VARIANTS[name].get("amp")
         entry = {"samples_per_s": round(rate, 1), "vs_reference": round(rate / ref, 2),
                  "best_samples_per_s": round(max(r), 1), "best_vs_reference": round(max(r) / ref_best, 2),
-                 "rounds": [round(x, 1) for x in r], "achieved_gflops": round(rate * flops / 1e9, 2),
+                 "rounds": [round(x, 1) for x in r],
+                 "samples_per_cpu_s": round(float(np.median(cpu[name])), 1),
+                 "cpu_vs_reference": round(float(np.median(cpu[name])) / ref_cpu, 2),
+                 "gflop_per_cpu_s": round(float(np.median(cpu[name])) * flops / 1e9, 1),
+                 "fraction_of_core_peak": round(float(np.median(cpu[name])) * flops / 1e9 * peak["cores"]
+                                                / peak["bf16_gflops" if bf16 else "fp32_gflops"], 3), "achieved_gflops": round(rate * flops / 1e9, 2),
                  "fraction_of_peak": round(rate * flops / 1e9 / peak["bf16_gflops" if bf16 else "fp32_gflops"], 3)}
         if name != "reference":
             entry["split_s"] = kits[name].split(max(2, steps // 2))
