@@ -2,7 +2,8 @@
 for each choice of intra-op threads and OpenMP wait policy (each in its own process: the policy is read when the
 OpenMP runtime starts). The competitor is one busy process per core (pure Python loops). Prints JSON.
 
-Usage: python benchmarks/contention.py [--threads 1,2] [--policies active,passive] [--batch 64] [--steps 6]
+Usage: python benchmarks/contention.py [--threads 1,2] [--policies default,active,passive] [--batch 64] [--steps 6]
+(`default`: OMP_WAIT_POLICY unset, the OpenMP runtime's own choice).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ print(json.dumps({"samples_per_s": sorted(rates)[1], "threads": torch.get_num_th
 
 def measure(data: Path, threads: int, policy: str, batch: int, steps: int, tmp: Path, busy: int) -> dict:
     """Samples/s of one configuration, with `busy` competing processes running."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": policy.upper()}
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update({"OMP_NUM_THREADS": str(threads), **({} if policy == "default" else {"OMP_WAIT_POLICY": policy.upper()})})
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
     try:
         out = subprocess.run([sys.executable, "-c", CHILD, str(Path(__file__).parent), str(data), str(batch),
@@ -47,7 +49,7 @@ def measure(data: Path, threads: int, policy: str, batch: int, steps: int, tmp: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--policies", default="active,passive")
+    ap.add_argument("--policies", default="default,active,passive")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--games", type=int, default=20)

@@ -511,3 +511,16 @@ def test_amp_on_cpu_trains_in_bf16(data, tmp_path):
     assert len(bf16) == len(fp32) and all(math.isfinite(x) for x in bf16)
     assert bf16 != fp32                                              # autocast was on (fp32 reproduces itself exactly)
     assert bf16 == pytest.approx(fp32, rel=0.05)                     # and it is the same training within bf16 noise
+
+
+def test_the_command_makes_waiting_openmp_threads_sleep_unless_told_otherwise():
+    """Spinning OpenMP threads collapse a step on busy cores (benchmarks/RESULTS.md): maou-nb sets PASSIVE first."""
+    import subprocess
+    import sys
+    probe = "import os, sys, maou_nb.cli; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["PASSIVE", "False"]                     # set before torch (and its OpenMP) loaded
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == "ACTIVE"
