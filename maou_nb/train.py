@@ -43,8 +43,8 @@ __all__ = ['NORM_TYPES', 'multilabel_loss', 'policy_loss_rows', 'multilabel_metr
            'summarise', 'StageSpec', 'stage_spec', 'stage_gate', 'StageThresholdError', 'NonFiniteLossError',
            'param_groups', 'make_optimizer', 'make_scheduler', 'EMA', 'rng_state', 'set_rng_state', 'seed_everything',
            'RunLog', 'Dist', 'start_distributed', 'check_world', 'StageTrainer', 'position_sampler', 'fit_stage',
-           'run_token', 'TrainRun', 'progress_of', 'resume_checkpoint', 'TrainResult', 'as_config', 'stage_trainer',
-           'train']
+           'run_token', 'TrainRun', 'progress_of', 'resume_checkpoint', 'TrainResult', 'as_config',
+           'conv_channels_last', 'stage_trainer', 'train']
 
 # %% ../nbs/12_train.ipynb #24601214
 def multilabel_loss(logits: torch.Tensor, target: torch.Tensor, *, pos_weight: float = 1.0,
@@ -751,6 +751,14 @@ def as_config(config: TrainConfig | dict | str | os.PathLike) -> TrainConfig:
         return TrainConfig.from_dict(config)
     return TrainConfig.from_yaml(config)
 
+# %% ../nbs/12_train.ipynb #1eac1e20
+def conv_channels_last(model: nn.Module) -> nn.Module:
+    """`model` with its Conv2d weights in channels-last memory (in place); other parameters and buffers unchanged."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.to(memory_format=torch.channels_last)
+    return model
+
 # %% ../nbs/12_train.ipynb #df8de4e6
 def stage_trainer(stage: str, c: TrainConfig, model: nn.Module, log: RunLog, device: str, progress: bool,
                   dist: Dist | None = None) -> StageTrainer:
@@ -802,7 +810,9 @@ def _train(c: TrainConfig, d: Dist, device: str, progress: bool, callback) -> Tr
         set_rng_state(resume["rng"])
     else:
         run.log.rewind(0)                                  # a fresh run's telemetry starts empty, as its checkpoints do
-    model.to(device, memory_format=torch.channels_last if c.channels_last else torch.preserve_format)
+    model.to(device)
+    if c.channels_last:
+        conv_channels_last(model)
     stopped = None
     try:
         with torch.autograd.set_detect_anomaly(c.detect_anomaly):

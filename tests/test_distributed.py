@@ -22,7 +22,7 @@ from maou_nb.records import random_games
 from maou_nb.storage import load_checkpoint, save_hcpe, write_manifest
 from maou_nb.config import ConfigError, TrainConfig
 from maou_nb.model import build_train_model
-from maou_nb.train import Dist, RunLog, check_world, stage_trainer, start_distributed, train
+from maou_nb.train import Dist, RunLog, check_world, conv_channels_last, stage_trainer, start_distributed, train
 
 # no BatchNorm (its statistics are per rank under DDP) and no dropout: the 2-process run must be the 1-process run
 VIT = {"device": "cpu", "model": "vit", "preset": "small", "log_every": 1, "epoch": 2, "stage": "3",
@@ -54,6 +54,12 @@ def _worker(rank: int, world: int, init_file: str, params: dict, rows_file: str 
                                RunLog(Path(rows_file).parent, c, write=False), "cpu", False, d)
             rows = [batch["_rows"].tolist() + [tr.share[0]] for batch in tr.epoch_batches(0)]
             Path(f"{rows_file}.{rank}").write_text(json.dumps(rows))
+            # and a ResNet (BatchNorm, channels-last conv weights by default) steps under DDP too
+            c = TrainConfig.from_dict({**params, "model": "resnet", "model_config": {}})
+            net = conv_channels_last(build_train_model(c.model, ["3"], c.model_config, c.preset))
+            tr = stage_trainer("3", c, net, RunLog(Path(rows_file).parent, c, write=False), "cpu", False, d)
+            tr.backward(next(tr.epoch_batches(0)), 0)
+            tr.optimizer_step()
     finally:
         dist.destroy_process_group()
 
