@@ -297,11 +297,16 @@ def stage_datasets(stage: str, path, val_path=None, *, test_ratio: float = 0.1, 
 
 # %% ../nbs/06_datasets.ipynb #56d046cb
 class EpochBatchSampler(Sampler):
-    """Batches of row indices of a deterministic per-(seed, epoch) permutation; resumable mid-epoch."""
-    def __init__(self, n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+    """Batches of row indices of a deterministic per-(seed, epoch) permutation; resumable mid-epoch. With
+    `world_size` > 1, `batch_size` is the global batch and this rank gets its part of each one."""
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                 rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be at least 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank}: must be in [0, world_size={world_size})")
         self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = int(n), int(batch_size), shuffle, int(seed), drop_last
+        self.rank, self.world_size = int(rank), int(world_size)
         self.epoch, self.start_batch, self.batches_yielded = 0, 0, 0
 
     def __len__(self) -> int:
@@ -323,7 +328,18 @@ class EpochBatchSampler(Sampler):
         start, self.start_batch = self.start_batch, 0  # a resumed position applies to one pass only
         for b in range(start, len(self)):
             self.batches_yielded = b + 1
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+            part = np.array_split(order[b * self.batch_size:(b + 1) * self.batch_size], self.world_size)[self.rank]
+            yield part if len(part) else order[b * self.batch_size:][:1]   # a stand-in row, weighted 0
+
+    def rows(self, b: int) -> int:
+        """Rows of global batch `b` (all ranks together)."""
+        return min(self.batch_size, self.n - b * self.batch_size)
+
+    def weight(self, b: int) -> float:
+        """The factor on this rank's mean loss of batch `b` that makes the ranks' mean the global batch's mean."""
+        m = self.rows(b)
+        mine = m // self.world_size + (self.rank < m % self.world_size)
+        return self.world_size * mine / m
 
     def state_dict(self, batches_done: int | None = None) -> dict:
         """Where the sampler stands; pass `batches_done` (consumed by training) when workers prefetch ahead."""
@@ -342,9 +358,10 @@ class EpochBatchSampler(Sampler):
 # %% ../nbs/06_datasets.ipynb #ec13687b
 def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
                 workers: int = 0, pin_memory: bool = False, prefetch_factor: int | None = None,
-                persistent_workers: bool = False) -> tuple[DataLoader, EpochBatchSampler]:
-    """(DataLoader, its EpochBatchSampler): each fetch is one vectorised `ds[indices]` batch."""
-    sampler = EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+                persistent_workers: bool = False, rank: int = 0, world_size: int = 1) -> tuple[DataLoader, EpochBatchSampler]:
+    """(DataLoader, its EpochBatchSampler): each fetch is one vectorised `ds[indices]` batch (this rank's part of it)."""
+    sampler = EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                                rank=rank, world_size=world_size)
     extra = {} if workers == 0 else {"prefetch_factor": prefetch_factor, "persistent_workers": persistent_workers}
     loader = DataLoader(ds, batch_size=None, sampler=sampler, num_workers=workers, pin_memory=pin_memory, **extra)
     return loader, sampler

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -22,15 +23,17 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .config import (
     PART_KEYS, ConfigError, TrainConfig, check_config, check_files_exist, resolve_checkpoint, scheduler_name)
 from .datasets import make_loader, stage_datasets
 from .model import (
-    apply_freezing, build_model, build_train_model, checkpoint_payload, clean_state_dict, load_parts)
+    apply_freezing, build_model, build_train_model, checkpoint_payload, clean_state_dict, load_parts, unwrap_model)
 from .settings import _duration, progress, progress_form, resolve_device, setting
 from .storage import (
     ShardError, atomic_path, disk_error, load_checkpoint, remove_stale_temps, save_checkpoint, write_json)
@@ -39,8 +42,9 @@ from .storage import (
 __all__ = ['NORM_TYPES', 'multilabel_loss', 'policy_loss_rows', 'multilabel_metrics', 'stage3_losses', 'stage3_metrics',
            'summarise', 'StageSpec', 'stage_spec', 'stage_gate', 'StageThresholdError', 'NonFiniteLossError',
            'param_groups', 'make_optimizer', 'make_scheduler', 'EMA', 'rng_state', 'set_rng_state', 'seed_everything',
-           'RunLog', 'StageTrainer', 'position_sampler', 'fit_stage', 'run_token', 'TrainRun', 'progress_of',
-           'resume_checkpoint', 'TrainResult', 'as_config', 'stage_trainer', 'train']
+           'RunLog', 'Dist', 'start_distributed', 'check_world', 'StageTrainer', 'position_sampler', 'fit_stage',
+           'run_token', 'TrainRun', 'progress_of', 'resume_checkpoint', 'TrainResult', 'as_config',
+           'conv_channels_last', 'stage_trainer', 'train']
 
 # %% ../nbs/12_train.ipynb #24601214
 def multilabel_loss(logits: torch.Tensor, target: torch.Tensor, *, pos_weight: float = 1.0,
@@ -252,11 +256,13 @@ def seed_everything(seed: int) -> None:
 class RunLog:
     """stats.json, metrics.jsonl and TensorBoard for one run folder, and a compact line per record on stdout."""
     def __init__(self, out_dir: Path, config: TrainConfig, echo: Callable[[str], None] | None = print,
-                 echo_every_s: float = 10.0):
+                 echo_every_s: float = 10.0, write: bool = True):
         from torch.utils.tensorboard import SummaryWriter
-        self.dir, self.config, self.t0 = Path(out_dir), config, time.time()
+        self.dir, self.config, self.t0, self.write = Path(out_dir), config, time.time(), write
+        if not write:                                    # another rank than 0: keeps the figures, writes and prints nothing
+            echo = None
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(self.dir / "logs" / self.dir.resolve().name))
+        self.writer = SummaryWriter(log_dir=str(self.dir / "logs" / self.dir.resolve().name)) if write else None
         self.latest_val: dict = {}
         self.latest_train: dict = {"eta_s": None}
         self.records = 0                                 # lines in metrics.jsonl, kept in checkpoints
@@ -265,7 +271,7 @@ class RunLog:
     def rewind(self, records: int) -> None:
         """Keep the first `records` lines of metrics.jsonl (a resumed run rewrites what came after its checkpoint)."""
         path = self.dir / "metrics.jsonl"
-        if path.is_file():
+        if self.write and path.is_file():
             lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
             with atomic_path(path) as tmp:
                 tmp.write_text("".join(line for line in lines[:records] if line.endswith("\n")), encoding="utf-8")
@@ -278,12 +284,14 @@ class RunLog:
             self.latest_val = {k: v for k, v in info.items() if isinstance(v, float)}
         else:
             self.latest_train = {**rec, "eta_s": eta_s}
+        self.records += 1
+        if not self.write:
+            return
         try:
             with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
         except OSError as e:
             raise disk_error(self.dir / "metrics.jsonl", e) or e from None
-        self.records += 1
         position = {k: rec[k] for k in ("stage", "epoch", "step", "global_step", "lr", "elapsed_s", "timestamp")}
         write_json(self.dir / "stats.json", {**self.latest_train, **position, "val": self.latest_val})
         for k, v in info.items():
@@ -324,37 +332,127 @@ class RunLog:
     def histograms(self, model: nn.Module, global_step: int) -> None:
         """Weight histograms of the parameters matching `tensorboard_histogram_module`."""
         pattern = self.config.tensorboard_histogram_module
-        for name, p in model.named_parameters():
+        for name, p in model.named_parameters() if self.write else ():
             if pattern is None or re.search(pattern, name):
                 self.writer.add_histogram(name, p.detach().float().cpu(), global_step)
 
     def close(self) -> None:
         """Flush TensorBoard."""
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+
+# %% ../nbs/12_train.ipynb #53596271
+@dataclass
+class Dist:
+    """Where this process stands in a distributed run (a single process: rank 0 of 1)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    started: bool = False      # this run started the process group, and ends it
+    device: str = "cpu"        # where the reduced tensors live (the GPU with nccl)
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run's files and prints its lines (rank 0)."""
+        return self.rank == 0
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` averaged over the ranks (itself in a single process)."""
+        if self.world_size == 1:
+            return t
+        t = t.to(self.device, torch.float64)
+        dist.all_reduce(t)
+        return t / self.world_size
+
+    def sum_pairs(self, sums: dict) -> dict:
+        """(sum, count) pairs summed over the ranks."""
+        if self.world_size == 1:
+            return sums
+        keys = sorted(sums)
+        t = torch.tensor([float(x) for k in keys for x in sums[k]], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: (t[2 * i].item(), int(t[2 * i + 1].item())) for i, k in enumerate(keys)}
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Rank 0's buffers (e.g. BatchNorm statistics, which each rank updates on its own rows) on every rank."""
+        for b in model.buffers() if self.world_size > 1 else ():
+            dist.broadcast(b, 0)
+
+    def stop(self, ok: bool) -> None:
+        """Wait for every rank (after a clean run), then end the process group if this run started it."""
+        if self.world_size > 1 and ok:
+            dist.barrier()
+        if self.started:
+            dist.destroy_process_group()
+
+# %% ../nbs/12_train.ipynb #07393318
+def _attempt_store() -> dict:
+    """Under torchrun, the agent's store seen through a prefix of this restart attempt: in torch 2.13 the ranks of a
+    restarted attempt otherwise read the addresses of the killed attempt's ranks and fail to connect."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=datetime.timedelta(minutes=10))
+    return {"store": dist.PrefixStore(f"maou_nb/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store),
+            "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
+
+# %% ../nbs/12_train.ipynb #1245c049
+def start_distributed(device: str, backend: str = "auto") -> tuple[Dist, str]:
+    """(this process's `Dist`, its device), starting torchrun's process group when the environment asks for one."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    started = False
+    if not (dist.is_available() and dist.is_initialized()):
+        if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+            return Dist(), device
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local)
+        backend = ("nccl" if device.startswith("cuda") else "gloo") if backend == "auto" else backend
+        dist.init_process_group(backend, **_attempt_store())
+        started = True
+    if device.startswith("cuda"):
+        device = f"cuda:{local}"
+    where = device if dist.get_backend() == "nccl" else "cpu"
+    return Dist(dist.get_rank(), dist.get_world_size(), local, started, where), device
+
+# %% ../nbs/12_train.ipynb #0dad89e0
+def check_world(c: TrainConfig, d: Dist) -> None:
+    """Every stage's (global) batch size must split evenly over the ranks."""
+    for stage in c.stages():
+        bs = c.batch_size_of(stage)
+        if bs % d.world_size:
+            key = "batch_size" if bs == c.batch_size else f"stage{stage}_batch_size"
+            raise ConfigError(f"{key}={bs} is the global batch of stage {stage} and must split evenly over the "
+                              f"{d.world_size} processes: set it to a multiple of {d.world_size} (e.g. "
+                              f"{d.world_size * max(1, round(bs / d.world_size))}) or change --nproc_per_node.")
 
 # %% ../nbs/12_train.ipynb #02cba45e
 class StageTrainer:
     """The state of one stage of training and the steps of its loop."""
     def __init__(self, spec: StageSpec, model: nn.Module, c: TrainConfig, log: RunLog, device: str,
-                 data: tuple, progress: bool):
+                 data: tuple, progress: bool, dist: Dist | None = None):
         self.spec, self.model, self.c, self.log, self.device, self.progress = spec, model, c, log, device, progress
+        self.dist = d = dist or Dist()
         if not progress:
             log.echo = None                                   # progress=False: no bars and no log lines
         self.train_ds, self.val_ds = data
         bs = c.batch_size_of(spec.stage)
-        kw = dict(workers=c.dataloader_workers, pin_memory=c.pin_memory, prefetch_factor=c.prefetch_factor)
+        kw = dict(workers=c.dataloader_workers, pin_memory=c.pin_memory, prefetch_factor=c.prefetch_factor,
+                  rank=d.rank, world_size=d.world_size)
         self.loader, self.sampler = make_loader(self.train_ds, bs, shuffle=True, seed=c.seed, **kw)
-        self.val_loader, _ = make_loader(self.val_ds, bs, shuffle=False, seed=c.seed, **kw)
+        self.val_loader, self.val_sampler = make_loader(self.val_ds, bs, shuffle=False, seed=c.seed, **kw)
         self.batches_per_epoch = len(self.loader)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / c.gradient_accumulation_steps)
         self.optimizer = make_optimizer(model, c)
         self.scheduler = make_scheduler(self.optimizer, c.lr_scheduler, self.steps_per_epoch,
                                         self.steps_per_epoch * spec.max_epochs, c.warmup_ratio)
-        cuda_amp = c.amp and device.startswith("cuda")
-        self.amp_dtype = (torch.bfloat16 if c.amp_dtype == "bf16" else torch.float16) if cuda_amp else None
+        self.device_type = torch.device(device).type
+        self.amp_dtype = ({"cuda": torch.bfloat16 if c.amp_dtype == "bf16" else torch.float16, "cpu": torch.bfloat16}
+                          .get(self.device_type) if c.amp else None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
         self.ema = EMA(model, c.ema_decay) if c.ema_decay else None
-        self.forward = torch.compile(model) if c.compilation else model
+        self.ddp = self.wrap(model) if d.world_size > 1 else None
+        self.forward = torch.compile(self.ddp or model) if c.compilation else (self.ddp or model)
+        self.share = (1.0, bs)          # (loss weight of this rank, rows of the global batch) of the current batch
         self.epoch, self.batch, self.step, self.accumulated = spec.start_epoch, 0, 0, 0
         if spec.start_epoch:  # a run started at a later epoch continues the schedule from there
             self.step = spec.start_epoch * self.steps_per_epoch
@@ -367,9 +465,16 @@ class StageTrainer:
         self.window = (time.time(), 0)  # (start time, samples) of the current log window
         self.t_start, self.step_start = None, 0   # when (and after which step) this run's first step of the stage ended
 
+    def wrap(self, model: nn.Module) -> DistributedDataParallel:
+        """`model` in DistributedDataParallel (heads that train in other stages are left out of the reduction)."""
+        idle = any(p.requires_grad for name, head in unwrap_model(model).heads.items()
+                   if name not in self.spec.heads for p in head.parameters())
+        ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=idle)
+
     def autocast(self):
-        """Mixed precision on CUDA when `amp`, else a no-op."""
-        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        """Mixed precision when `amp` (CUDA: `amp_dtype`; CPU: bf16), else a no-op."""
+        return torch.autocast(self.device_type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
     def epoch_batches(self, epoch: int):
         """This epoch's batches from the current position, on the device (iterator creation is RNG-neutral)."""
@@ -382,25 +487,33 @@ class StageTrainer:
         bar = progress(batches, total=self.batches_per_epoch, initial=self.batch, leave=False, unit="batch",
                        desc=f"stage {self.spec.stage} epoch {epoch}", show=self.progress, text=False)
         for batch in bar:
+            self.share = (self.sampler.weight(self.batch), self.sampler.rows(self.batch))
             self.batch += 1                       # batches of this epoch consumed, this one included
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self.batch = 0
 
     def backward(self, batch: dict, global_step: int) -> dict:
-        """Forward, loss, backward of one batch; a non-finite loss stops the run here."""
-        with self.autocast():
-            out = self.forward(batch["board"], batch["hand"])
-        losses = self.spec.losses(out, batch)
-        if not torch.isfinite(losses["loss"]):
-            rows = batch["_rows"].cpu().numpy()
-            raise NonFiniteLossError(   # TrainRun, which writes the checkpoints, adds the last good one
-                f"stage {self.spec.stage}: loss is {losses['loss'].item()} at step {self.step + 1} "
-                f"(global step {global_step + 1}, epoch {self.epoch}, batch {self.batch - 1}); the batch came from "
-                f"{sorted(set(self.train_ds.sources(rows)))}.")
-        self.scaler.scale(losses["loss"] / self.c.gradient_accumulation_steps).backward()
+        """Forward, loss, backward of one batch (this rank's part; gradients are reduced over the ranks on the last
+        micro-batch of an accumulation only); a non-finite loss on any rank stops every rank here."""
+        weight, rows = self.share
+        last = self.accumulated + 1 == self.c.gradient_accumulation_steps or self.batch == self.batches_per_epoch
+        with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+            with self.autocast():
+                out = self.forward(batch["board"], batch["hand"])
+            losses = self.spec.losses(out, batch)
+            values = self.dist.mean(torch.stack([v.detach().float() for v in losses.values()]) * weight).tolist()
+            if not math.isfinite(values[0]):
+                rows_here = batch["_rows"].cpu().numpy()
+                raise NonFiniteLossError(   # TrainRun, which writes the checkpoints, adds the last good one
+                    f"stage {self.spec.stage}: loss is {values[0]} at step {self.step + 1} "
+                    f"(global step {global_step + 1}, epoch {self.epoch}, batch {self.batch - 1}); the batch came from "
+                    f"{sorted(set(self.train_ds.sources(rows_here)))}" + (" or another rank's part of it."
+                                                                           if self.dist.world_size > 1 else "."))
+            loss = losses["loss"] if weight == 1 else losses["loss"] * weight
+            self.scaler.scale(loss / self.c.gradient_accumulation_steps).backward()
         self.accumulated += 1
-        self.window = (self.window[0], self.window[1] + len(batch["board"]))
-        return {k: v.item() for k, v in losses.items()}
+        self.window = (self.window[0], self.window[1] + rows)
+        return dict(zip(losses, values))
 
     def optimizer_step(self) -> None:
         """Clip, step (skipped fp16 steps do not advance the schedule), EMA."""
@@ -433,20 +546,22 @@ class StageTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation metrics of the stage."""
+        """Validation metrics of the stage (each rank validates its part; the sums are reduced)."""
         model = self.eval_model()
+        self.dist.sync_buffers(model)
         was_training = model.training
         model.eval()
         sums: dict = {}
-        for batch in self.val_loader:
+        for b, batch in enumerate(self.val_loader):
+            keep = self.val_sampler.weight(b) > 0            # not a stand-in row
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.autocast():
                 out = model(batch["board"], batch["hand"])
             for k, (s, n) in self.spec.metrics(out, batch, self.spec.losses(out, batch)).items():
                 total = sums.get(k, (0.0, 0))
-                sums[k] = (total[0] + s, total[1] + n)
+                sums[k] = (total[0] + s, total[1] + n) if keep else total
         model.train(was_training)
-        return summarise(sums)
+        return summarise(self.dist.sum_pairs(sums))
 
     def state(self, run_state: dict) -> dict:
         """The checkpoint payload of this moment: the model part (`model.checkpoint_payload`), then the stage's."""
@@ -511,16 +626,17 @@ def fit_stage(tr: StageTrainer, run: TrainRun) -> dict:
 def run_token(c: TrainConfig) -> str:
     """A short digest of the parameters a fresh run starts from: runs with the same ones reach the same states,
     and a rerun writes byte-identical checkpoints (the loop's registry knows a model by its bytes)."""
-    params = {k: v for k, v in c.to_dict().items() if k not in ("resume_from", "max_steps")}
+    params = {k: v for k, v in c.to_dict().items() if k not in ("resume_from", "max_steps", "ddp_backend")}
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 # %% ../nbs/12_train.ipynb #646e6be1
 class TrainRun:
     """A training run's folder, counters, logging and checkpointing."""
-    def __init__(self, out_dir: Path, c: TrainConfig, callback: Callable[[dict], None] | None = None):
-        self.c, self.callback, self.dir = c, callback, Path(out_dir)
+    def __init__(self, out_dir: Path, c: TrainConfig, callback: Callable[[dict], None] | None = None,
+                 dist: Dist | None = None):
+        self.c, self.callback, self.dir, self.dist = c, callback, Path(out_dir), dist or Dist()
         self.ckpt_dir = self.dir / "checkpoints"
-        self.log = RunLog(self.dir, c)
+        self.log = RunLog(self.dir, c, write=self.dist.main)
         self.global_step, self.steps_this_run = 0, 0
         self.completed: list[str] = []
         self.results: dict[str, dict] = {}
@@ -544,10 +660,18 @@ class TrainRun:
             self.last_good = self.ckpt_dir / "last.pt"
 
     def save(self, tr: StageTrainer, name: str) -> Path:
-        """Write checkpoint `<out_dir>/checkpoints/<name>.pt`."""
-        path = save_checkpoint(self.ckpt_dir / f"{name}.pt", tr.state(self.run_state()))
+        """Write checkpoint `<out_dir>/checkpoints/<name>.pt` (rank 0 writes; the others only name it)."""
+        path = self.ckpt_dir / f"{name}.pt"
+        if self.dist.main:
+            save_checkpoint(path, tr.state(self.run_state()))
         self.last_good = path if name == "last" else (self.last_good or path)
         return path
+
+    def batch_info(self, tr: StageTrainer) -> dict:
+        """The batch sizes of a step: per rank, global (all ranks, one micro-batch) and per optimiser step."""
+        bs, w = tr.sampler.batch_size, self.dist.world_size
+        return {"world_size": w, "batch_per_rank": bs // w, "batch_global": bs,
+                "batch_per_step": bs * self.c.gradient_accumulation_steps}
 
     def out_of_steps(self) -> bool:
         """Whether this run has done its `max_steps`."""
@@ -562,7 +686,7 @@ class TrainRun:
             samples_per_s, eta_s = tr.pace()
             self.log.record("train", {"stage": tr.spec.stage, "epoch": tr.epoch, "step": tr.step,
                                       "global_step": self.global_step, **losses, "lr": lr,
-                                      "samples_per_s": samples_per_s}, self.global_step, eta_s=eta_s)
+                                      "samples_per_s": samples_per_s, **self.batch_info(tr)}, self.global_step, eta_s=eta_s)
         if c.tensorboard_histogram_frequency and self.global_step % c.tensorboard_histogram_frequency == 0:
             self.log.histograms(tr.model, self.global_step)
         if c.save_every and tr.step % c.save_every == 0:
@@ -636,8 +760,17 @@ def as_config(config: TrainConfig | dict | str | os.PathLike) -> TrainConfig:
         return TrainConfig.from_dict(config)
     return TrainConfig.from_yaml(config)
 
+# %% ../nbs/12_train.ipynb #1eac1e20
+def conv_channels_last(model: nn.Module) -> nn.Module:
+    """`model` with its Conv2d weights in channels-last memory (in place); other parameters and buffers unchanged."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.to(memory_format=torch.channels_last)
+    return model
+
 # %% ../nbs/12_train.ipynb #df8de4e6
-def stage_trainer(stage: str, c: TrainConfig, model: nn.Module, log: RunLog, device: str, progress: bool) -> StageTrainer:
+def stage_trainer(stage: str, c: TrainConfig, model: nn.Module, log: RunLog, device: str, progress: bool,
+                  dist: Dist | None = None) -> StageTrainer:
     """A stage's trainer: the freezing knobs where they apply (with stage "all", Stage 3 only: Stages 1 and 2 train
     the whole backbone), the stage's data, a fresh optimiser and schedule."""
     if stage == "3" or c.stage != "all":
@@ -646,27 +779,39 @@ def stage_trainer(stage: str, c: TrainConfig, model: nn.Module, log: RunLog, dev
         model.requires_grad_(True)
     data = stage_datasets(stage, getattr(c, f"stage{stage}_data"), getattr(c, f"stage{stage}_val_data"),
                           test_ratio=c.test_ratio, seed=c.seed, input_format=c.input_format, policy_target=c.policy_target)
-    return StageTrainer(stage_spec(stage, c), model, c, log, device, data, progress)
+    return StageTrainer(stage_spec(stage, c), model, c, log, device, data, progress, dist)
 
 # %% ../nbs/12_train.ipynb #bb7e1239
 def train(config: TrainConfig | dict | str | os.PathLike, *, progress: bool = True,
           callback: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train the stages of `config` (all parameters and files checked first); `callback(info)` after each step."""
+    """Train the stages of `config` (all parameters and files checked first); `callback(info)` after each step.
+    Under torchrun (or in a started process group) every rank runs this; rank 0 writes the files."""
     c = as_config(config)
-    device = resolve_device(c.device)
+    d, device = start_distributed(resolve_device(c.device), c.ddp_backend)
+    ok = False
+    try:
+        check_world(c, d)
+        result = _train(c, d, device, progress, callback)
+        ok = True
+        return result
+    finally:
+        d.stop(ok)
+
+def _train(c: TrainConfig, d: Dist, device: str, progress: bool, callback) -> TrainResult:
     out_dir = Path(c.out_dir) if c.out_dir else Path(setting("runs_root")) / "train"
     resume_path, resume = resume_checkpoint(c.resume_from) if c.resume_from else (None, None)
     seed_everything(c.seed)
     model = (build_model(resume["arch"], **resume["model_config"]) if resume is not None
              else build_train_model(c.model, c.stages(), c.model_config, c.preset))
     load_parts(model, {part: resolve_checkpoint(getattr(c, key)) for part, key in PART_KEYS.items() if getattr(c, key)})
-    for folder in (out_dir, out_dir / "checkpoints"):
+    for folder in (out_dir, out_dir / "checkpoints") if d.main else ():
         remove_stale_temps(folder, recursive=False)       # left by writes a kill cut short
-    run = TrainRun(out_dir, c, callback)
-    write_json(out_dir / "params.json", c.to_dict())
+    run = TrainRun(out_dir, c, callback, d)
+    if d.main:
+        write_json(out_dir / "params.json", c.to_dict())
     if resume is not None:
         here = resume_path.parent.resolve() == run.ckpt_dir.resolve()
-        if here and resume_path != resolve_checkpoint(c.resume_from):
+        if d.main and here and resume_path != resolve_checkpoint(c.resume_from):
             with atomic_path(run.ckpt_dir / "last.pt") as tmp:   # `last` is that later stage<N>.pt
                 tmp.write_bytes(resume_path.read_bytes())
         model.load_state_dict(clean_state_dict(resume["model"]))
@@ -675,13 +820,15 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, progress: bool = Tr
     else:
         run.log.rewind(0)                                  # a fresh run's telemetry starts empty, as its checkpoints do
     model.to(device)
+    if c.channels_last:
+        conv_channels_last(model)
     stopped = None
     try:
         with torch.autograd.set_detect_anomaly(c.detect_anomaly):
             for stage in c.stages():
                 if stage in run.completed:
                     continue
-                tr = stage_trainer(stage, c, model, run.log, device, progress)
+                tr = stage_trainer(stage, c, model, run.log, device, progress, d)
                 if resume is not None and resume["stage"] == stage:
                     tr.load(resume)
                 t0 = time.time()
@@ -691,6 +838,7 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, progress: bool = Tr
                     break
                 if tr.ema:
                     model.load_state_dict(tr.ema.model.state_dict())
+                d.sync_buffers(model)
                 run.completed.append(stage)
                 run.results[stage] = {**outcome, "gate": tr.spec.gate_name or None, "threshold": tr.spec.threshold,
                                       "seconds": round(time.time() - t0, 3), "steps": tr.step,

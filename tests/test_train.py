@@ -520,3 +520,47 @@ def test_stage3_from_a_raw_hcpe_file(data, tmp_path):
     (tmp_path / "bad.hcpe").write_bytes(b"\0" * 37)
     with pytest.raises(ConfigError, match="bad.hcpe: 37 bytes is not a whole number of 38-byte HCPE records"):
         TrainConfig.from_dict(run_config(data, tmp_path, stage3_data=str(tmp_path / "bad.hcpe"), input_format="hcpe"))
+
+
+# ---------------------------------------------------------------- speed knobs
+
+def _step_losses(data, tmp_path, name, **overrides) -> list[float]:
+    losses = []
+    train(run_config(data, tmp_path / name, epoch=1, **overrides), progress=False,
+          callback=lambda info: losses.append(info["loss"]))
+    return losses
+
+
+def test_channels_last_is_the_same_maths_and_its_checkpoint_loads_anywhere(data, tmp_path):
+    plain = _step_losses(data, tmp_path, "plain", channels_last=False)
+    last = _step_losses(data, tmp_path, "cl")                        # the default
+    assert len(plain) == len(last) >= 2 and last == pytest.approx(plain, rel=1e-4)
+    ckpt = load_checkpoint(tmp_path / "cl" / "run" / "checkpoints" / "best.pt")
+    conv = next(v for v in ckpt["model"].values() if v.ndim == 4 and v.shape[-1] > 1)   # a 3x3 conv: unambiguous
+    assert conv.is_contiguous(memory_format=torch.channels_last)     # the layout really changed
+    plain_conv = next(v for v in load_checkpoint(tmp_path / "plain" / "run" / "checkpoints" / "best.pt")["model"].values()
+                      if v.ndim == 4 and v.shape[-1] > 1)
+    assert plain_conv.is_contiguous() and not plain_conv.is_contiguous(memory_format=torch.channels_last)
+    from maou_nb.model import build_model
+    build_model(ckpt["arch"], **ckpt["model_config"]).load_state_dict(ckpt["model"])   # and loads into a plain model
+
+
+def test_amp_on_cpu_trains_in_bf16(data, tmp_path):
+    fp32 = _step_losses(data, tmp_path, "fp32")
+    bf16 = _step_losses(data, tmp_path, "bf16", amp=True)
+    assert len(bf16) == len(fp32) and all(math.isfinite(x) for x in bf16)
+    assert bf16 != fp32                                              # autocast was on (fp32 reproduces itself exactly)
+    assert bf16 == pytest.approx(fp32, rel=0.05)                     # and it is the same training within bf16 noise
+
+
+def test_the_command_makes_waiting_openmp_threads_sleep_unless_told_otherwise():
+    """Spinning OpenMP threads collapse a step on busy cores (benchmarks/RESULTS.md): maou-nb sets PASSIVE first."""
+    import subprocess
+    import sys
+    probe = "import os, sys, maou_nb.cli; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["PASSIVE", "False"]                     # set before torch (and its OpenMP) loaded
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == "ACTIVE"

@@ -1,0 +1,77 @@
+"""The training step on a busy machine: samples/s of the engine's Stage 3 step with and without competing CPU work,
+for each choice of intra-op threads and OpenMP wait policy (each in its own process: the policy is read when the
+OpenMP runtime starts). The competitor is one busy process per core (pure Python loops). Prints JSON.
+
+Usage: python benchmarks/contention.py [--threads 1,2] [--policies default,active,passive] [--batch 64] [--steps 6]
+(`default`: OMP_WAIT_POLICY unset, the OpenMP runtime's own choice).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD = r'''
+import sys, time, json, torch
+sys.path.insert(0, sys.argv[1])
+from step import KitStep
+k = KitStep(__import__("pathlib").Path(sys.argv[2]), "small", int(sys.argv[3]), {}, __import__("pathlib").Path(sys.argv[4]))
+k.steps(2)
+rates = []
+for _ in range(3):
+    seconds, _, _ = k.steps(int(sys.argv[5]))
+    rates.append(int(sys.argv[5]) * int(sys.argv[3]) / seconds)
+print(json.dumps({"samples_per_s": sorted(rates)[1], "threads": torch.get_num_threads()}))
+'''
+
+
+def measure(data: Path, threads: int, policy: str, batch: int, steps: int, tmp: Path, busy: int) -> dict:
+    """Samples/s of one configuration, with `busy` competing processes running."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update({"OMP_NUM_THREADS": str(threads), **({} if policy == "default" else {"OMP_WAIT_POLICY": policy.upper()})})
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+    try:
+        out = subprocess.run([sys.executable, "-c", CHILD, str(Path(__file__).parent), str(data), str(batch),
+                              str(tmp / f"run-{threads}-{policy}-{busy}-{time.monotonic_ns()}"), str(steps)],
+                             env=env, capture_output=True, text=True, check=True).stdout
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--policies", default="default,active,passive")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--games", type=int, default=20)
+    args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from training import make_data
+    cores = len(os.sched_getaffinity(0))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        pre, _ = make_data(tmp / "data", args.games)
+        for threads in map(int, args.threads.split(",")):
+            for policy in args.policies.split(","):
+                quiet = measure(pre, threads, policy, args.batch, args.steps, tmp, 0)["samples_per_s"]
+                busy = measure(pre, threads, policy, args.batch, args.steps, tmp, cores)["samples_per_s"]
+                # fair share: T trainer threads among T + `cores` runnable threads on `cores` cores
+                fair = min(threads, cores) * (threads + cores) / (cores * threads)
+                rows.append({"threads": threads, "omp_wait_policy": policy, "quiet_samples_per_s": round(quiet, 1),
+                             "busy_samples_per_s": round(busy, 1), "slowdown": round(quiet / busy, 2),
+                             "fair_share_slowdown": round(fair, 2)})
+    print(json.dumps({"benchmark": "contention", "cores": cores, "competitors": cores, "results": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
