@@ -43,9 +43,8 @@ def read_label_table(path: Path) -> dict[int, int]:
     return table
 
 
-def rotated_sfen(sfen: str) -> str:
-    """The same position turned 180° with colours, hands and side to move swapped."""
-    placement, turn, hands, ply = sfen.split()
+def sfen_cells(placement: str) -> list[list[str]]:
+    """The 9x9 cells of an SFEN placement, row by row from rank 1, file 9 first ("1" marks an empty cell)."""
     rows = []
     for row in placement.split("/"):
         cells, promoted = [], ""
@@ -55,12 +54,17 @@ def rotated_sfen(sfen: str) -> str:
             elif ch == "+":
                 promoted = "+"
             else:
-                cells.append(promoted + ch.swapcase())
+                cells.append(promoted + ch)
                 promoted = ""
-        assert len(cells) == 9, sfen
-        rows.append(cells[::-1])
+        assert len(cells) == 9, placement
+        rows.append(cells)
+    return rows
+
+
+def sfen_placement(rows: list[list[str]]) -> str:
+    """`sfen_cells` back into an SFEN placement."""
     text_rows = []
-    for cells in rows[::-1]:
+    for cells in rows:
         text, empty = "", 0
         for cell in cells:
             if cell == "1":
@@ -69,8 +73,15 @@ def rotated_sfen(sfen: str) -> str:
                 text += (str(empty) if empty else "") + cell
                 empty = 0
         text_rows.append(text + (str(empty) if empty else ""))
+    return "/".join(text_rows)
+
+
+def rotated_sfen(sfen: str) -> str:
+    """The same position turned 180° with colours, hands and side to move swapped."""
+    placement, turn, hands, ply = sfen.split()
+    rows = [[cell.swapcase() for cell in cells[::-1]] for cells in sfen_cells(placement)[::-1]]
     new_hands = "-" if hands == "-" else hands.swapcase()
-    return f"{'/'.join(text_rows)} {'w' if turn == 'b' else 'b'} {new_hands} {ply}"
+    return f"{sfen_placement(rows)} {'w' if turn == 'b' else 'b'} {new_hands} {ply}"
 
 
 def rotated_usi(usi: str) -> str:
@@ -310,26 +321,7 @@ def test_garbage_rows_raise_instead_of_crashing():
 def mirrored_sfen(sfen: str) -> str:
     """The same position mirrored left-right (files 1 <-> 9), colours, hands and side to move kept."""
     placement, turn, hands, ply = sfen.split()
-    rows = []
-    for row in placement.split("/"):
-        cells, promoted = [], ""
-        for ch in row:
-            if ch.isdigit():
-                cells += ["1"] * int(ch)
-            elif ch == "+":
-                promoted = "+"
-            else:
-                cells.append(promoted + ch)
-                promoted = ""
-        text, empty = "", 0
-        for cell in reversed(cells):
-            if cell == "1":
-                empty += 1
-                continue
-            text += (str(empty) if empty else "") + cell
-            empty = 0
-        rows.append(text + (str(empty) if empty else ""))
-    return " ".join(["/".join(rows), turn, hands, ply])
+    return " ".join([sfen_placement([cells[::-1] for cells in sfen_cells(placement)]), turn, hands, ply])
 
 
 def test_label_planes_are_move_type_and_destination(boards):
