@@ -31,9 +31,9 @@ from .storage import (
 
 # %% auto #0
 __all__ = ['SCHEMES', 'TIMEOUT_SECONDS', 'HCPE_COLUMNS', 'MIRROR_SKIP', 'POINTER', 'CloudError', 'is_uri', 'RemotePath',
-           'parse_uri', 'require', 'ObjectInfo', 'GCSBackend', 'S3Backend', 'backend', 'list_uri', 'check_uri',
-           'upload_file', 'upload_folder', 'RemoteStorage', 'get_storage', 'ShardCache', 'materialise', 'parse_table',
-           'BigQueryBackend', 'bq_backend', 'write_hcpe_table', 'read_hcpe_table', 'Mirror']
+           'parse_uri', 'require', 'ObjectInfo', 'google_errors', 'GCSBackend', 'S3Backend', 'backend', 'list_uri',
+           'check_uri', 'upload_file', 'upload_folder', 'RemoteStorage', 'get_storage', 'ShardCache', 'materialise',
+           'parse_table', 'BigQueryBackend', 'bq_backend', 'write_hcpe_table', 'read_hcpe_table', 'Mirror']
 
 # %% ../nbs/07_cloud.ipynb #94d9e2c1
 class CloudError(RuntimeError):
@@ -110,6 +110,24 @@ def _missing(uri, endpoint: str, what: str) -> CloudError:
     return CloudError(f"{uri}: {what} not found at {endpoint}. Check the bucket name and prefix (or create the "
                       "bucket and upload the data, e.g. with maou_nb.cloud.upload_folder).")
 
+# %% ../nbs/07_cloud.ipynb #9e0c1f3a
+@contextlib.contextmanager
+def google_errors(uri, client, missing: CloudError, key: str):
+    """Turn a Google client's exceptions into CloudErrors naming `uri`, `client`'s endpoint and the fix: `missing` is
+    raised for a missing bucket, object or table; `key` says what GOOGLE_APPLICATION_CREDENTIALS must point to."""
+    import google.auth.exceptions as auth
+    import requests
+    from google.api_core import exceptions as api
+    try:
+        yield
+    except api.NotFound:
+        raise missing from None
+    except (api.Forbidden, api.Unauthorized, auth.DefaultCredentialsError, auth.RefreshError) as e:
+        raise _credentials(uri, client.endpoint, f"Log in with `gcloud auth application-default login` or set {key}", e) from None
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, api.RetryError, api.ServiceUnavailable,
+            api.DeadlineExceeded, auth.TransportError) as e:
+        raise _unreachable(uri, client.endpoint, client.env, client.timeout, e) from None
+
 # %% ../nbs/07_cloud.ipynb #f22a75cc
 class GCSBackend:
     """Google Cloud Storage through google-cloud-storage; `STORAGE_EMULATOR_HOST` points it at an emulator."""
@@ -128,21 +146,10 @@ class GCSBackend:
             with self.errors("gs://"):
                 self.client = storage.Client()
 
-    @contextlib.contextmanager
     def errors(self, uri, what: str = "bucket or object"):
         """Turn the client's exceptions into CloudErrors naming `uri`, the endpoint and the fix."""
-        import google.auth.exceptions as auth
-        import requests
-        from google.api_core import exceptions as api
-        try:
-            yield
-        except api.NotFound:
-            raise _missing(uri, self.endpoint, what) from None
-        except (api.Forbidden, api.Unauthorized, auth.DefaultCredentialsError, auth.RefreshError) as e:
-            raise _credentials(uri, self.endpoint, "Log in with `gcloud auth application-default login` or set "
-                               "GOOGLE_APPLICATION_CREDENTIALS to a service-account key with access to the bucket.", e) from None
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, api.RetryError, auth.TransportError) as e:
-            raise _unreachable(uri, self.endpoint, self.env, self.timeout, e) from None
+        return google_errors(uri, self, _missing(uri, self.endpoint, what),
+                             "GOOGLE_APPLICATION_CREDENTIALS to a service-account key with access to the bucket.")
 
 # %% ../nbs/07_cloud.ipynb #aa64e217
 def _gcs_list(self, bucket: str, prefix: str) -> list[ObjectInfo]:
@@ -506,23 +513,11 @@ class BigQueryBackend:
                 self.read = bqs.BigQueryReadClient()
 
 # %% ../nbs/07_cloud.ipynb #911dedb3
-@contextlib.contextmanager
 def _bq_errors(self, uri, what: str = "table"):
     """Turn the BigQuery clients' exceptions into CloudErrors naming `uri`, the endpoint and the fix."""
-    import google.auth.exceptions as auth
-    import requests
-    from google.api_core import exceptions as api
-    try:
-        yield
-    except api.NotFound:
-        raise CloudError(f"{uri}: {what} not found at {self.endpoint}. Check the project, dataset and table names "
-                         "(or load the data first, e.g. with maou_nb.cloud.write_hcpe_table).") from None
-    except (api.Forbidden, api.Unauthorized, auth.DefaultCredentialsError, auth.RefreshError) as e:
-        raise _credentials(uri, self.endpoint, "Log in with `gcloud auth application-default login` or set "
-                           "GOOGLE_APPLICATION_CREDENTIALS to a key that may read the table.", e) from None
-    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, api.RetryError, api.ServiceUnavailable,
-            api.DeadlineExceeded, auth.TransportError) as e:
-        raise _unreachable(uri, self.endpoint, self.env, self.timeout, e) from None
+    missing = CloudError(f"{uri}: {what} not found at {self.endpoint}. Check the project, dataset and table names "
+                         "(or load the data first, e.g. with maou_nb.cloud.write_hcpe_table).")
+    return google_errors(uri, self, missing, "GOOGLE_APPLICATION_CREDENTIALS to a key that may read the table.")
 
 def _bq_table(self, uri: str):
     """The table's metadata (rows, bytes, ETag); a CloudError if it does not exist."""

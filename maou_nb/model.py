@@ -19,12 +19,12 @@ from .storage import load_checkpoint
 
 # %% auto #0
 __all__ = ['BOARD_VOCAB', 'BOARD_EMBED_DIM', 'HAND_SIZE', 'HAND_EMBED_DIM', 'STEM_CHANNELS', 'NUM_SQUARES', 'HEAD_NAMES', 'ARCHS',
-           'HEAD_LAYOUTS', 'RESNET_BLOCKS', 'COMMON_DEFAULTS', 'PRESETS', 'PARTS', 'STAGE_HEADS', 'Stem', 'Bottleneck',
-           'BasicBlock', 'ResNetBackbone', 'SelfAttention', 'TransformerBlock', 'ViTBackbone', 'MixerBlock',
-           'MixerBackbone', 'MeanPool', 'SpatialHead', 'make_head', 'model_config_keys', 'resolve_config', 'ShogiNet',
-           'build_model', 'unwrap_model', 'count_parameters', 'model_summary', 'apply_freezing', 'clean_state_dict',
-           'model_state_dict', 'part_state_dict', 'load_part_state_dict', 'checkpoint_payload', 'model_from_payload',
-           'load_model', 'build_train_model', 'load_parts']
+           'HEAD_LAYOUTS', 'RESNET_BLOCKS', 'COMMON_DEFAULTS', 'PRESETS', 'PARTS', 'STAGE_HEADS', 'Stem', 'shortcut',
+           'Bottleneck', 'BasicBlock', 'ResNetBackbone', 'SelfAttention', 'TransformerBlock', 'ViTBackbone',
+           'MixerBlock', 'MixerBackbone', 'MeanPool', 'SpatialHead', 'make_head', 'model_config_keys', 'resolve_config',
+           'ShogiNet', 'build_model', 'unwrap_model', 'count_parameters', 'model_summary', 'apply_freezing',
+           'clean_state_dict', 'model_state_dict', 'part_state_dict', 'load_part_state_dict', 'checkpoint_payload',
+           'model_from_payload', 'load_model', 'build_train_model', 'load_parts']
 
 # %% ../nbs/10_model.ipynb #74ccdf1f
 BOARD_VOCAB = 256  # rows of the board-ID embedding (IDs 0-28 are used)
@@ -64,6 +64,12 @@ class Stem(nn.Module):
         return torch.cat([pieces, hand_map], dim=1)
 
 # %% ../nbs/10_model.ipynb #1f8ede56
+def shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module:
+    """A residual block's skip path: the identity, or a strided 1x1 conv + BatchNorm where the shape changes."""
+    if stride == 1 and in_ch == out_ch:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch))
+
 class Bottleneck(nn.Module):
     """Bottleneck residual block: 1x1 -> 3x3 (stride) -> 1x1 (x expansion), ReLU after the add."""
 
@@ -76,9 +82,7 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_ch)
-        self.shortcut = nn.Identity()
-        if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch))
+        self.shortcut = shortcut(in_ch, out_ch, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Residual bottleneck transform."""
@@ -97,9 +101,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
-        self.shortcut = nn.Identity()
-        if stride != 1 or in_ch != width:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width))
+        self.shortcut = shortcut(in_ch, width, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Residual 3x3 transform."""
