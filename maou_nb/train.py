@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import datetime
 import hashlib
 import json
 import math
@@ -23,7 +22,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -32,19 +30,20 @@ from . import __version__
 from .config import (
     PART_KEYS, ConfigError, TrainConfig, check_config, check_files_exist, resolve_checkpoint, scheduler_name)
 from .datasets import make_loader, stage_datasets
+from .distributed import Dist, check_world, start_distributed
 from .model import (
     apply_freezing, build_model, build_train_model, checkpoint_payload, clean_state_dict, load_parts, unwrap_model)
-from .settings import _duration, progress, progress_form, resolve_device, setting
+from .settings import progress, resolve_device, setting
+from .telemetry import RunLog
 from .storage import (
-    ShardError, atomic_path, disk_error, load_checkpoint, remove_stale_temps, save_checkpoint, write_json)
+    ShardError, atomic_path, load_checkpoint, remove_stale_temps, save_checkpoint, write_json)
 
 # %% auto #0
 __all__ = ['NORM_TYPES', 'multilabel_loss', 'policy_loss_rows', 'multilabel_metrics', 'stage3_losses', 'stage3_metrics',
            'summarise', 'StageSpec', 'stage_spec', 'stage_gate', 'StageThresholdError', 'NonFiniteLossError',
            'param_groups', 'make_optimizer', 'make_scheduler', 'EMA', 'rng_state', 'set_rng_state', 'seed_everything',
-           'RunLog', 'Dist', 'start_distributed', 'check_world', 'StageTrainer', 'position_sampler', 'fit_stage',
-           'run_token', 'TrainRun', 'progress_of', 'resume_checkpoint', 'TrainResult', 'as_config',
-           'conv_channels_last', 'stage_trainer', 'train']
+           'StageTrainer', 'position_sampler', 'fit_stage', 'run_token', 'TrainRun', 'progress_of', 'resume_checkpoint',
+           'TrainResult', 'as_config', 'conv_channels_last', 'stage_trainer', 'train']
 
 # %% ../nbs/12_train.ipynb #24601214
 def multilabel_loss(logits: torch.Tensor, target: torch.Tensor, *, pos_weight: float = 1.0,
@@ -251,179 +250,6 @@ def set_rng_state(state: dict) -> None:
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch."""
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
-
-# %% ../nbs/12_train.ipynb #772d251d
-class RunLog:
-    """stats.json, metrics.jsonl and TensorBoard for one run folder, and a compact line per record on stdout."""
-    def __init__(self, out_dir: Path, config: TrainConfig, echo: Callable[[str], None] | None = print,
-                 echo_every_s: float = 10.0, write: bool = True):
-        from torch.utils.tensorboard import SummaryWriter
-        self.dir, self.config, self.t0, self.write = Path(out_dir), config, time.time(), write
-        if not write:                                    # another rank than 0: keeps the figures, writes and prints nothing
-            echo = None
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(self.dir / "logs" / self.dir.resolve().name)) if write else None
-        self.latest_val: dict = {}
-        self.latest_train: dict = {"eta_s": None}
-        self.records = 0                                 # lines in metrics.jsonl, kept in checkpoints
-        self.echo, self.echo_every_s, self._echoed = echo, echo_every_s, {}   # stage -> time of its last train line
-
-    def rewind(self, records: int) -> None:
-        """Keep the first `records` lines of metrics.jsonl (a resumed run rewrites what came after its checkpoint)."""
-        path = self.dir / "metrics.jsonl"
-        if self.write and path.is_file():
-            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-            with atomic_path(path) as tmp:
-                tmp.write_text("".join(line for line in lines[:records] if line.endswith("\n")), encoding="utf-8")
-        self.records = records
-
-    def record(self, kind: str, info: dict, global_step: int, eta_s: float | None = None) -> None:
-        """Append one record to metrics.jsonl, rewrite stats.json, add TensorBoard scalars, print its line."""
-        rec = {"kind": kind, **info, "elapsed_s": round(time.time() - self.t0, 3), "timestamp": time.time()}
-        if kind == "val":
-            self.latest_val = {k: v for k, v in info.items() if isinstance(v, float)}
-        else:
-            self.latest_train = {**rec, "eta_s": eta_s}
-        self.records += 1
-        if not self.write:
-            return
-        try:
-            with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-        except OSError as e:
-            raise disk_error(self.dir / "metrics.jsonl", e) or e from None
-        position = {k: rec[k] for k in ("stage", "epoch", "step", "global_step", "lr", "elapsed_s", "timestamp")}
-        write_json(self.dir / "stats.json", {**self.latest_train, **position, "val": self.latest_val})
-        for k, v in info.items():
-            if isinstance(v, (int, float)) and k not in ("step", "epoch", "global_step"):
-                self.writer.add_scalar(f"stage{info['stage']}/{kind}/{k}", v, global_step)
-        self._echo(kind, info, eta_s)
-
-    def _echo(self, kind: str, info: dict, eta_s: float | None) -> None:
-        """Print the record's line: every validation; a train line at most every `echo_every_s` per stage."""
-        if self.echo is None or progress_form(True) == "off":
-            return
-        stage, now = info.get("stage"), time.time()
-        if kind == "train":
-            if stage in self._echoed and now - self._echoed[stage] < self.echo_every_s:
-                return
-            self._echoed[stage] = now
-        self.echo(self.line(kind, info, eta_s))
-
-    @staticmethod
-    def line(kind: str, info: dict, eta_s: float | None = None) -> str:
-        """One record as a short line: `stage 1 epoch 0 step 20: loss 0.41, 1830 samples/s, ETA 1m05s`."""
-        head = f"stage {info.get('stage')} epoch {info.get('epoch')} step {info.get('step')}"
-        if kind == "train":
-            parts = [f"loss {info['loss']:.4g}"] if isinstance(info.get("loss"), float) else []
-            if isinstance(info.get("samples_per_s"), (int, float)):
-                parts.append(f"{info['samples_per_s']:.0f} samples/s")
-            if eta_s is not None:
-                parts.append(f"ETA {_duration(eta_s)}")
-            return f"{head}: " + ", ".join(parts)
-        shown = [k for k in ("loss", "accuracy", "f1", "exact", "top1", "value_accuracy") if isinstance(info.get(k), float)]
-        parts = [f"{k} {info[k]:.4g}" for k in shown]
-        gate, threshold = info.get("gate"), info.get("threshold")
-        if isinstance(gate, float) and threshold is not None:
-            parts.append(f"gate {gate:.4f} {'>=' if gate >= threshold else '<'} {threshold:g}"
-                         f" ({'reached' if gate >= threshold else 'not reached'})")
-        return f"{head} validation: " + ", ".join(parts)
-
-    def histograms(self, model: nn.Module, global_step: int) -> None:
-        """Weight histograms of the parameters matching `tensorboard_histogram_module`."""
-        pattern = self.config.tensorboard_histogram_module
-        for name, p in model.named_parameters() if self.write else ():
-            if pattern is None or re.search(pattern, name):
-                self.writer.add_histogram(name, p.detach().float().cpu(), global_step)
-
-    def close(self) -> None:
-        """Flush TensorBoard."""
-        if self.writer is not None:
-            self.writer.close()
-
-# %% ../nbs/12_train.ipynb #53596271
-@dataclass
-class Dist:
-    """Where this process stands in a distributed run (a single process: rank 0 of 1)."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    started: bool = False      # this run started the process group, and ends it
-    device: str = "cpu"        # where the reduced tensors live (the GPU with nccl)
-
-    @property
-    def main(self) -> bool:
-        """Whether this process writes the run's files and prints its lines (rank 0)."""
-        return self.rank == 0
-
-    def mean(self, t: torch.Tensor) -> torch.Tensor:
-        """`t` averaged over the ranks (itself in a single process)."""
-        if self.world_size == 1:
-            return t
-        t = t.to(self.device, torch.float64)
-        dist.all_reduce(t)
-        return t / self.world_size
-
-    def sum_pairs(self, sums: dict) -> dict:
-        """(sum, count) pairs summed over the ranks."""
-        if self.world_size == 1:
-            return sums
-        keys = sorted(sums)
-        t = torch.tensor([float(x) for k in keys for x in sums[k]], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return {k: (t[2 * i].item(), int(t[2 * i + 1].item())) for i, k in enumerate(keys)}
-
-    def sync_buffers(self, model: nn.Module) -> None:
-        """Rank 0's buffers (e.g. BatchNorm statistics, which each rank updates on its own rows) on every rank."""
-        for b in model.buffers() if self.world_size > 1 else ():
-            dist.broadcast(b, 0)
-
-    def stop(self, ok: bool) -> None:
-        """Wait for every rank (after a clean run), then end the process group if this run started it."""
-        if self.world_size > 1 and ok:
-            dist.barrier()
-        if self.started:
-            dist.destroy_process_group()
-
-# %% ../nbs/12_train.ipynb #07393318
-def _attempt_store() -> dict:
-    """Under torchrun, the agent's store seen through a prefix of this restart attempt: in torch 2.13 the ranks of a
-    restarted attempt otherwise read the addresses of the killed attempt's ranks and fail to connect."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return {}
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
-                          is_master=False, timeout=datetime.timedelta(minutes=10))
-    return {"store": dist.PrefixStore(f"maou_nb/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store),
-            "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
-
-# %% ../nbs/12_train.ipynb #1245c049
-def start_distributed(device: str, backend: str = "auto") -> tuple[Dist, str]:
-    """(this process's `Dist`, its device), starting torchrun's process group when the environment asks for one."""
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    started = False
-    if not (dist.is_available() and dist.is_initialized()):
-        if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
-            return Dist(), device
-        if device.startswith("cuda"):
-            torch.cuda.set_device(local)
-        backend = ("nccl" if device.startswith("cuda") else "gloo") if backend == "auto" else backend
-        dist.init_process_group(backend, **_attempt_store())
-        started = True
-    if device.startswith("cuda"):
-        device = f"cuda:{local}"
-    where = device if dist.get_backend() == "nccl" else "cpu"
-    return Dist(dist.get_rank(), dist.get_world_size(), local, started, where), device
-
-# %% ../nbs/12_train.ipynb #0dad89e0
-def check_world(c: TrainConfig, d: Dist) -> None:
-    """Every stage's (global) batch size must split evenly over the ranks."""
-    for stage in c.stages():
-        bs = c.batch_size_of(stage)
-        if bs % d.world_size:
-            key = "batch_size" if bs == c.batch_size else f"stage{stage}_batch_size"
-            raise ConfigError(f"{key}={bs} is the global batch of stage {stage} and must split evenly over the "
-                              f"{d.world_size} processes: set it to a multiple of {d.world_size} (e.g. "
-                              f"{d.world_size * max(1, round(bs / d.world_size))}) or change --nproc_per_node.")
 
 # %% ../nbs/12_train.ipynb #02cba45e
 class StageTrainer:

@@ -22,7 +22,9 @@ from maou_nb.records import random_games
 from maou_nb.storage import load_checkpoint, save_hcpe, write_manifest
 from maou_nb.config import ConfigError, TrainConfig
 from maou_nb.model import build_train_model
-from maou_nb.train import Dist, RunLog, check_world, conv_channels_last, stage_trainer, start_distributed, train
+from maou_nb.distributed import Dist, check_world, start_distributed
+from maou_nb.telemetry import RunLog
+from maou_nb.train import conv_channels_last, stage_trainer, train
 
 # no BatchNorm (its statistics are per rank under DDP) and no dropout: the 2-process run must be the 1-process run
 VIT = {"device": "cpu", "model": "vit", "preset": "small", "log_every": 1, "epoch": 2, "stage": "3",
