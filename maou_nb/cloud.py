@@ -33,7 +33,8 @@ from .storage import (
 __all__ = ['SCHEMES', 'TIMEOUT_SECONDS', 'HCPE_COLUMNS', 'MIRROR_SKIP', 'POINTER', 'CloudError', 'is_uri', 'RemotePath',
            'parse_uri', 'require', 'ObjectInfo', 'google_errors', 'GCSBackend', 'S3Backend', 'backend', 'list_uri',
            'check_uri', 'upload_file', 'upload_folder', 'RemoteStorage', 'get_storage', 'ShardCache', 'materialise',
-           'parse_table', 'BigQueryBackend', 'bq_backend', 'write_hcpe_table', 'read_hcpe_table', 'Mirror']
+           'parse_table', 'BigQueryBackend', 'bq_backend', 'write_hcpe_table', 'read_hcpe_table', 'Mirror',
+           'check_pointer']
 
 # %% ../nbs/07_cloud.ipynb #94d9e2c1
 class CloudError(RuntimeError):
@@ -736,3 +737,14 @@ def _close(self, timeout: float = 600.0) -> dict[str, str]:
     return failures
 
 Mirror._pointer, Mirror.start, Mirror.close = _pointer, _start, _close
+
+def check_pointer(checkpoints: Path, uri: str) -> None:
+    """Refuse a mirrored run whose `last.pt` is not the one its `latest.json` pointer names (caught mid-update)."""
+    pointer = checkpoints / "latest.json"
+    if not pointer.is_file() or not (checkpoints / "last.pt").is_file():
+        return
+    with open(checkpoints / "last.pt", "rb") as f:
+        md5 = _md5_of(f)
+    if md5 != read_json(pointer).get("md5"):
+        raise CloudError(f"resume_from={uri}: checkpoints/last.pt is not the checkpoint latest.json publishes (the run "
+                         "was being mirrored while it was read). Rerun to fetch it again once the mirror is complete.")

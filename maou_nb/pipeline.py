@@ -25,7 +25,7 @@ import yaml
 
 import maou_nb
 from . import __version__
-from .cloud import CloudError, Mirror, ShardCache, check_uri, is_uri, parse_uri, upload_file
+from .cloud import CloudError, Mirror, ShardCache, check_pointer, check_uri, is_uri, parse_uri, upload_file
 from .selfplay import game_name
 from .settings import setting
 from .storage import atomic_path, game_id, read_json, read_yaml, remove_stale_temps, split_by_game, write_json
@@ -35,8 +35,8 @@ __all__ = ['STAGE_MARK', 'INJECTED_MARK', 'STEPS', 'TOP_LEVEL_KEYS', 'PATH_PARAM
            'PROVIDER_KEYS', 'stage_params', 'Need', 'Step', 'mark_done', 'kit_folder', 'bundled_params', 'find_params',
            'stages_dir', 'notebook_parameters', 'load_params', 'check_step_params', 'check_split', 'notebook_sha256',
            'run_metadata', 'record_step', 'resolve_run_id', 'steps_to_run', 'check_inputs', 'step_failure',
-           'run_pipeline', 'input_cache', 'check_pointer', 'input_provider', 'materialise_inputs', 'start_mirror',
-           'close_mirror', 'StepLines', 'batch_environment', 'stage_kernel_manager', 'write_summary', 'markdown_table']
+           'run_pipeline', 'input_cache', 'input_provider', 'materialise_inputs', 'start_mirror', 'close_mirror',
+           'StepLines', 'batch_environment', 'stage_kernel_manager', 'write_summary', 'markdown_table']
 
 # %% ../nbs/22_pipeline.ipynb #549d0410
 STAGE_MARK, INJECTED_MARK = "# Stage parameters", "# Parameters"
@@ -541,16 +541,6 @@ def _remote_targets(key: str, uri: str) -> str:
     """What to fetch for `uri`: a run's `checkpoints/` for a resume URI that names no checkpoint file."""
     return f"{uri.rstrip('/')}/checkpoints" if key.startswith("resume") and not uri.endswith(".pt") else uri
 
-def check_pointer(checkpoints: Path, uri: str) -> None:
-    """Refuse a mirrored run whose `last.pt` is not the one its `latest.json` pointer names (caught mid-update)."""
-    pointer = checkpoints / "latest.json"
-    if not pointer.is_file() or not (checkpoints / "last.pt").is_file():
-        return
-    with open(checkpoints / "last.pt", "rb") as f:
-        md5 = hashlib.file_digest(f, "md5").hexdigest()
-    if md5 != read_json(pointer).get("md5"):
-        raise CloudError(f"resume_from={uri}: checkpoints/last.pt is not the checkpoint latest.json publishes (the run "
-                         "was being mirrored while it was read). Rerun to fetch it again once the mirror is complete.")
 
 # %% ../nbs/22_pipeline.ipynb #928fa908
 PROVIDER_KEYS = ("stage3_data", "input_gcs", "input_s3", "input_dataset_id")
