@@ -23,18 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
-
-from .storage import (
-    HCPE_DTYPE, LocalStorage, _is_shard, atomic_path, list_shards, load_game_ids, load_hcpe, read_json, remove_stale_temps,
-    save_hcpe, write_json, write_manifest)
+from .storage import LocalStorage, _is_shard, atomic_path, read_json, remove_stale_temps, write_json
 
 # %% auto #0
-__all__ = ['SCHEMES', 'TIMEOUT_SECONDS', 'HCPE_COLUMNS', 'MIRROR_SKIP', 'POINTER', 'CloudError', 'is_uri', 'RemotePath',
-           'parse_uri', 'require', 'ObjectInfo', 'google_errors', 'GCSBackend', 'S3Backend', 'backend', 'list_uri',
-           'check_uri', 'upload_file', 'upload_folder', 'RemoteStorage', 'get_storage', 'ShardCache', 'materialise',
-           'parse_table', 'BigQueryBackend', 'bq_backend', 'write_hcpe_table', 'read_hcpe_table', 'Mirror',
-           'check_pointer']
+__all__ = ['SCHEMES', 'TIMEOUT_SECONDS', 'TABLE_SOURCES', 'MIRROR_SKIP', 'POINTER', 'CloudError', 'is_uri', 'RemotePath',
+           'parse_uri', 'require', 'ObjectInfo', 'google_errors', 'GCSBackend', 'S3Backend', 'backend',
+           'register_source', 'table_source', 'list_uri', 'check_uri', 'upload_file', 'upload_folder', 'RemoteStorage',
+           'get_storage', 'ShardCache', 'materialise', 'Mirror', 'check_pointer']
 
 # %% ../nbs/07_cloud.ipynb #94d9e2c1
 class CloudError(RuntimeError):
@@ -64,7 +59,7 @@ def parse_uri(uri: str) -> RemotePath:
     """Split `gs://bucket/prefix` or `s3://bucket/prefix`; anything else is refused with the form to use."""
     scheme, _, rest = str(uri).partition("://")
     if scheme == "bq":
-        raise CloudError(f"{uri}: a BigQuery table is read as a data path only (see read_hcpe_table); objects and "
+        raise CloudError(f"{uri}: a BigQuery table is read as a data path only (see maou_nb.bigquery); objects and "
                          "outputs go to gs://BUCKET/PREFIX or s3://BUCKET/PREFIX.")
     bucket, _, key = rest.partition("/")
     if scheme not in SCHEMES or not _BUCKET.fullmatch(bucket or "-"):
@@ -250,6 +245,23 @@ def backend(scheme: str, timeout: float = TIMEOUT_SECONDS):
             _BACKENDS[key] = cls(timeout)
         return _BACKENDS[key]
 
+# %% ../nbs/07_cloud.ipynb #3068db75
+TABLE_SOURCES: dict[str, tuple[Callable, Callable]] = {}   # scheme -> (rows(uri), materialise(cache, uri, keep))
+_SOURCE_MODULES = {"bq": "maou_nb.bigquery"}               # the module that registers each table scheme
+
+def register_source(scheme: str, rows: Callable, materialise: Callable) -> None:
+    """Make `scheme://` URIs table data paths: `rows(uri)` checks and counts, `materialise(cache, uri, keep)` reads."""
+    TABLE_SOURCES[scheme] = (rows, materialise)
+
+def table_source(uri: str) -> tuple[Callable, Callable] | None:
+    """The registered (rows, materialise) of a table URI, its module imported on first use; None for objects."""
+    scheme = str(uri).partition("://")[0]
+    if scheme not in _SOURCE_MODULES:
+        return None
+    if scheme not in TABLE_SOURCES:
+        importlib.import_module(_SOURCE_MODULES[scheme])
+    return TABLE_SOURCES[scheme]
+
 # %% ../nbs/07_cloud.ipynb #bd28f08d
 def list_uri(uri: str, timeout: float = TIMEOUT_SECONDS) -> tuple[RemotePath, list[ObjectInfo], bool]:
     """(path, objects, is_folder) for `uri`: the objects below it, or the single object it names."""
@@ -265,14 +277,10 @@ def list_uri(uri: str, timeout: float = TIMEOUT_SECONDS) -> tuple[RemotePath, li
                      "or upload the data first (e.g. maou_nb.cloud.upload_folder).")
 
 def check_uri(uri: str, what: str = "") -> int:
-    """The number of objects `uri` names; a CloudError (prefixed by `what`, e.g. the parameter) if none or unreachable."""
+    """The number of objects (or table rows) `uri` names; a CloudError (prefixed by `what`, e.g. the parameter) if none or unreachable."""
     try:
-        if str(uri).startswith("bq://"):
-            rows = bq_backend(parse_table(uri)[0]).table(uri).num_rows
-            if not rows:
-                raise CloudError(f"{uri}: the table holds no rows. Load the data first (write_hcpe_table).")
-            return rows
-        return len(list_uri(uri)[1])
+        source = table_source(uri)
+        return source[0](uri) if source else len(list_uri(uri)[1])
     except CloudError as e:
         raise CloudError(f"{what}: {e}" if what else str(e)) from None
 
@@ -431,10 +439,10 @@ ShardCache._plan, ShardCache._evict = _plan, _evict
 def materialise(self, uris: str | Iterable[str]) -> list[Path]:
     """Local copies of `uris` (folders, single objects, BigQuery tables), fetching only what the cache lacks or what changed."""
     uris = [uris] if isinstance(uris, str) else list(uris)
-    objects = [u for u in uris if not u.startswith("bq://")]
+    objects = [u for u in uris if table_source(u) is None]
     local = dict(zip(objects, self._materialise_objects(objects))) if objects else {}
     keep = {p.relative_to(self.root).as_posix() for p in local.values()}
-    return [local[u] if u in local else self._materialise_table(u, keep) for u in uris]
+    return [local[u] if u in local else table_source(u)[1](self, u, keep) for u in uris]
 
 def _materialise_objects(self, uris: list[str]) -> list[Path]:
     """`materialise` for gs:// and s3:// URIs."""
@@ -475,164 +483,6 @@ def _materialise_objects(self, uris: list[str]) -> list[Path]:
     return paths
 
 ShardCache.materialise, ShardCache._materialise_objects = materialise, _materialise_objects
-
-# %% ../nbs/07_cloud.ipynb #890a0fe4
-_TABLE = re.compile(r"bq://([a-z][a-z0-9-]{4,61}[a-z0-9])\.(\w{1,1024})\.([\w$-]{1,1024})")
-HCPE_COLUMNS = ("hcp", "eval", "bestMove16", "gameResult", "gameId")
-
-def parse_table(uri: str) -> tuple[str, str, str]:
-    """(project, dataset, table) of `bq://project.dataset.table`; anything else is refused with the form."""
-    m = _TABLE.fullmatch(str(uri).rstrip("/"))
-    if not m:
-        raise CloudError(f"{uri!r}: not a BigQuery table URI. Write bq://PROJECT.DATASET.TABLE.")
-    return m.groups()
-
-# %% ../nbs/07_cloud.ipynb #873a6c2e
-class BigQueryBackend:
-    """BigQuery (REST for tables and loads, the Storage Read API for rows) for one project."""
-    env, read_env = "BIGQUERY_EMULATOR_HOST", "BIGQUERY_STORAGE_EMULATOR_HOST"
-
-    def __init__(self, project: str, timeout: float = TIMEOUT_SECONDS):
-        bigquery, bqs = require("bq"), require("bqs")
-        from google.cloud.bigquery.retry import DEFAULT_RETRY
-        host, read_host = os.environ.get(self.env), os.environ.get(self.read_env)
-        self.endpoint, self.timeout = host or "https://bigquery.googleapis.com", timeout
-        self.retry = DEFAULT_RETRY.with_timeout(timeout)
-        with self.errors(f"bq://{project}"):
-            if host:                      # an emulator: anonymous credentials
-                from google.api_core.client_options import ClientOptions
-                from google.auth.credentials import AnonymousCredentials
-                self.client = bigquery.Client(project=project, credentials=AnonymousCredentials(),
-                                              client_options=ClientOptions(api_endpoint=host if "://" in host else f"http://{host}"))
-            else:
-                self.client = bigquery.Client(project=project)
-            if read_host:
-                import grpc
-                from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
-                self.read = bqs.BigQueryReadClient(transport=BigQueryReadGrpcTransport(channel=grpc.insecure_channel(read_host)))
-            else:
-                self.read = bqs.BigQueryReadClient()
-
-# %% ../nbs/07_cloud.ipynb #911dedb3
-def _bq_errors(self, uri, what: str = "table"):
-    """Turn the BigQuery clients' exceptions into CloudErrors naming `uri`, the endpoint and the fix."""
-    missing = CloudError(f"{uri}: {what} not found at {self.endpoint}. Check the project, dataset and table names "
-                         "(or load the data first, e.g. with maou_nb.cloud.write_hcpe_table).")
-    return google_errors(uri, self, missing, "GOOGLE_APPLICATION_CREDENTIALS to a key that may read the table.")
-
-def _bq_table(self, uri: str):
-    """The table's metadata (rows, bytes, ETag); a CloudError if it does not exist."""
-    project, dataset, table = parse_table(uri)
-    with self.errors(uri):
-        return self.client.get_table(f"{project}.{dataset}.{table}", retry=self.retry, timeout=self.timeout)
-
-BigQueryBackend.errors, BigQueryBackend.table = _bq_errors, _bq_table
-
-def bq_backend(project: str, timeout: float = TIMEOUT_SECONDS) -> BigQueryBackend:
-    """The BigQuery clients of `project` for the endpoints the variables name now."""
-    key = ("bq", project, os.environ.get(BigQueryBackend.env), os.environ.get(BigQueryBackend.read_env), timeout)
-    with _LOCK:
-        if key not in _BACKENDS:
-            _BACKENDS[key] = BigQueryBackend(project, timeout)
-        return _BACKENDS[key]
-
-# %% ../nbs/07_cloud.ipynb #e6309416
-def write_hcpe_table(inputs, uri: str, *, partition_date: str | None = None, clustering_key: str | None = None) -> int:
-    """Append HCPE shards (files or folders) to the table `uri`, created partitioned by `partitioningKey` (set to
-    `partition_date`, default today) and clustered by `clustering_key` if given; the rows written."""
-    pq, pa, bigquery = require("arrow"), importlib.import_module("pyarrow"), require("bq")
-    project, dataset, table = parse_table(uri)
-    b = bq_backend(project)
-    shards = list_shards(inputs)
-    arrays = [load_hcpe(p, mmap=False) for p in shards]
-    hcpe, ids = np.concatenate(arrays), np.concatenate([load_game_ids(p, len(a)) for p, a in zip(shards, arrays)])
-    day = _dt.date.fromisoformat(partition_date) if partition_date else _dt.date.today()
-    columns = {"hcp": pa.array([r.tobytes() for r in hcpe["hcp"]], pa.binary()),
-               **{c: pa.array(hcpe[c].astype(np.int64)) for c in ("eval", "bestMove16", "gameResult")},
-               "gameId": pa.array(ids), "partitioningKey": pa.array([day] * len(hcpe), pa.date32())}
-    schema = [bigquery.SchemaField(c, "BYTES" if c == "hcp" else "DATE" if c == "partitioningKey" else "INT64")
-              for c in columns]
-    spec = bigquery.Table(f"{project}.{dataset}.{table}", schema=schema)
-    spec.time_partitioning = bigquery.TimePartitioning(field="partitioningKey")
-    spec.clustering_fields = [clustering_key] if clustering_key else None
-    buffer = io.BytesIO()
-    pq.write_table(pa.table(columns), buffer)
-    buffer.seek(0)
-    with b.errors(uri, "dataset"):
-        b.client.create_table(spec, exists_ok=True, retry=b.retry, timeout=b.timeout)
-        b.client.load_table_from_file(buffer, f"{project}.{dataset}.{table}", job_config=bigquery.LoadJobConfig(
-            source_format="PARQUET")).result(timeout=b.timeout)
-    return len(hcpe)
-
-# %% ../nbs/07_cloud.ipynb #8ad91ba4
-def read_hcpe_table(uri: str, folder: str | os.PathLike, *, batch_size: int = 100_000,
-                    partition_date: str | None = None) -> Path:
-    """Read the table `uri` (only `partition_date`'s rows if given) through the Storage Read API into HCPE shards
-    of at most `batch_size` rows (game ids as sidecars) and a manifest in `folder`."""
-    bqs = require("bqs")
-    project, dataset, table = parse_table(uri)
-    b, folder = bq_backend(project), Path(folder)
-    where = f"partitioningKey = DATE '{_dt.date.fromisoformat(partition_date)}'" if partition_date else ""
-    request = bqs.types.ReadSession(table=f"projects/{project}/datasets/{dataset}/tables/{table}",
-                                    data_format=bqs.types.DataFormat.ARROW, read_options=bqs.types.ReadSession.TableReadOptions(
-                                        selected_fields=list(HCPE_COLUMNS), row_restriction=where))
-    shards, pending, rows = [], [], 0
-    def flush():
-        nonlocal pending
-        t = importlib.import_module("pyarrow").Table.from_batches(pending)
-        hcpe = np.zeros(t.num_rows, HCPE_DTYPE)
-        hcpe["hcp"] = np.frombuffer(b"".join(t.column("hcp").to_pylist()), np.uint8).reshape(-1, 32)
-        for c in ("eval", "bestMove16", "gameResult"):
-            hcpe[c] = t.column(c).to_numpy()
-        shards.append(save_hcpe(folder / f"bq-{len(shards):05d}.npy", hcpe, t.column("gameId").to_numpy()))
-        pending = []
-    with b.errors(uri):
-        session = b.read.create_read_session(parent=f"projects/{project}", read_session=request, max_stream_count=1,
-                                             retry=b.retry, timeout=b.timeout)
-        pa = importlib.import_module("pyarrow")
-        schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
-        for stream in session.streams:
-            for response in b.read.read_rows(stream.name, retry=b.retry, timeout=b.timeout):
-                page = pa.ipc.read_record_batch(pa.py_buffer(response.arrow_record_batch.serialized_record_batch), schema)
-                for start in range(0, page.num_rows, batch_size):
-                    pending.append(page.slice(start, batch_size))
-                    rows += pending[-1].num_rows
-                    if sum(p.num_rows for p in pending) >= batch_size:
-                        flush()
-    if pending:
-        flush()
-    if not shards:
-        raise CloudError(f"{uri}: no rows" + (f" in partition {partition_date}" if partition_date else "") +
-                         ". Check input_partitioning_key_date, or load the data first (write_hcpe_table).")
-    write_manifest(folder, "hcpe", shards, rows=rows, source=uri, partition_date=partition_date)
-    return folder
-
-# %% ../nbs/07_cloud.ipynb #fe103468
-def _materialise_table(self, uri: str, keep: set[str]) -> Path:
-    """`materialise` for a `bq://` table: read into a temporary folder, renamed into place when complete; reused
-    while the table's ETag (and the read's filter and page size) are unchanged."""
-    project, dataset, table = parse_table(uri)
-    meta = bq_backend(project, self.timeout).table(uri)
-    name = f"{project}.{dataset}.{table}" + (f"@{self.partition_date}" if self.partition_date else "")
-    rel, version = f"bq/{name}", f"{meta.etag}|{meta.num_rows}|{self.batch_size}"
-    view, files = self.root / rel, self._index()
-    if files.get(rel, {}).get("version") == version and (view / "manifest.json").is_file():
-        files[rel]["used"] = time.time()
-        self._save_index(files)
-        return view
-    files.pop(rel, None)
-    self._evict(files, keep | {rel}, int(meta.num_bytes or 0))
-    partial = self.root / "bq" / f".{name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    read_hcpe_table(uri, partial, batch_size=self.batch_size, partition_date=self.partition_date)
-    shutil.rmtree(view, ignore_errors=True)
-    os.replace(partial, view)
-    self.downloaded += 1
-    files[rel] = {"version": version, "size": sum(p.stat().st_size for p in view.iterdir()), "used": time.time()}
-    self._save_index(files)
-    return view
-
-ShardCache._materialise_table = _materialise_table
 
 # %% ../nbs/07_cloud.ipynb #20994cf7
 MIRROR_SKIP = ("data",)   # top-level folders of a run that are not mirrored (its bulky intermediate data)

@@ -4,10 +4,6 @@ reaches them only through the clients' own endpoint variables, as it reaches the
 import hashlib
 import http.client
 import http.server
-import itertools
-import json
-import os
-import socket
 import sys
 import threading
 import time
@@ -17,78 +13,12 @@ import numpy as np
 import pytest
 
 from maou_nb import cloud
-from maou_nb.cloud import (CloudError, Mirror, ShardCache, check_uri, list_uri, read_hcpe_table, upload_file,
-                           upload_folder, write_hcpe_table)
-from maou_nb.storage import load_checkpoint, load_game_ids, load_hcpe, manifest_shards, save_array, write_manifest
+from maou_nb.cloud import CloudError, Mirror, ShardCache, check_uri, list_uri, upload_file, upload_folder
+from maou_nb.storage import manifest_shards, save_array
+
+from cloud_servers import corpus, free_port, new_bucket, servers  # noqa: F401 (servers: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-_names = itertools.count()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def servers():
-    """Both servers on loopback, the endpoint variables pointing at them; yields {scheme: endpoint}."""
-    from gcp_storage_emulator.server import create_server
-    from moto.server import ThreadedMotoServer
-    port = free_port()
-    gcs = create_server("127.0.0.1", port, in_memory=True)
-    gcs.start()
-    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    s3.start()
-    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
-           "AWS_ENDPOINT_URL_S3": "http://%s:%d" % s3.get_host_and_port(),
-           "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        yield {"gs": env["STORAGE_EMULATOR_HOST"], "s3": env["AWS_ENDPOINT_URL_S3"]}
-    gcs.stop()
-    s3.stop()
-
-
-@pytest.fixture(scope="module")
-def bigquery(servers):
-    """bqemulator on loopback (REST and gRPC), in this process; yields the project with a dataset `maou`.
-    Its engine loads DuckDB's spatial extension at start, which needs a download: skipped (no GEOGRAPHY here)."""
-    from bqemulator.config import PersistenceMode, Settings
-    from bqemulator.storage.engine import DuckDBEngine
-    from bqemulator.testing._thread_runner import ThreadedEmulator
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(DuckDBEngine, "_load_spatial", lambda self: None)
-        mp.setenv("BQEMU_ENABLE_FORMAT_EXTENSIONS", "false")
-        mp.setenv("BQEMU_WRITE_API_MAX_REQUEST_BYTES", str(256 << 20))
-        server = ThreadedEmulator(Settings(persistence_mode=PersistenceMode.EPHEMERAL, rest_host="127.0.0.1",
-                                           rest_port=0, grpc_host="127.0.0.1", grpc_port=0))
-        server.start()
-        try:
-            mp.setenv("BIGQUERY_EMULATOR_HOST", server.server.rest_url)
-            mp.setenv("BIGQUERY_STORAGE_EMULATOR_HOST", server.server.grpc_endpoint)
-            cloud.bq_backend("test-project").client.create_dataset("maou")
-            yield "test-project"
-        finally:
-            server.stop()
-
-
-def new_bucket(scheme: str) -> str:
-    """A fresh bucket on the server of `scheme`."""
-    name = f"b{next(_names):03d}-{os.getpid()}"
-    b = cloud.backend(scheme)
-    b.client.create_bucket(name) if scheme == "gs" else b.client.create_bucket(Bucket=name)
-    return name
-
-
-def corpus(folder: Path, n: int = 3, rows: int = 1000) -> Path:
-    """A data folder like the kit's: n .npy shards and a manifest."""
-    for i in range(n):
-        save_array(folder / f"part{i}.npy", np.arange(rows * i, rows * (i + 1), dtype=np.int64))
-    write_manifest(folder, "hcpe", sorted(folder.glob("*.npy")), rows=n * rows)
-    return folder
 
 
 @pytest.fixture(params=["gs", "s3"])
@@ -258,90 +188,6 @@ def test_mirror_rerun_uploads_only_what_is_missing(servers, tmp_path):
     assert hashlib.md5(b"w" * 1000).hexdigest().encode() in pointer
 
 
-# --- whole pipeline runs: data in a bucket, outputs mirrored, a resume from the mirror --------------------------
-
-TRAIN = {"stage": "3", "preset": "small", "model_config": {"resnet_widths": [8, 8, 8, 8]}, "batch_size": 16,
-         "epoch": 1, "log_every": 1, "device": "cpu", "input_max_workers": 2}
-
-
-@pytest.fixture(scope="module")
-def hcpe(tmp_path_factory):
-    """Real HCPE shards from the kit's own self-play (4 short games)."""
-    from maou_nb.selfplay import play_games
-    out = tmp_path_factory.mktemp("selfplay")
-    play_games(4, out, max_moves=60, workers=1)
-    return out / "hcpe"
-
-
-def test_bigquery_writer_and_reader_round_trip(bigquery, hcpe, tmp_path):
-    """HCPE shards -> a partitioned table -> the Storage Read API -> the same rows and game ids as local shards."""
-    uri = f"bq://{bigquery}.maou.roundtrip"
-    rows = write_hcpe_table(hcpe, uri, partition_date="2026-01-01", clustering_key="gameId")
-    write_hcpe_table(hcpe, uri, partition_date="2026-01-02")
-    assert check_uri(uri) == 2 * rows
-    shards = sorted(p for p in hcpe.glob("*.npy") if "." not in p.stem)
-    original = {(bytes(h["hcp"]), int(h["bestMove16"]), int(g)) for p in shards
-                for h, g in zip(load_hcpe(p), load_game_ids(p))}
-    cache = ShardCache(tmp_path / "cache", max_workers=1, max_cached_bytes=None, batch_size=40, partition_date="2026-01-01")
-    [local] = cache.materialise(uri)
-    read = manifest_shards(local, "hcpe")
-    assert len(read) == -(-rows // 40) and all(len(load_hcpe(p)) <= 40 for p in read)
-    assert {(bytes(h["hcp"]), int(h["bestMove16"]), int(g)) for p in read
-            for h, g in zip(load_hcpe(p), load_game_ids(p))} == original
-    assert cache.materialise(uri) == [local] and cache.downloaded == 1          # unchanged table: reused
-    write_hcpe_table(shards[:1], uri, partition_date="2026-01-01")              # the table changed: read again
-    cache.materialise(uri)
-    assert cache.downloaded == 2 and sum(len(load_hcpe(p)) for p in manifest_shards(local, "hcpe")) > rows
-    with pytest.raises(CloudError, match="no rows in partition 2030-01-01"):
-        read_hcpe_table(uri, tmp_path / "empty", partition_date="2030-01-01")
-    with pytest.raises(CloudError, match=r"train.stage3_data: .*table not found"):
-        check_uri(f"bq://{bigquery}.maou.nothing", "train.stage3_data")
-
-
-def _objects(uri: str) -> set[str]:
-    r, objects, _ = list_uri(uri)
-    return {o.key[len(r.key) + 1:] for o in objects}
-
-
-def test_pipeline_reads_buckets_mirrors_and_resumes_from_the_mirror(servers, bigquery, hcpe, tmp_path, monkeypatch):
-    from maou_nb.pipeline import load_params, run_pipeline
-    from maou_nb.selfplay import play_games
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("MAOU_NB_DATA_ROOT", str(tmp_path / "data-root"))
-    gs_in, gs_out = f"gs://{new_bucket('gs')}/hcpe", f"gs://{new_bucket('gs')}/runs"
-    upload_folder(hcpe, gs_in)
-    bq_in = f"bq://{bigquery}.maou.more_games"                                   # two other games, from a table
-    write_hcpe_table(play_games(2, tmp_path / "more", seed=7, max_moves=60, workers=1)[0].parent, bq_in)
-    first = {"name": "cloud-first", "steps": ["preprocess", "train"], "output_uri": gs_out,
-             "preprocess": {"hcpe_inputs": [gs_in, bq_in], "test_ratio": 0.5}, "train": {**TRAIN, "max_steps": 2}}
-    assert load_params(first)["preprocess"]["hcpe_inputs"] == [gs_in, bq_in]   # a URI stays a URI
-    lines: list[str] = []
-    run1 = run_pipeline(first, run_id="first", runs_root=str(tmp_path / "machine1"), echo=lines.append)
-    assert any("remote input(s)" in line for line in lines) and any("mirror complete" in line for line in lines)
-    mirrored = _objects(f"{gs_out}/first")
-    assert {"checkpoints/last.pt", "checkpoints/latest.json", "notebooks/preprocess.ipynb", "notebooks/train.ipynb",
-            "stats.json", "metrics.jsonl", "summary.md", "params.yaml", "run.json"} <= mirrored
-    assert any(k.startswith("logs/") and "tfevents" in k for k in mirrored) and not any(k.startswith("data/") for k in mirrored)
-    split = sum(json.loads((run1 / "data" / "split" / side / "manifest.json").read_text())["rows"] for side in ("train", "val"))
-    assert split == sum(len(load_hcpe(p)) for p in hcpe.glob("*.npy") if "." not in p.stem) + sum(
-        len(load_hcpe(p)) for p in (tmp_path / "more" / "hcpe").glob("*.npy") if "." not in p.stem)
-    stopped = load_checkpoint(run1 / "checkpoints" / "last.pt")
-    assert stopped["global_step"] == 2
-
-    # a fresh machine: training data from S3, the run to resume from in the GCS mirror, outputs mirrored to S3
-    s3_data, s3_out = f"s3://{new_bucket('s3')}/preprocessed", f"s3://{new_bucket('s3')}/runs"
-    upload_folder(run1 / "data" / "preprocessed", s3_data)
-    second = {"name": "cloud-second", "steps": ["train", "export"], "output_uri": s3_out,
-              "train": {**TRAIN, "stage3_data": f"{s3_data}/train", "stage3_val_data": f"{s3_data}/val",
-                        "resume_from": f"{gs_out}/first"},
-              "export": {"positions_data": f"{s3_data}/val", "verify_positions": 8, "fp16": False}}
-    run2 = run_pipeline(second, run_id="second", runs_root=str(tmp_path / "machine2"), echo=lines.append)
-    resumed = load_checkpoint(run2 / "checkpoints" / "last.pt")
-    assert resumed["global_step"] > 2 and resumed["completed_stages"] == ["3"]
-    assert {"checkpoints/last.pt", "checkpoints/latest.json", "models/model.onnx", "summary.md",
-            "notebooks/export.ipynb"} <= _objects(f"{s3_out}/second")
-
-
 def test_load_params_refuses_a_missing_remote_path_before_any_step(servers, tmp_path):
     from maou_nb.pipeline import load_params
     uri = f"gs://{new_bucket('gs')}/records"
@@ -377,17 +223,6 @@ def _exists(b, bucket: str) -> bool:
         return True
     except CloudError:
         return False
-
-
-def test_bigquery_params_file_is_valid_against_the_emulator(bigquery, hcpe):
-    from maou_nb.pipeline import find_params, load_params
-    with pytest.raises(CloudError, match=r"preprocess.hcpe_inputs: .*not found"):
-        load_params(find_params("cloud/bigquery"))
-    cloud.bq_backend("my-project").client.create_dataset("shogi", exists_ok=True)
-    write_hcpe_table(hcpe, "bq://my-project.shogi.hcpe", partition_date="2026-01-01")
-    params = load_params(find_params("cloud/bigquery"))
-    assert params["preprocess"]["hcpe_inputs"] == ["bq://my-project.shogi.hcpe"]
-    assert params["train"]["input_partitioning_key_date"] == "2026-01-01"
 
 
 def test_one_input_provider_per_data_path(servers, tmp_path):
