@@ -17,14 +17,17 @@ from pathlib import Path
 import numpy as np
 
 from .cloud import TIMEOUT_SECONDS, CloudError, ShardCache, _BACKENDS, _LOCK, google_errors, register_source, require
-from .storage import HCPE_DTYPE, list_shards, load_game_ids, load_hcpe, save_hcpe, write_manifest
+from .encoding import encode_hcps
+from .preprocess import MOVE_DTYPE, POSITION_DTYPE
+from .storage import (HCPE_DTYPE, list_shards, load_array, load_game_ids, load_hcpe, save_array, save_hcpe,
+                             sidecar_path, write_manifest)
 
 # %% auto #0
-__all__ = ['HCPE_COLUMNS', 'parse_table', 'BigQueryBackend', 'bq_backend', 'write_hcpe_table', 'read_hcpe_table', 'table_rows']
+__all__ = ['HCPE_COLUMNS', 'PREPROCESSED_COLUMNS', 'TABLE_KINDS', 'parse_table', 'table_kind', 'BigQueryBackend', 'bq_backend',
+           'write_hcpe_table', 'write_preprocessed_table', 'read_table', 'table_rows']
 
 # %% ../nbs/08_bigquery.ipynb #890a0fe4
 _TABLE = re.compile(r"bq://([a-z][a-z0-9-]{4,61}[a-z0-9])\.(\w{1,1024})\.([\w$-]{1,1024})")
-HCPE_COLUMNS = ("hcp", "eval", "bestMove16", "gameResult", "gameId")
 
 def parse_table(uri: str) -> tuple[str, str, str]:
     """(project, dataset, table) of `bq://project.dataset.table`; anything else is refused with the form."""
@@ -32,6 +35,21 @@ def parse_table(uri: str) -> tuple[str, str, str]:
     if not m:
         raise CloudError(f"{uri!r}: not a BigQuery table URI. Write bq://PROJECT.DATASET.TABLE.")
     return m.groups()
+
+# %% ../nbs/08_bigquery.ipynb #cce68d98
+HCPE_COLUMNS = ("hcp", "eval", "bestMove16", "gameResult", "gameId")
+PREPROCESSED_COLUMNS = ("hcp", "count", "value", "moveLabel", "moveCount", "moveWins")
+TABLE_KINDS = {"hcpe": HCPE_COLUMNS, "preprocessed": PREPROCESSED_COLUMNS}
+
+def table_kind(uri: str, columns) -> str:
+    """The kind of rows ("hcpe" or "preprocessed") a table with `columns` holds; a CloudError naming both sets otherwise."""
+    have = set(columns)
+    for kind, need in TABLE_KINDS.items():
+        if have >= set(need):
+            return kind
+    raise CloudError(f"{uri}: the table's columns {sorted(have)} are neither HCPE rows ({', '.join(HCPE_COLUMNS)}) nor "
+                     f"preprocessed rows ({', '.join(PREPROCESSED_COLUMNS)}). Point the data path at a table written by "
+                     "maou_nb.bigquery.write_hcpe_table or write_preprocessed_table.")
 
 # %% ../nbs/08_bigquery.ipynb #873a6c2e
 class BigQueryBackend:
@@ -83,74 +101,131 @@ def bq_backend(project: str, timeout: float = TIMEOUT_SECONDS) -> BigQueryBacken
         return _BACKENDS[key]
 
 # %% ../nbs/08_bigquery.ipynb #e6309416
-def write_hcpe_table(inputs, uri: str, *, partition_date: str | None = None, clustering_key: str | None = None) -> int:
-    """Append HCPE shards (files or folders) to the table `uri`, created partitioned by `partitioningKey` (set to
-    `partition_date`, default today) and clustered by `clustering_key` if given; the rows written."""
+def _bq_type(t) -> tuple[str, str]:
+    """(BigQuery type, mode) of a pyarrow type; a list is a REPEATED column of its items' type."""
+    pa = importlib.import_module("pyarrow")
+    if pa.types.is_list(t):
+        return _bq_type(t.value_type)[0], "REPEATED"
+    return {"binary": "BYTES", "int64": "INT64", "double": "FLOAT64", "date32[day]": "DATE"}[str(t)], "NULLABLE"
+
+def _append_rows(uri: str, columns: dict, partition_date: str | None, clustering_key: str | None) -> int:
+    """Append `columns` (pyarrow arrays) and `partitioningKey` to the table `uri`, created partitioned by that DATE
+    and clustered by `clustering_key` if given, in one Parquet load (all rows or none); the rows written."""
     pq, pa, bigquery = require("arrow"), importlib.import_module("pyarrow"), require("bq")
     project, dataset, table = parse_table(uri)
-    b = bq_backend(project)
-    shards = list_shards(inputs)
-    arrays = [load_hcpe(p, mmap=False) for p in shards]
-    hcpe, ids = np.concatenate(arrays), np.concatenate([load_game_ids(p, len(a)) for p, a in zip(shards, arrays)])
+    b, n = bq_backend(project), len(next(iter(columns.values())))
     day = _dt.date.fromisoformat(partition_date) if partition_date else _dt.date.today()
-    columns = {"hcp": pa.array([r.tobytes() for r in hcpe["hcp"]], pa.binary()),
-               **{c: pa.array(hcpe[c].astype(np.int64)) for c in ("eval", "bestMove16", "gameResult")},
-               "gameId": pa.array(ids), "partitioningKey": pa.array([day] * len(hcpe), pa.date32())}
-    schema = [bigquery.SchemaField(c, "BYTES" if c == "hcp" else "DATE" if c == "partitioningKey" else "INT64")
-              for c in columns]
-    spec = bigquery.Table(f"{project}.{dataset}.{table}", schema=schema)
+    t = pa.table({**columns, "partitioningKey": pa.array([day] * n, pa.date32())})
+    spec = bigquery.Table(f"{project}.{dataset}.{table}", schema=[bigquery.SchemaField(f.name, *_bq_type(f.type)) for f in t.schema])
     spec.time_partitioning = bigquery.TimePartitioning(field="partitioningKey")
     spec.clustering_fields = [clustering_key] if clustering_key else None
     buffer = io.BytesIO()
-    pq.write_table(pa.table(columns), buffer)
+    pq.write_table(t, buffer)
     buffer.seek(0)
+    job = bigquery.LoadJobConfig(source_format="PARQUET", parquet_options=bigquery.ParquetOptions())
+    job.parquet_options.enable_list_inference = True       # a Parquet list is a REPEATED column, not a record
     with b.errors(uri, "dataset"):
         b.client.create_table(spec, exists_ok=True, retry=b.retry, timeout=b.timeout)
-        b.client.load_table_from_file(buffer, f"{project}.{dataset}.{table}", job_config=bigquery.LoadJobConfig(
-            source_format="PARQUET")).result(timeout=b.timeout)
-    return len(hcpe)
+        b.client.load_table_from_file(buffer, f"{project}.{dataset}.{table}", job_config=job).result(timeout=b.timeout)
+    return n
 
-# %% ../nbs/08_bigquery.ipynb #8ad91ba4
-def read_hcpe_table(uri: str, folder: str | os.PathLike, *, batch_size: int = 100_000,
-                    partition_date: str | None = None) -> Path:
-    """Read the table `uri` (only `partition_date`'s rows if given) through the Storage Read API into HCPE shards
-    of at most `batch_size` rows (game ids as sidecars) and a manifest in `folder`."""
-    bqs = require("bqs")
+def write_hcpe_table(inputs, uri: str, *, partition_date: str | None = None, clustering_key: str | None = None) -> int:
+    """Append HCPE shards (files or folders) to the table `uri`, created partitioned by `partitioningKey` (set to
+    `partition_date`, default today) and clustered by `clustering_key` if given; the rows written."""
+    require("arrow")
+    pa, shards = importlib.import_module("pyarrow"), list_shards(inputs)
+    arrays = [load_hcpe(p, mmap=False) for p in shards]
+    hcpe, ids = np.concatenate(arrays), np.concatenate([load_game_ids(p, len(a)) for p, a in zip(shards, arrays)])
+    columns = {"hcp": pa.array([r.tobytes() for r in hcpe["hcp"]], pa.binary()),
+               **{c: pa.array(hcpe[c].astype(np.int64)) for c in ("eval", "bestMove16", "gameResult")}, "gameId": pa.array(ids)}
+    return _append_rows(uri, columns, partition_date, clustering_key)
+
+# %% ../nbs/08_bigquery.ipynb #ae19ca83
+def write_preprocessed_table(inputs, uri: str, *, partition_date: str | None = None,
+                             clustering_key: str | None = None) -> int:
+    """Append preprocessed shards (files or folders, with their `.moves.npy` sidecars) to the table `uri`, one position a
+    row with its moves as arrays (`moveLabel`, `moveCount`, `moveWins`); partitioned and clustered as
+    `write_hcpe_table`; the rows written."""
+    require("arrow")
+    pa = importlib.import_module("pyarrow")
+    rows, labels, counts, wins = [], [], [], []
+    for p in list_shards(inputs):
+        pos = load_array(p, dtype=POSITION_DTYPE, mmap=False)
+        moves = load_array(sidecar_path(p, "moves"), dtype=MOVE_DTYPE, mmap=False)
+        n = pos["move_count"].astype(np.int64)
+        take = np.repeat(pos["move_start"].astype(np.int64) - np.cumsum(n) + n, n) + np.arange(n.sum())
+        rows.append(pos), labels.append(moves["label"][take]), counts.append(moves["count"][take]), wins.append(moves["wins"][take])
+    pos = np.concatenate(rows)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(pos["move_count"].astype(np.int64))]).astype(np.int32))
+    as_list = lambda parts, dtype: pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(parts).astype(dtype)))
+    columns = {"hcp": pa.array([r.tobytes() for r in pos["hcp"]], pa.binary()), "count": pa.array(pos["count"].astype(np.int64)),
+               "value": pa.array(pos["value"].astype(np.float64)), "moveLabel": as_list(labels, np.int64),
+               "moveCount": as_list(counts, np.int64), "moveWins": as_list(wins, np.float64)}
+    return _append_rows(uri, columns, partition_date, clustering_key)
+
+# %% ../nbs/08_bigquery.ipynb #b136fa3b
+def _hcpe_shard(t, path: Path) -> int:
+    """Write the HCPE rows of the pyarrow table `t` as an HCPE shard (game ids as its sidecar) at `path`."""
+    hcpe = np.zeros(t.num_rows, HCPE_DTYPE)
+    hcpe["hcp"] = np.frombuffer(b"".join(t.column("hcp").to_pylist()), np.uint8).reshape(-1, 32)
+    for c in ("eval", "bestMove16", "gameResult"):
+        hcpe[c] = t.column(c).to_numpy()
+    save_hcpe(path, hcpe, t.column("gameId").to_numpy())
+    return 0
+
+def _preprocessed_shard(t, path: Path) -> int:
+    """Write the preprocessed rows of `t` as a preprocessed shard and its `.moves.npy` at `path`; the move rows."""
+    pc = importlib.import_module("pyarrow.compute")
+    pos = np.zeros(t.num_rows, POSITION_DTYPE)
+    pos["hcp"] = np.frombuffer(b"".join(t.column("hcp").to_pylist()), np.uint8).reshape(-1, 32)
+    pos["board"], pos["hand"] = encode_hcps(pos["hcp"])
+    pos["count"], pos["value"] = t.column("count").to_numpy(), t.column("value").to_numpy()
+    pos["move_count"] = n = pc.list_value_length(t.column("moveLabel")).to_numpy(zero_copy_only=False)
+    pos["move_start"] = np.cumsum(n) - n
+    moves = np.zeros(int(n.sum()), MOVE_DTYPE)
+    for field, column in (("label", "moveLabel"), ("count", "moveCount"), ("wins", "moveWins")):
+        moves[field] = pc.list_flatten(t.column(column)).to_numpy(zero_copy_only=False)
+    save_array(sidecar_path(path, "moves"), moves)           # the sidecar first: a shard is never without its moves
+    save_array(path, pos)
+    return len(moves)
+
+# %% ../nbs/08_bigquery.ipynb #6cfd9a9e
+def read_table(uri: str, folder: str | os.PathLike, *, batch_size: int = 100_000, partition_date: str | None = None) -> Path:
+    """Read the table `uri` (only `partition_date`'s rows if given) through the Storage Read API into shards of at
+    most `batch_size` rows and a manifest in `folder`: HCPE shards or preprocessed shards, as its columns say."""
+    bqs, pa = require("bqs"), importlib.import_module("pyarrow")
     project, dataset, table = parse_table(uri)
     b, folder = bq_backend(project), Path(folder)
+    kind = table_kind(uri, [f.name for f in b.table(uri).schema])
     where = f"partitioningKey = DATE '{_dt.date.fromisoformat(partition_date)}'" if partition_date else ""
-    request = bqs.types.ReadSession(table=f"projects/{project}/datasets/{dataset}/tables/{table}",
-                                    data_format=bqs.types.DataFormat.ARROW, read_options=bqs.types.ReadSession.TableReadOptions(
-                                        selected_fields=list(HCPE_COLUMNS), row_restriction=where))
-    shards, pending, rows = [], [], 0
+    request = bqs.types.ReadSession(table=f"projects/{project}/datasets/{dataset}/tables/{table}", data_format=bqs.types.DataFormat.ARROW,
+                                    read_options=bqs.types.ReadSession.TableReadOptions(selected_fields=list(TABLE_KINDS[kind]), row_restriction=where))
+    shards, pending, rows, move_rows = [], [], 0, 0
     def flush():
-        nonlocal pending
-        t = importlib.import_module("pyarrow").Table.from_batches(pending)
-        hcpe = np.zeros(t.num_rows, HCPE_DTYPE)
-        hcpe["hcp"] = np.frombuffer(b"".join(t.column("hcp").to_pylist()), np.uint8).reshape(-1, 32)
-        for c in ("eval", "bestMove16", "gameResult"):
-            hcpe[c] = t.column(c).to_numpy()
-        shards.append(save_hcpe(folder / f"bq-{len(shards):05d}.npy", hcpe, t.column("gameId").to_numpy()))
+        nonlocal pending, move_rows
+        shards.append(folder / f"bq-{len(shards):05d}.npy")
+        move_rows += (_hcpe_shard if kind == "hcpe" else _preprocessed_shard)(pa.Table.from_batches(pending), shards[-1])
         pending = []
     with b.errors(uri):
         session = b.read.create_read_session(parent=f"projects/{project}", read_session=request, max_stream_count=1,
                                              retry=b.retry, timeout=b.timeout)
-        pa = importlib.import_module("pyarrow")
         schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
         for stream in session.streams:
             for response in b.read.read_rows(stream.name, retry=b.retry, timeout=b.timeout):
                 page = pa.ipc.read_record_batch(pa.py_buffer(response.arrow_record_batch.serialized_record_batch), schema)
-                for start in range(0, page.num_rows, batch_size):
-                    pending.append(page.slice(start, batch_size))
-                    rows += pending[-1].num_rows
-                    if sum(p.num_rows for p in pending) >= batch_size:
+                start = 0
+                while start < page.num_rows:       # pages of the server's size, shards of batch_size rows
+                    pending.append(page.slice(start, batch_size - sum(p.num_rows for p in pending)))
+                    start, rows = start + pending[-1].num_rows, rows + pending[-1].num_rows
+                    if sum(p.num_rows for p in pending) == batch_size:
                         flush()
     if pending:
         flush()
     if not shards:
         raise CloudError(f"{uri}: no rows" + (f" in partition {partition_date}" if partition_date else "") +
-                         ". Check input_partitioning_key_date, or load the data first (write_hcpe_table).")
-    write_manifest(folder, "hcpe", shards, rows=rows, source=uri, partition_date=partition_date)
+                         ". Check input_partitioning_key_date, or load the data first (write_hcpe_table, write_preprocessed_table).")
+    extra = {"move_rows": move_rows} if kind == "preprocessed" else {}
+    write_manifest(folder, kind, shards, rows=rows, source=uri, partition_date=partition_date, **extra)
     return folder
 
 # %% ../nbs/08_bigquery.ipynb #fe103468
@@ -170,7 +245,7 @@ def _materialise_table(self, uri: str, keep: set[str]) -> Path:
     self._evict(files, keep | {rel}, int(meta.num_bytes or 0))
     partial = self.root / "bq" / f".{name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    read_hcpe_table(uri, partial, batch_size=self.batch_size, partition_date=self.partition_date)
+    read_table(uri, partial, batch_size=self.batch_size, partition_date=self.partition_date)
     shutil.rmtree(view, ignore_errors=True)
     os.replace(partial, view)
     self.downloaded += 1
@@ -179,8 +254,10 @@ def _materialise_table(self, uri: str, keep: set[str]) -> Path:
     return view
 
 def table_rows(uri: str) -> int:
-    """The rows of the table `uri`; a CloudError if it is missing, unreachable or empty."""
-    rows = bq_backend(parse_table(uri)[0]).table(uri).num_rows
+    """The rows of the table `uri`; a CloudError if it is missing, unreachable, empty or of columns the kit cannot read."""
+    meta = bq_backend(parse_table(uri)[0]).table(uri)
+    table_kind(uri, [f.name for f in meta.schema])       # rows of a kind the kit reads, or refused before any step
+    rows = meta.num_rows
     if not rows:
         raise CloudError(f"{uri}: the table holds no rows. Load the data first (write_hcpe_table).")
     return rows

@@ -2,12 +2,16 @@
 stopped by its handle: the writer and the Storage Read reader, the cache's reuse of a read, a whole pipeline run
 reading a bucket and a table, and the example params file."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from maou_nb.bigquery import bq_backend, read_hcpe_table, write_hcpe_table
+from maou_nb.bigquery import bq_backend, read_table, write_hcpe_table, write_preprocessed_table
 from maou_nb.cloud import CloudError, ShardCache, check_uri, list_uri, upload_folder
-from maou_nb.storage import load_checkpoint, load_game_ids, load_hcpe, manifest_shards
+from maou_nb.storage import load_array, load_checkpoint, load_game_ids, load_hcpe, manifest_shards
 
 from cloud_servers import bigquery, hcpe, new_bucket, servers  # noqa: F401 (fixtures)
 
@@ -36,7 +40,7 @@ def test_bigquery_writer_and_reader_round_trip(bigquery, hcpe, tmp_path):
     cache.materialise(uri)
     assert cache.downloaded == 2 and sum(len(load_hcpe(p)) for p in manifest_shards(local, "hcpe")) > rows
     with pytest.raises(CloudError, match="no rows in partition 2030-01-01"):
-        read_hcpe_table(uri, tmp_path / "empty", partition_date="2030-01-01")
+        read_table(uri, tmp_path / "empty", partition_date="2030-01-01")
     with pytest.raises(CloudError, match=r"train.stage3_data: .*table not found"):
         check_uri(f"bq://{bigquery}.maou.nothing", "train.stage3_data")
 
@@ -94,3 +98,38 @@ def test_bigquery_params_file_is_valid_against_the_emulator(bigquery, hcpe):
     params = load_params(find_params("cloud/bigquery"))
     assert params["preprocess"]["hcpe_inputs"] == ["bq://my-project.shogi.hcpe"]
     assert params["train"]["input_partitioning_key_date"] == "2026-01-01"
+
+
+def test_preprocessed_rows_round_trip_into_stage3_data(bigquery, hcpe, tmp_path):
+    """Preprocessed shards -> a table of one position a row -> the cache -> Stage 3 reads the same targets; a table of
+    other columns is refused by the up-front check, naming the columns the kit reads."""
+    from maou_nb.datasets import Stage3Dataset
+    from maou_nb.pipeline import input_cache, load_params, materialise_inputs
+    from maou_nb.preprocess import preprocess
+    pre = preprocess(hcpe, tmp_path / "pre", rows_per_shard=50)[0].parent
+    uri = f"bq://{bigquery}.maou.positions"
+    rows = write_preprocessed_table(pre, uri, partition_date="2026-01-01")
+    assert rows == json.loads((pre / "manifest.json").read_text())["rows"] and check_uri(uri) == rows
+    train = {"stage": "3", "stage3_data": uri, "stage3_val_data": uri, "input_batch_size": 64,
+             "input_local_cache_dir": str(tmp_path / "cache")}
+    params = load_params({"steps": ["train"], "train": train})        # listed, and of a kind the kit reads
+    local = materialise_inputs("train", params["train"], input_cache(params), echo=lambda line: None)["stage3_data"]
+    assert json.loads((Path(local) / "manifest.json").read_text())["kind"] == "preprocessed"
+    assert all(len(load_array(p)) <= 64 for p in manifest_shards(local))
+    mine, theirs = Stage3Dataset(pre), Stage3Dataset(local)
+    assert len(theirs) == len(mine) == rows
+    a, b = mine.batch(np.arange(rows)), theirs.batch(np.arange(rows))
+    order_a, order_b = (np.lexsort(np.hstack([x["board"].reshape(rows, -1), x["hand"]]).T) for x in (a, b))
+    for key in a:
+        assert np.array_equal(np.asarray(a[key])[order_a], np.asarray(b[key])[order_b]), key
+    bq_backend(bigquery).client.query("CREATE TABLE maou.wide (id INT64, hcp BYTES, moveLabel ARRAY<FLOAT64>)").result()
+    with pytest.raises(CloudError, match=r"train.stage3_data: .*neither HCPE rows .*preprocessed rows \(hcp, count, value, "
+                                         r"moveLabel, moveCount, moveWins\)"):
+        load_params({"steps": ["train"], "train": {**train, "stage3_data": f"bq://{bigquery}.maou.wide"}})
+
+
+def test_cloud_does_not_import_the_bigquery_clients():
+    """maou_nb.cloud reaches bq:// through its table-source registry: importing it loads no BigQuery module."""
+    code = "import sys, maou_nb.cloud; print(sorted(m for m in sys.modules if 'bigquery' in m))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
