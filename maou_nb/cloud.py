@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as _dt
+import glob
 import hashlib
 import io
 import json
@@ -23,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .storage import LocalStorage, _is_shard, atomic_path, read_json, remove_stale_temps, write_json
+from .storage import LocalStorage, _is_shard, disk_error, read_json, remove_stale_temps, write_json
 
 # %% auto #0
 __all__ = ['SCHEMES', 'TIMEOUT_SECONDS', 'TABLE_SOURCES', 'MIRROR_SKIP', 'POINTER', 'CloudError', 'is_uri', 'RemotePath',
            'parse_uri', 'require', 'ObjectInfo', 'google_errors', 'GCSBackend', 'S3Backend', 'backend',
            'register_source', 'table_source', 'list_uri', 'check_uri', 'upload_file', 'upload_folder', 'RemoteStorage',
-           'get_storage', 'ShardCache', 'materialise', 'Mirror', 'check_pointer']
+           'get_storage', 'ShardCache', 'partial_path', 'materialise', 'Mirror', 'check_pointer']
 
 # %% ../nbs/07_cloud.ipynb #94d9e2c1
 class CloudError(RuntimeError):
@@ -155,11 +156,11 @@ def _gcs_list(self, bucket: str, prefix: str) -> list[ObjectInfo]:
     return [ObjectInfo(b.name, int(b.size), str(b.generation), base64.b64decode(b.md5_hash).hex() if b.md5_hash else None)
             for b in blobs if not b.name.endswith("/")]
 
-def _gcs_download(self, bucket: str, info: ObjectInfo, f) -> None:
-    """Write the listed version of the object into the open file `f`."""
+def _gcs_download(self, bucket: str, info: ObjectInfo, f, start: int = 0) -> None:
+    """Append the listed version of the object, from byte `start` on (a ranged request), to the open file `f`."""
     blob = self.client.bucket(bucket).blob(info.key, generation=int(info.version))
     with self.errors(f"gs://{bucket}/{info.key}", "object (or that version of it)"):
-        blob.download_to_file(f, retry=self.retry, timeout=self.timeout, checksum=None)
+        blob.download_to_file(f, start=start or None, retry=self.retry, timeout=self.timeout, checksum=None)
 
 def _gcs_upload(self, bucket: str, key: str, f, size: int, md5: str) -> None:
     """Store the open file `f` at `key` (the object appears only when complete); the server checks its MD5."""
@@ -218,10 +219,11 @@ def _s3_list(self, bucket: str, prefix: str) -> list[ObjectInfo]:
                     out.append(ObjectInfo(o["Key"], int(o["Size"]), etag, None if "-" in etag else etag))
     return out
 
-def _s3_download(self, bucket: str, info: ObjectInfo, f) -> None:
-    """Write the listed version of the object (`IfMatch` its ETag) into the open file `f`."""
+def _s3_download(self, bucket: str, info: ObjectInfo, f, start: int = 0) -> None:
+    """Append the listed version of the object (`IfMatch` its ETag), from byte `start` on (`Range`), to the open file `f`."""
+    ranged = {"Range": f"bytes={start}-"} if start else {}
     with self.errors(f"s3://{bucket}/{info.key}", "object"):
-        body = self.client.get_object(Bucket=bucket, Key=info.key, IfMatch=f'"{info.version}"')["Body"]
+        body = self.client.get_object(Bucket=bucket, Key=info.key, IfMatch=f'"{info.version}"', **ranged)["Body"]
         shutil.copyfileobj(body, f, 1 << 20)
 
 def _s3_upload(self, bucket: str, key: str, f, size: int, md5: str) -> None:
@@ -381,25 +383,42 @@ class ShardCache:
         return sum(e["size"] for e in self._index().values())
 
 # %% ../nbs/07_cloud.ipynb #19362a26
+_PARTIAL = re.compile(r"\.(.+)\.([0-9a-f]{12})\.partial")
+
+def partial_path(dest: Path, info: ObjectInfo) -> Path:
+    """Where the bytes of `info` received so far wait beside `dest`, named by its version: a changed object starts over."""
+    return dest.with_name(f".{dest.name}.{hashlib.md5(info.version.encode()).hexdigest()[:12]}.partial")
+
 def _fetch(self, r: RemotePath, info: ObjectInfo, dest: Path) -> None:
-    """Download one object to `dest` through a temporary name; checked against its listing before the rename."""
-    uri = f"{r.scheme}://{r.bucket}/{info.key}"
-    with atomic_path(dest) as tmp_path:
-        with open(tmp_path, "wb") as f:
-            try:
-                backend(r.scheme, self.timeout).download(r.bucket, info, f)
-            except CloudError:
-                raise
-            except Exception as e:    # a connection cut mid-body, a bad gateway: the clients' many ways to fail
-                raise CloudError(f"{uri}: the download failed ({type(e).__name__}: {str(e)[:200]}). Nothing was "
-                                 "cached under its name; rerun to fetch it again.") from None
-        size = tmp_path.stat().st_size
-        with open(tmp_path, "rb") as f:
-            md5 = _md5_of(f) if info.md5 else None
-        if size != info.size or md5 != info.md5:
-            raise CloudError(f"{uri}: the download does not match the server's listing (size {size} vs {info.size}, "
-                             f"MD5 {md5} vs {info.md5}): the object changed or the transfer was cut short. Nothing was "
-                             "cached under its name; rerun to fetch it again (write changed data under new names).")
+    """Download one object to `dest`: appended to its partial file (resumed with a ranged request where an earlier
+    attempt stopped), checked whole against its listing, and only then renamed to `dest`."""
+    uri, partial = f"{r.scheme}://{r.bucket}/{info.key}", partial_path(dest, info)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for old in dest.parent.glob(f".{glob.escape(dest.name)}.*.partial"):
+            if old != partial:          # an earlier version's bytes: the object changed, start from zero
+                old.unlink(missing_ok=True)
+        start = partial.stat().st_size if partial.is_file() else 0
+        with open(partial, "ab" if start <= info.size else "wb") as f:
+            if f.tell() < info.size:
+                backend(r.scheme, self.timeout).download(r.bucket, info, f, f.tell())
+    except Exception as e:              # a connection cut mid-body, a server gone: the clients' many ways to fail
+        if isinstance(e, OSError) and disk_error(dest, e):
+            raise disk_error(dest, e) from None
+        got = partial.stat().st_size if partial.is_file() else 0
+        if not got:
+            partial.unlink(missing_ok=True)
+        kept = f"the {got} of {info.size} bytes received are kept aside and a rerun resumes from there" if got else "rerun to fetch it again"
+        reason = str(e) if isinstance(e, CloudError) else f"{uri}: the download failed ({type(e).__name__}: {str(e)[:200]})"
+        raise CloudError(f"{reason} Nothing was cached under its name; {kept}.") from None
+    with open(partial, "rb") as f:
+        size, md5 = os.fstat(f.fileno()).st_size, _md5_of(f) if info.md5 else None
+    if size != info.size or md5 != info.md5:
+        partial.unlink(missing_ok=True)
+        raise CloudError(f"{uri}: the download does not match the server's listing (size {size} vs {info.size}, "
+                         f"MD5 {md5} vs {info.md5}): the object changed or the transfer was cut short. Nothing was "
+                         "cached under its name; rerun to fetch it again (write changed data under new names).")
+    os.replace(partial, dest)
 
 ShardCache._fetch = _fetch
 
@@ -416,7 +435,10 @@ def _plan(self, uris: Iterable[str]) -> tuple[list[Path], dict[str, tuple[Remote
             view = self.local_path(r)
             remove_stale_temps(view)
             for p in (view.rglob("*") if view.is_dir() else []):
-                if p.is_file() and p.relative_to(self.root).as_posix() not in needed:
+                m, rel = _PARTIAL.fullmatch(p.name), p.relative_to(self.root).as_posix()
+                target = (p.parent / m.group(1)).relative_to(self.root).as_posix() if m else None
+                resumable = target in needed and p == partial_path(self.root / target, needed[target][1])
+                if p.is_file() and rel not in needed and not resumable:
                     p.unlink()
     return paths, needed
 

@@ -74,9 +74,10 @@ def test_object_changed_mid_download_is_not_cached(remote, tmp_path):
 
 
 class CuttingProxy(http.server.ThreadingHTTPServer):
-    """An HTTP proxy on loopback in front of a storage server that cuts every object download off half-way."""
+    """An HTTP proxy on loopback in front of a storage server that cuts every object download off half-way;
+    `ranges` records the Range header of each object download it forwards (None: from the first byte)."""
     def __init__(self, upstream: str):
-        self.upstream = upstream.removeprefix("http://")
+        self.upstream, self.ranges = upstream.removeprefix("http://"), []
         super().__init__(("127.0.0.1", 0), _CutHandler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -92,6 +93,8 @@ class _CutHandler(http.server.BaseHTTPRequestHandler):
         resp = conn.getresponse()
         data = resp.read()
         media = "alt=media" in self.path or (self.command == "GET" and "?" not in self.path and self.path.count("/") >= 2)
+        if media:
+            self.server.ranges.append(self.headers.get("Range"))
         self.send_response(resp.status)
         for k, v in resp.getheaders():
             if k.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -104,25 +107,50 @@ class _CutHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 
 
-def test_truncated_download_never_cached_under_its_name(remote, tmp_path, monkeypatch, servers):
-    scheme, uri, source = remote
+def _partials(cache: Path) -> dict[str, bytes]:
+    """{shard name: bytes} of the partial downloads in the cache; fails if a shard is there under its own name."""
+    assert not list(cache.rglob("part*.npy"))            # no shard under its own name
+    return {p.name[1:].rsplit(".", 2)[0]: p.read_bytes() for p in cache.rglob(".*.partial")}
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+def test_cut_download_resumes_with_a_ranged_request_and_is_never_cached_under_its_name(scheme, tmp_path, monkeypatch, servers):
+    """A download cut off part-way keeps its bytes aside (never under the shard's name); the next attempt asks only
+    for the rest, and the whole file is verified; an object changed between attempts starts again from zero.
+    (Shards of 320 kB: the clients write what they received in chunks of some kB.)"""
+    source, uri = corpus(tmp_path / "source", n=2, rows=40_000), f"{scheme}://{new_bucket(scheme)}/big"
+    upload_folder(source, uri)
     proxy = CuttingProxy(servers[scheme])
     try:
         monkeypatch.setenv(cloud.backend(scheme).env, "http://127.0.0.1:%d" % proxy.server_address[1])
-        cache = ShardCache(tmp_path / "cache", max_workers=2, max_cached_bytes=None, timeout=3)
+        cache = ShardCache(tmp_path / "cache", max_workers=2, max_cached_bytes=None, timeout=2)
+        shards = [f"{uri}/part{i}.npy" for i in range(2)]    # one at a time: a first failure cancels the others
         t0 = time.time()
-        with pytest.raises(CloudError, match="part|manifest"):
-            cache.materialise(uri)
+        for shard in shards:
+            with pytest.raises(CloudError, match=r"part\d.npy: .*Nothing was cached under its name; the \d+ of \d+ bytes"):
+                cache.materialise(shard)
         assert time.time() - t0 < 30
-        leftovers = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.name != "index.json"]
-        assert leftovers == []                   # no shard under its name, no temporary either
+        first = _partials(tmp_path / "cache")
+        assert sorted(first) == ["part0.npy", "part1.npy"]
+        for name, got in first.items():                     # what came is a true prefix of the object
+            assert 0 < len(got) < len((source / name).read_bytes()) and (source / name).read_bytes().startswith(got)
+        proxy.ranges.clear()
+        for shard in shards:
+            with pytest.raises(CloudError):
+                cache.materialise(shard)                    # cut again, but it asked only for the rest
+        assert {f"bytes={len(got)}-" for got in first.values()} <= set(proxy.ranges)
+        assert all(len(_partials(tmp_path / "cache")[n]) > len(got) for n, got in first.items())
     finally:
         proxy.shutdown()
         proxy.server_close()
-    monkeypatch.undo()                           # the real server again: the same cache now completes
+    monkeypatch.undo()                                          # the real server again: the same cache now completes
+    save_array(tmp_path / "v2.npy", np.arange(40_000, 80_000, dtype=np.int64) * 3)
+    upload_file(tmp_path / "v2.npy", f"{uri}/part1.npy")      # changed between attempts: its old bytes are useless
     cache = ShardCache(tmp_path / "cache", max_workers=2, max_cached_bytes=None)
     [local] = cache.materialise(uri)
-    assert (local / "part2.npy").read_bytes() == (source / "part2.npy").read_bytes()
+    assert (local / "part0.npy").read_bytes() == (source / "part0.npy").read_bytes()
+    assert (local / "part1.npy").read_bytes() == (tmp_path / "v2.npy").read_bytes()
+    assert not list((tmp_path / "cache").rglob("*.partial"))    # each resumed or restarted, then renamed into place
 
 
 def test_eviction_keeps_the_cache_under_its_cap(servers, tmp_path):
