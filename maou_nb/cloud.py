@@ -24,11 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .storage import LocalStorage, _is_shard, disk_error, read_json, remove_stale_temps, write_json
+import numpy as np
+
+from .storage import (LocalStorage, _is_shard, atomic_path, disk_error, load_game_ids, read_json, remove_stale_temps,
+                             save_array, sidecar_path, write_json, write_manifest)
 
 # %% auto #0
-__all__ = ['SCHEMES', 'TIMEOUT_SECONDS', 'TABLE_SOURCES', 'MIRROR_SKIP', 'POINTER', 'CloudError', 'is_uri', 'RemotePath',
-           'parse_uri', 'require', 'ObjectInfo', 'google_errors', 'GCSBackend', 'S3Backend', 'backend',
+__all__ = ['SCHEMES', 'TIMEOUT_SECONDS', 'TABLE_SOURCES', 'BUNDLE_SIDECARS', 'MIRROR_SKIP', 'POINTER', 'CloudError', 'is_uri',
+           'RemotePath', 'parse_uri', 'require', 'ObjectInfo', 'google_errors', 'GCSBackend', 'S3Backend', 'backend',
            'register_source', 'table_source', 'list_uri', 'check_uri', 'upload_file', 'upload_folder', 'RemoteStorage',
            'get_storage', 'ShardCache', 'partial_path', 'materialise', 'Mirror', 'check_pointer']
 
@@ -358,12 +361,15 @@ def get_storage(uri: str | os.PathLike):
 class ShardCache:
     """Remote objects kept as verified local files under `root`, reused while the server's version is unchanged."""
     def __init__(self, root: str | os.PathLike, *, max_workers: int, max_cached_bytes: int | None,
-                 timeout: float = TIMEOUT_SECONDS, batch_size: int = 100_000, partition_date: str | None = None):
+                 timeout: float = TIMEOUT_SECONDS, batch_size: int = 100_000, partition_date: str | None = None,
+                 bundle_bytes: int | None = None):
         """`max_workers` parallel downloads; `max_cached_bytes` the cap (None: none); BigQuery tables are read
-        `batch_size` rows a page, only `partition_date`'s partition when given. The pipeline passes TrainConfig's
-        `input_max_workers`, `input_max_cached_bytes`, `input_batch_size` and `input_partitioning_key_date`."""
+        `batch_size` rows a page, only `partition_date`'s partition when given; `bundle_bytes`: a data folder's shards
+        are packed into bundles of about that size (None: kept one file per object). The pipeline passes TrainConfig's
+        `input_max_workers`, `input_max_cached_bytes`, `input_batch_size`, `input_partitioning_key_date` and
+        `input_bundle_size_gb` (with `input_enable_bundling`)."""
         self.root, self.max_workers, self.max_cached_bytes = Path(root), max_workers, max_cached_bytes
-        self.batch_size, self.partition_date = batch_size, partition_date
+        self.batch_size, self.partition_date, self.bundle_bytes = batch_size, partition_date, bundle_bytes
         self.timeout, self.downloaded = timeout, 0        # objects fetched by this cache object (reuse shows as 0)
         self._index_lock = threading.Lock()
 
@@ -451,6 +457,8 @@ def _evict(self, files: dict, keep: set[str], incoming: int) -> list[str]:
         if total <= self.max_cached_bytes:
             break
         shutil.rmtree(self.root / rel) if (self.root / rel).is_dir() else (self.root / rel).unlink(missing_ok=True)
+        for side in files[rel].get("sidecars", []):     # a bundle's sidecars go with it
+            (self.root / side).unlink(missing_ok=True)
         total -= files.pop(rel)["size"]
         dropped.append(rel)
     return dropped
@@ -461,8 +469,9 @@ ShardCache._plan, ShardCache._evict = _plan, _evict
 def materialise(self, uris: str | Iterable[str]) -> list[Path]:
     """Local copies of `uris` (folders, single objects, BigQuery tables), fetching only what the cache lacks or what changed."""
     uris = [uris] if isinstance(uris, str) else list(uris)
-    objects = [u for u in uris if table_source(u) is None]
-    local = dict(zip(objects, self._materialise_objects(objects))) if objects else {}
+    local = {u: p for u in uris if self.bundle_bytes and table_source(u) is None and (p := self._materialise_bundled(u))}
+    objects = [u for u in uris if table_source(u) is None and u not in local]
+    local |= dict(zip(objects, self._materialise_objects(objects))) if objects else {}
     keep = {p.relative_to(self.root).as_posix() for p in local.values()}
     return [local[u] if u in local else table_source(u)[1](self, u, keep) for u in uris]
 
@@ -505,6 +514,121 @@ def _materialise_objects(self, uris: list[str]) -> list[Path]:
     return paths
 
 ShardCache.materialise, ShardCache._materialise_objects = materialise, _materialise_objects
+
+# %% ../nbs/07_cloud.ipynb #eb9d4d77
+BUNDLE_SIDECARS = {"hcpe": "games", "preprocessed": "moves", "stage1": None, "stage2": None}
+
+def _read_object(r: RemotePath, info: ObjectInfo, timeout: float) -> bytes:
+    """The bytes of one small object, checked against its listing."""
+    out = io.BytesIO()
+    backend(r.scheme, timeout).download(r.bucket, info, out)
+    data = out.getvalue()
+    if len(data) != info.size or (info.md5 and hashlib.md5(data).hexdigest() != info.md5):
+        raise CloudError(f"{r.scheme}://{r.bucket}/{info.key}: the download does not match the server's listing; rerun.")
+    return data
+
+def _bundle_plan(self, uri: str) -> tuple | None:
+    """(remote path, manifest, [(bundle rel, digest, [(name, object)...], bytes)]) packing the data folder `uri`, or
+    None when it is no folder of the kit's data (then it is cached object by object)."""
+    r, objects, is_folder = list_uri(uri, self.timeout)
+    prefix = f"{r.key}/" if r.key else ""
+    by_name = {o.key[len(prefix):]: o for o in objects}
+    if not is_folder or "manifest.json" not in by_name:
+        return None
+    manifest = json.loads(_read_object(r, by_name["manifest.json"], self.timeout))
+    kind, side = manifest.get("kind"), BUNDLE_SIDECARS.get(manifest.get("kind"), "none")
+    sidecars = {n for n in by_name if n.endswith(".npy") and not _is_shard(Path(n), ".npy")}
+    if side == "none" or not set(manifest.get("shards", [])) <= set(by_name) or (sidecars and not side) or any(
+            not n.endswith(f".{side}.npy") for n in sidecars):
+        return None
+    bundles, group, size = [], [], 0
+    for name in manifest["shards"]:
+        members = [(name, by_name[name])] + [(s, by_name[s]) for s in [name[:-4] + f".{side}.npy"] if s in by_name]
+        if group and size + sum(o.size for _, o in members) > self.bundle_bytes:
+            bundles.append((group, size)); group, size = [], 0
+        group, size = group + members, size + sum(o.size for _, o in members)
+    bundles.append((group, size))
+    view = (Path("bundles") / r.scheme / r.bucket / r.key).as_posix()
+    out = []
+    for i, (group, size) in enumerate(bundles):
+        digest = hashlib.sha256(json.dumps([kind, *[(n, o.version) for n, o in group]]).encode()).hexdigest()[:12]
+        out.append((f"{view}/bundle-{i:05d}-{digest}.npy", digest, group, size))
+    return r, manifest, out
+
+ShardCache._bundle_plan = _bundle_plan
+
+# %% ../nbs/07_cloud.ipynb #a4023c53
+def _build_bundle(self, r: RemotePath, kind: str, rel: str, group: list[tuple[str, ObjectInfo]]) -> list[str]:
+    """Download `group`'s objects (verified, resumable) beside the bundle, concatenate them into the bundle `rel`
+    (its sidecar first), remove them; the sidecars written, relative to the root."""
+    dest, side = self.root / rel, BUNDLE_SIDECARS[kind]
+    incoming = dest.parent / f".{dest.stem}.incoming"
+    with ThreadPoolExecutor(max(1, min(self.max_workers, len(group)))) as pool:
+        for job in [pool.submit(self._fetch, r, o, incoming / n) for n, o in group]:
+            job.result()
+    self.downloaded += len(group)
+    shards = [incoming / n for n, _ in group if _is_shard(Path(n), ".npy")]
+    arrays = [np.load(p, mmap_mode="r", allow_pickle=False) for p in shards]
+    shift = np.zeros(len(arrays), np.int64)
+    if side == "games":
+        save_array(sidecar_path(dest, side), np.concatenate([load_game_ids(p, len(a)) for p, a in zip(shards, arrays)]))
+    elif side == "moves":
+        moves = [np.load(sidecar_path(p, side), mmap_mode="r", allow_pickle=False) for p in shards]
+        shift = np.cumsum([0] + [len(m) for m in moves[:-1]])
+        save_array(sidecar_path(dest, side), np.concatenate(moves))
+    written = [Path(rel).with_name(sidecar_path(dest, side).name).as_posix()] if side else []
+    with atomic_path(dest) as tmp:        # streamed into place: a bundle is never held in memory whole
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=arrays[0].dtype, shape=(sum(map(len, arrays)),))
+        at = 0
+        for a, s in zip(arrays, shift):
+            out[at:at + len(a)] = a
+            if side == "moves":
+                out["move_start"][at:at + len(a)] += out.dtype["move_start"].type(s)
+            at += len(a)
+        out.flush()
+        del out
+    shutil.rmtree(incoming, ignore_errors=True)
+    return written
+
+ShardCache._build_bundle = _build_bundle
+
+# %% ../nbs/07_cloud.ipynb #8b16288d
+def _materialise_bundled(self, uri: str) -> Path | None:
+    """`materialise` for a data folder packed into bundles: builds the bundles it lacks, drops those of an older
+    listing, writes the view's manifest; None when `uri` is no data folder (it is cached object by object)."""
+    plan = self._bundle_plan(uri)
+    if plan is None:
+        return None
+    r, manifest, bundles = plan
+    view, files = self.root / "bundles" / r.scheme / r.bucket / r.key, self._index()
+    need = sum(size for *_, size in bundles)
+    if self.max_cached_bytes is not None and need > self.max_cached_bytes:
+        raise CloudError(f"{uri}: {len(bundles)} bundles of {need} bytes do not fit in input_max_cached_bytes="
+                         f"{self.max_cached_bytes}. Raise input_max_cached_bytes, or point input_local_cache_dir at a larger disk.")
+    wanted = {rel for rel, *_ in bundles}
+    old = f"{view.relative_to(self.root).as_posix()}/bundle-"
+    for rel in [k for k in files if k.startswith(old) and k not in wanted]:      # an older listing's bundles
+        for p in [rel, *files.pop(rel).get("sidecars", [])]:
+            (self.root / p).unlink(missing_ok=True)
+    todo = [(rel, d, g, s) for rel, d, g, s in bundles if not (files.get(rel, {}).get("version") == d and (self.root / rel).is_file())]
+    self._evict(files, wanted, sum(s for *_, s in todo))
+    try:
+        for rel, digest, group, size in todo:
+            files.pop(rel, None)
+            sidecars = self._build_bundle(r, manifest["kind"], rel, group)
+            files[rel] = {"version": digest, "size": sum((self.root / p).stat().st_size for p in [rel, *sidecars]),
+                          "used": 0.0, "sidecars": sidecars}
+    finally:
+        now = time.time()
+        for rel in wanted & set(files):
+            files[rel]["used"] = now
+        self._save_index(files)
+    meta = {k: v for k, v in manifest.items() if k not in ("kind", "shards", "maou_nb")}
+    write_manifest(view, manifest["kind"], [view / Path(rel).name for rel, *_ in bundles], **meta,
+                   bundled_from=uri, bundles={Path(rel).name: [n for n, _ in g if _is_shard(Path(n), ".npy")] for rel, _, g, _ in bundles})
+    return view
+
+ShardCache._materialise_bundled = _materialise_bundled
 
 # %% ../nbs/07_cloud.ipynb #20994cf7
 MIRROR_SKIP = ("data",)   # top-level folders of a run that are not mirrored (its bulky intermediate data)

@@ -141,6 +141,8 @@ class TrainConfig:
     input_max_cached_bytes: int | None = knob(None, min=1)  # evict least recently used shards beyond this; None: no cap
     input_batch_size: int = knob(100_000, min=1)  # bq:// tables: rows per Storage Read page and per cached shard
     input_partitioning_key_date: str | None = None  # bq:// tables: read only this partitioningKey DATE (YYYY-MM-DD)
+    input_enable_bundling: bool = False   # pack a remote data folder's small shards into local bundles when cached
+    input_bundle_size_gb: float = knob(1.0, above=0)  # about this many GB a bundle (with input_enable_bundling)
 
     def __post_init__(self):
         check_config(self)

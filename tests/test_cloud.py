@@ -14,7 +14,8 @@ import pytest
 
 from maou_nb import cloud
 from maou_nb.cloud import CloudError, Mirror, ShardCache, check_uri, list_uri, upload_file, upload_folder
-from maou_nb.storage import manifest_shards, save_array
+from maou_nb.storage import (HCPE_DTYPE, load_game_ids, load_hcpe, manifest_shards, save_array, save_hcpe, sidecar_path,
+                             write_manifest)
 
 from cloud_servers import corpus, free_port, new_bucket, servers  # noqa: F401 (servers: a fixture)
 
@@ -287,3 +288,67 @@ def test_server_gone_after_caching_fails_clearly_and_keeps_the_cache(remote, tmp
         cache.materialise(uri)
     assert time.time() - t0 < 20
     assert all((local / p.name).read_bytes() == p.read_bytes() for p in source.iterdir())
+
+
+def _synthetic_preprocessed(folder: Path, shards: int = 5, rows: int = 40) -> Path:
+    """A preprocessed data folder as preprocess writes it (ShardWriter: shards and their .moves.npy), random rows."""
+    from maou_nb.preprocess import MOVE_DTYPE, POSITION_DTYPE, ShardWriter
+    rng, n = np.random.default_rng(0), shards * rows
+    pos = np.zeros(n, POSITION_DTYPE)
+    pos["hcp"], pos["board"], pos["hand"] = rng.integers(0, 256, (n, 32)), rng.integers(0, 30, (n, 9, 9)), rng.integers(0, 3, (n, 14))
+    pos["count"], pos["value"], pos["move_count"] = rng.integers(1, 9, n), rng.random(n), rng.integers(1, 4, n)
+    pos["move_start"] = np.cumsum(pos["move_count"]) - pos["move_count"]
+    moves = np.zeros(int(pos["move_count"].sum()), MOVE_DTYPE)
+    moves["label"], moves["count"] = rng.integers(0, 1496, len(moves)), rng.integers(1, 5, len(moves))
+    moves["wins"] = moves["count"] * rng.random(len(moves))
+    writer = ShardWriter(folder, rows)
+    writer.add(pos, moves)
+    writer.flush()
+    write_manifest(folder, "preprocessed", writer.shards, rows=writer.rows)
+    return folder
+
+
+def _synthetic_hcpe(folder: Path, shards: int = 4, rows: int = 30) -> Path:
+    """An HCPE data folder: every other shard with a game-id sidecar, the others with none (one id per shard)."""
+    rng, paths = np.random.default_rng(1), []
+    for i in range(shards):
+        h = np.zeros(rows, HCPE_DTYPE)
+        h["hcp"], h["eval"] = rng.integers(0, 256, (rows, 32)), rng.integers(-999, 999, rows)
+        paths.append(save_hcpe(folder / f"part{i}.npy", h, rng.integers(0, 1 << 40, rows) if i % 2 == 0 else None))
+    write_manifest(folder, "hcpe", paths, rows=shards * rows)
+    return folder
+
+
+def test_bundling_packs_small_shards_and_reads_back_the_same_rows(servers, tmp_path):
+    """Small remote shards become a few local bundles (a manifest of the same kind listing them) that read back as the
+    same rows in the same order: Stage 3 targets from the moves, HCPE game ids; reused, and evicted a bundle at a time."""
+    from maou_nb.datasets import Stage3Dataset
+    bucket = new_bucket("s3")
+    pre, hcpe = _synthetic_preprocessed(tmp_path / "pre"), _synthetic_hcpe(tmp_path / "hcpe")
+    pre_uri, hcpe_uri = f"s3://{bucket}/pre", f"s3://{bucket}/hcpe"
+    upload_folder(pre, pre_uri)
+    upload_folder(hcpe, hcpe_uri)
+    one = sum(p.stat().st_size for p in pre.glob("positions-00000*.npy"))         # a shard and its moves
+    cache = ShardCache(tmp_path / "cache", max_workers=2, max_cached_bytes=None, bundle_bytes=int(2.5 * one))
+    [view] = cache.materialise(pre_uri)
+    bundles = manifest_shards(view, "preprocessed")
+    assert [p.name[:12] for p in bundles] == ["bundle-00000", "bundle-00001", "bundle-00002"] and cache.downloaded == 10
+    assert sorted(p.name for p in view.iterdir()) == sorted([p.name for p in bundles] + [
+        p.name.replace(".npy", ".moves.npy") for p in bundles] + ["manifest.json"])              # nothing else is left
+    mine, theirs = Stage3Dataset(pre), Stage3Dataset(view)
+    a, b = mine.batch(np.arange(len(mine))), theirs.batch(np.arange(len(theirs)))
+    assert len(theirs) == len(mine) == 200 and all(np.array_equal(a[k], b[k]) for k in a)     # same rows, same order
+    [hview] = cache.materialise(hcpe_uri)
+    source, packed = manifest_shards(hcpe, "hcpe"), manifest_shards(hview, "hcpe")
+    assert len(packed) == 1 and load_hcpe(packed[0]).tobytes() == np.concatenate([load_hcpe(p) for p in source]).tobytes()
+    assert np.array_equal(load_game_ids(packed[0]), np.concatenate([load_game_ids(p) for p in source]))
+    before = cache.downloaded
+    cache.materialise([pre_uri, hcpe_uri])                                         # cached: nothing fetched again
+    assert cache.downloaded == before
+    packed_bytes = [p.read_bytes() for p in bundles]
+    capped = ShardCache(tmp_path / "cache", max_workers=2, max_cached_bytes=cache.cached_bytes() - 1, bundle_bytes=int(2.5 * one))
+    capped.materialise(hcpe_uri)                 # one least recently used bundle goes, with its moves; the others stay
+    [gone] = [p for p in bundles if not p.is_file()]
+    assert not sidecar_path(gone, "moves").exists() and all(sidecar_path(p, "moves").is_file() for p in bundles if p != gone)
+    capped.materialise(pre_uri)                  # only that bundle's shards (and their moves) are fetched again
+    assert capped.downloaded == (4 if gone != bundles[2] else 2) and [p.read_bytes() for p in bundles] == packed_bytes
