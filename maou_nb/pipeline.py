@@ -535,7 +535,9 @@ def input_cache(params: dict) -> ShardCache:
     return ShardCache(Path(root).resolve(), max_workers=train.get("input_max_workers", TrainConfig.input_max_workers),
                       max_cached_bytes=train.get("input_max_cached_bytes", TrainConfig.input_max_cached_bytes),
                       batch_size=train.get("input_batch_size", TrainConfig.input_batch_size),
-                      partition_date=train.get("input_partitioning_key_date", TrainConfig.input_partitioning_key_date))
+                      partition_date=train.get("input_partitioning_key_date", TrainConfig.input_partitioning_key_date),
+                      bundle_bytes=int(train.get("input_bundle_size_gb", TrainConfig.input_bundle_size_gb) * 1e9)
+                      if train.get("input_enable_bundling", TrainConfig.input_enable_bundling) else None)
 
 def _remote_targets(key: str, uri: str) -> str:
     """What to fetch for `uri`: a run's `checkpoints/` for a resume URI that names no checkpoint file."""

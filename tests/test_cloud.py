@@ -352,3 +352,9 @@ def test_bundling_packs_small_shards_and_reads_back_the_same_rows(servers, tmp_p
     assert not sidecar_path(gone, "moves").exists() and all(sidecar_path(p, "moves").is_file() for p in bundles if p != gone)
     capped.materialise(pre_uri)                  # only that bundle's shards (and their moves) are fetched again
     assert capped.downloaded == (4 if gone != bundles[2] else 2) and [p.read_bytes() for p in bundles] == packed_bytes
+
+
+def test_bundling_knobs_reach_the_cache(tmp_path):
+    from maou_nb.pipeline import input_cache
+    on = {"train": {"input_enable_bundling": True, "input_bundle_size_gb": 0.5, "input_local_cache_dir": str(tmp_path)}}
+    assert input_cache(on).bundle_bytes == 500_000_000 and input_cache({**on, "train": {}}).bundle_bytes is None
