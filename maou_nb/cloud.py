@@ -103,8 +103,8 @@ def _unreachable(uri, endpoint: str, env: str, timeout: float, e: BaseException)
                       "(unset it to use the real cloud).")
 
 def _credentials(uri, endpoint: str, hint: str, e: BaseException) -> CloudError:
-    return CloudError(f"{uri}: the storage endpoint {endpoint} refused the credentials ({type(e).__name__}: "
-                      f"{str(e)[:200]}). {hint}")
+    return CloudError(f"{uri}: the credentials for the storage endpoint {endpoint} were refused ({type(e).__name__}: "
+                      f"{str(e)[:300]}). {hint}")
 
 def _missing(uri, endpoint: str, what: str) -> CloudError:
     return CloudError(f"{uri}: {what} not found at {endpoint}. Check the bucket name and prefix (or create the "
@@ -131,9 +131,9 @@ def google_errors(uri, client, missing: CloudError, key: str):
 # %% ../nbs/07_cloud.ipynb #f22a75cc
 class GCSBackend:
     """Google Cloud Storage through google-cloud-storage; `STORAGE_EMULATOR_HOST` points it at an emulator."""
-    scheme, env = "gs", "STORAGE_EMULATOR_HOST"
+    scheme, env, credential_envs = "gs", "STORAGE_EMULATOR_HOST", ("GOOGLE_APPLICATION_CREDENTIALS",)
 
-    def __init__(self, timeout: float = TIMEOUT_SECONDS):
+    def __init__(self, timeout: float = TIMEOUT_SECONDS, uri: str = "gs://"):
         storage = require("gs")
         from google.cloud.storage.retry import DEFAULT_RETRY
         self.endpoint, self.timeout = os.environ.get(self.env) or "https://storage.googleapis.com", timeout
@@ -143,13 +143,14 @@ class GCSBackend:
             self.client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "maou-nb"),
                                          credentials=AnonymousCredentials())
         else:
-            with self.errors("gs://"):
+            with self.errors(uri):        # Application Default Credentials: a key file, gcloud's login, the VM's
                 self.client = storage.Client()
 
     def errors(self, uri, what: str = "bucket or object"):
         """Turn the client's exceptions into CloudErrors naming `uri`, the endpoint and the fix."""
-        return google_errors(uri, self, _missing(uri, self.endpoint, what),
-                             "GOOGLE_APPLICATION_CREDENTIALS to a service-account key with access to the bucket.")
+        key = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        return google_errors(uri, self, _missing(uri, self.endpoint, what), "GOOGLE_APPLICATION_CREDENTIALS" +
+                             (f" (now {key!r})" if key else "") + " to a readable service-account key file with access to the bucket.")
 
 # %% ../nbs/07_cloud.ipynb #aa64e217
 def _gcs_list(self, bucket: str, prefix: str) -> list[ObjectInfo]:
@@ -177,15 +178,16 @@ GCSBackend.list, GCSBackend.download, GCSBackend.upload = _gcs_list, _gcs_downlo
 # %% ../nbs/07_cloud.ipynb #9a65feaa
 class S3Backend:
     """Amazon S3 (or any S3 server) through boto3; `AWS_ENDPOINT_URL_S3` points it at an emulator."""
-    scheme, env = "s3", "AWS_ENDPOINT_URL_S3"
+    scheme, env, credential_envs = "s3", "AWS_ENDPOINT_URL_S3", ("AWS_PROFILE", "AWS_ACCESS_KEY_ID")
 
-    def __init__(self, timeout: float = TIMEOUT_SECONDS):
+    def __init__(self, timeout: float = TIMEOUT_SECONDS, uri: str = "s3://"):
         boto3 = require("s3")
         from botocore.config import Config
         attempts = 3
-        self.timeout = timeout
-        self.client = boto3.client("s3", config=Config(connect_timeout=timeout / attempts, read_timeout=timeout,
-                                                       retries={"max_attempts": attempts, "mode": "standard"}))
+        self.timeout, self.endpoint = timeout, os.environ.get(self.env) or "https://s3.amazonaws.com"
+        with self.errors(uri):            # a profile that does not exist is refused here, before any request
+            self.client = boto3.client("s3", config=Config(connect_timeout=timeout / attempts, read_timeout=timeout,
+                                                           retries={"max_attempts": attempts, "mode": "standard"}))
         self.endpoint = self.client.meta.endpoint_url
 
     @contextlib.contextmanager
@@ -205,6 +207,9 @@ class S3Backend:
                 raise _credentials(uri, self.endpoint, "Set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) "
                                    "to keys that may read and write the bucket.", e) from None
             raise
+        except bc.ProfileNotFound as e:
+            raise _credentials(uri, self.endpoint, f"AWS_PROFILE={os.environ.get('AWS_PROFILE')!r} names no profile in "
+                               "~/.aws/config: fix or unset it (or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY).", e) from None
         except (bc.NoCredentialsError, bc.PartialCredentialsError) as e:
             raise _credentials(uri, self.endpoint, "Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE).", e) from None
         except (bc.EndpointConnectionError, bc.ConnectTimeoutError, bc.ReadTimeoutError, bc.ConnectionClosedError) as e:
@@ -241,13 +246,14 @@ S3Backend.list, S3Backend.download, S3Backend.upload = _s3_list, _s3_download, _
 _BACKENDS: dict[tuple, object] = {}
 _LOCK = threading.Lock()
 
-def backend(scheme: str, timeout: float = TIMEOUT_SECONDS):
-    """The client of `scheme` for the endpoint its variable names now (one per endpoint and timeout)."""
+def backend(scheme: str, timeout: float = TIMEOUT_SECONDS, uri: str | None = None):
+    """The client of `scheme` for the endpoint its variable names now (one per endpoint and timeout); `uri`, the
+    path it is wanted for, is named if the client cannot be made (e.g. a credentials file it cannot use)."""
     cls = {"gs": GCSBackend, "s3": S3Backend}[scheme]
-    key = (scheme, os.environ.get(cls.env), timeout)
+    key = (scheme, *(os.environ.get(v) for v in (cls.env, *cls.credential_envs)), timeout)   # new keys: a new client
     with _LOCK:
         if key not in _BACKENDS:
-            _BACKENDS[key] = cls(timeout)
+            _BACKENDS[key] = cls(timeout, uri or f"{scheme}://")
         return _BACKENDS[key]
 
 # %% ../nbs/07_cloud.ipynb #3068db75
@@ -271,7 +277,7 @@ def table_source(uri: str) -> tuple[Callable, Callable] | None:
 def list_uri(uri: str, timeout: float = TIMEOUT_SECONDS) -> tuple[RemotePath, list[ObjectInfo], bool]:
     """(path, objects, is_folder) for `uri`: the objects below it, or the single object it names."""
     r = parse_uri(uri)
-    b = backend(r.scheme, timeout)
+    b = backend(r.scheme, timeout, uri)
     objects = b.list(r.bucket, f"{r.key}/" if r.key else "")
     if objects:
         return r, objects, True

@@ -7,6 +7,7 @@ import http.server
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -358,3 +359,49 @@ def test_bundling_knobs_reach_the_cache(tmp_path):
     from maou_nb.pipeline import input_cache
     on = {"train": {"input_enable_bundling": True, "input_bundle_size_gb": 0.5, "input_local_cache_dir": str(tmp_path)}}
     assert input_cache(on).bundle_bytes == 500_000_000 and input_cache({**on, "train": {}}).bundle_bytes is None
+
+
+def _moto_auth(endpoint: str, after: str) -> None:
+    """Make moto's server enforce authentication after `after` more requests ("0": now, "inf": never), through its
+    /moto-api/reset-auth endpoint: the server-mode form of its INITIAL_NO_AUTH_ACTION_COUNT setting."""
+    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=after.encode(), method="POST",
+                                     headers={"Content-Type": "text/plain"})
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+def test_refused_s3_credentials_are_a_clear_error_before_any_step(servers, tmp_path, monkeypatch):
+    """Keys the server does not know, and a profile that does not exist, each stop the run's up-front check with the
+    URI, the endpoint, the credential settings and the fix."""
+    from maou_nb.pipeline import load_params
+    uri = f"s3://{new_bucket('s3')}/pre/train"
+    upload_folder(corpus(tmp_path / "c"), uri)
+    params = {"steps": ["train"], "train": {"stage": "3", "stage3_data": uri, "stage3_val_data": uri}}
+    _moto_auth(servers["s3"], "0")
+    try:
+        with pytest.raises(CloudError) as e:
+            load_params(params)
+    finally:
+        _moto_auth(servers["s3"], "inf")
+    for part in ("train.stage3_data", uri, servers["s3"], "were refused", "InvalidAccessKeyId", "AWS_ACCESS_KEY_ID"):
+        assert part in str(e.value), (part, str(e.value))
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    with pytest.raises(CloudError, match=r"train.stage3_data: s3://.*AWS_PROFILE='no-such-profile' names no profile"):
+        load_params(params)
+
+
+@pytest.mark.parametrize("key", ["malformed", "missing"])
+def test_unusable_gcs_credentials_are_a_clear_error_before_any_step(key, tmp_path, monkeypatch):
+    """The real endpoint (no emulator variable) with a key file the client cannot use: refused by the client itself,
+    before any request, naming the URI, the endpoint, GOOGLE_APPLICATION_CREDENTIALS and its value, and the fix."""
+    from maou_nb.pipeline import load_params
+    path = tmp_path / "key.json"
+    if key == "malformed":
+        path.write_text('{"type": "service_account", "private_key": ')
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(path))
+    uri = "gs://my-shogi-data/preprocessed/v1/train"
+    with pytest.raises(CloudError) as e:
+        load_params({"steps": ["train"], "train": {"stage": "3", "stage3_data": uri, "stage3_val_data": uri}})
+    for part in ("train.stage3_data", uri, "https://storage.googleapis.com", "DefaultCredentialsError", str(path),
+                 "GOOGLE_APPLICATION_CREDENTIALS", "gcloud auth application-default login"):
+        assert part in str(e.value), (part, str(e.value))
