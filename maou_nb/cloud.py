@@ -544,7 +544,8 @@ def _bundle_plan(self, uri: str) -> tuple | None:
     manifest = json.loads(_read_object(r, by_name["manifest.json"], self.timeout))
     kind, side = manifest.get("kind"), BUNDLE_SIDECARS.get(manifest.get("kind"), "none")
     sidecars = {n for n in by_name if n.endswith(".npy") and not _is_shard(Path(n), ".npy")}
-    if side == "none" or not set(manifest.get("shards", [])) <= set(by_name) or (sidecars and not side) or any(
+    others = {n for n in by_name if not n.endswith(".npy") and n != "manifest.json"}   # kept as they are, unbundled
+    if side == "none" or others or not set(manifest.get("shards", [])) <= set(by_name) or (sidecars and not side) or any(
             not n.endswith(f".{side}.npy") for n in sidecars):
         return None
     bundles, group, size = [], [], 0
@@ -616,6 +617,9 @@ def _materialise_bundled(self, uri: str) -> Path | None:
     for rel in [k for k in files if k.startswith(old) and k not in wanted]:      # an older listing's bundles
         for p in [rel, *files.pop(rel).get("sidecars", [])]:
             (self.root / p).unlink(missing_ok=True)
+    for stale in view.glob(".bundle-*.incoming"):                               # members of a bundle no longer wanted
+        if f"{view.relative_to(self.root).as_posix()}/{stale.name[1:-len('.incoming')]}.npy" not in wanted:
+            shutil.rmtree(stale, ignore_errors=True)
     todo = [(rel, d, g, s) for rel, d, g, s in bundles if not (files.get(rel, {}).get("version") == d and (self.root / rel).is_file())]
     self._evict(files, wanted, sum(s for *_, s in todo))
     try:

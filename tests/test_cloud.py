@@ -353,6 +353,14 @@ def test_bundling_packs_small_shards_and_reads_back_the_same_rows(servers, tmp_p
     assert not sidecar_path(gone, "moves").exists() and all(sidecar_path(p, "moves").is_file() for p in bundles if p != gone)
     capped.materialise(pre_uri)                  # only that bundle's shards (and their moves) are fetched again
     assert capped.downloaded == (4 if gone != bundles[2] else 2) and [p.read_bytes() for p in bundles] == packed_bytes
+    changed = np.load(pre / "positions-00004.npy", allow_pickle=False)
+    changed["value"] = 0.25
+    save_array(pre / "positions-00004.npy", changed)
+    upload_file(pre / "positions-00004.npy", f"{pre_uri}/positions-00004.npy")   # the last bundle's member changed
+    again = ShardCache(tmp_path / "cache", max_workers=2, max_cached_bytes=None, bundle_bytes=int(2.5 * one))
+    now = manifest_shards(again.materialise(pre_uri)[0], "preprocessed")
+    assert again.downloaded == 2 and now[:2] == bundles[:2] and now[2] != bundles[2] and not bundles[2].exists()
+    assert np.array_equal(Stage3Dataset(view).batch(np.arange(200))["value"], Stage3Dataset(pre).batch(np.arange(200))["value"])
 
 
 def test_bundling_knobs_reach_the_cache(tmp_path):
