@@ -33,7 +33,7 @@ from .storage import (
 __all__ = ['SCHEMES', 'TIMEOUT_SECONDS', 'HCPE_COLUMNS', 'MIRROR_SKIP', 'POINTER', 'CloudError', 'is_uri', 'RemotePath',
            'parse_uri', 'require', 'ObjectInfo', 'google_errors', 'GCSBackend', 'S3Backend', 'backend', 'list_uri',
            'check_uri', 'upload_file', 'upload_folder', 'RemoteStorage', 'get_storage', 'ShardCache', 'materialise',
-           'parse_table', 'BigQueryBackend', 'bq_backend', 'write_hcpe_table', 'read_hcpe_table', 'Mirror',
+           'read_head', 'parse_table', 'BigQueryBackend', 'bq_backend', 'write_hcpe_table', 'read_hcpe_table', 'Mirror',
            'check_pointer']
 
 # %% ../nbs/07_cloud.ipynb #94d9e2c1
@@ -475,6 +475,20 @@ def _materialise_objects(self, uris: list[str]) -> list[Path]:
     return paths
 
 ShardCache.materialise, ShardCache._materialise_objects = materialise, _materialise_objects
+
+# %% ../nbs/07_cloud.ipynb #e1ae1113
+def read_head(r: RemotePath, info: ObjectInfo, n: int = 4096, timeout: float = TIMEOUT_SECONDS) -> bytes:
+    """The first `n` bytes of the listed version of object `info` in `r`'s bucket, in one ranged request (e.g. a
+    `.npy` header, to know a shard's rows without downloading it)."""
+    b, uri, end = backend(r.scheme, timeout), f"{r.scheme}://{r.bucket}/{info.key}", min(n, info.size) - 1
+    if end < 0:
+        return b""
+    with b.errors(uri, "object (or that version of it)"):
+        if r.scheme == "gs":
+            blob = b.client.bucket(r.bucket).blob(info.key, generation=int(info.version))
+            return blob.download_as_bytes(start=0, end=end, retry=b.retry, timeout=b.timeout, checksum=None)
+        return b.client.get_object(Bucket=r.bucket, Key=info.key, Range=f"bytes=0-{end}",
+                                   IfMatch=f'"{info.version}"')["Body"].read()
 
 # %% ../nbs/07_cloud.ipynb #890a0fe4
 _TABLE = re.compile(r"bq://([a-z][a-z0-9-]{4,61}[a-z0-9])\.(\w{1,1024})\.([\w$-]{1,1024})")
