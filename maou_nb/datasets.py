@@ -823,19 +823,21 @@ class StreamLoader:
         self.stream.epoch, self.stream.skips = s.epoch, skips
         self.stream.roles = active + [k for k in range(s.roles) if not left[k]]
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers, **self.loader_kw)
-        n, standin = start, None
+        i = s.readers(s.epoch)[s.rank][0][0]               # stand-ins repeat the first row of this rank's first shard
+        n, standin, row = start, None, int(self.data.offsets[i])
         for batch in loader:
-            standin = standin or {k: v[:1] for k, v in batch.items()}
+            hit = (batch["_rows"] == row).nonzero()
+            if standin is None and len(hit):
+                standin = {k: v[int(hit[0, 0]):int(hit[0, 0]) + 1] for k, v in batch.items()}
             n += 1
             yield batch
         if n < len(s):                                     # this rank's stand-ins (weighted 0 by the sampler)
-            standin = standin or _standin(self.data, s)
+            standin = standin or _standin(self.data, i)
         for _ in range(n, len(s)):
             yield standin
 
-def _standin(data: StreamedShards, s: StreamSampler) -> dict:
-    """One row of this rank's first shard, fetched for a pass that starts after the rank's last real batch."""
-    i = s.readers(s.epoch)[s.rank][0][0]
+def _standin(data: StreamedShards, i: int) -> dict:
+    """The first row of shard `i`, fetched for a pass that starts after the batch that held it."""
     reader = data.reader()
     _fetch_shard(data, i)
     try:

@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: the repository's own game records, and the optional reference folder `../shared`."""
+"""Shared pytest fixtures: the repository's own game records, the optional reference folder `../shared`, and the GCS and
+S3 servers on loopback that the cloud tests (test_cloud, test_streaming) read through."""
 import os
 from pathlib import Path
 
@@ -36,3 +37,28 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "shared_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.shared)
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """GCS (gcp-storage-emulator) and S3 (moto) servers on 127.0.0.1, started here and stopped by their handles, the
+    clients' endpoint variables pointing at them; yields {scheme: endpoint}."""
+    import socket
+    from gcp_storage_emulator.server import create_server
+    from moto.server import ThreadedMotoServer
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gcs = create_server("127.0.0.1", port, in_memory=True)
+    gcs.start()
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
+           "AWS_ENDPOINT_URL_S3": "http://%s:%d" % s3.get_host_and_port(),
+           "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield {"gs": env["STORAGE_EMULATOR_HOST"], "s3": env["AWS_ENDPOINT_URL_S3"]}
+    gcs.stop()
+    s3.stop()

@@ -32,27 +32,6 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def servers():
-    """Both servers on loopback, the endpoint variables pointing at them; yields {scheme: endpoint}."""
-    from gcp_storage_emulator.server import create_server
-    from moto.server import ThreadedMotoServer
-    port = free_port()
-    gcs = create_server("127.0.0.1", port, in_memory=True)
-    gcs.start()
-    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    s3.start()
-    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
-           "AWS_ENDPOINT_URL_S3": "http://%s:%d" % s3.get_host_and_port(),
-           "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        yield {"gs": env["STORAGE_EMULATOR_HOST"], "s3": env["AWS_ENDPOINT_URL_S3"]}
-    gcs.stop()
-    s3.stop()
-
-
-@pytest.fixture(scope="module")
 def bigquery(servers):
     """bqemulator on loopback (REST and gRPC), in this process; yields the project with a dataset `maou`.
     Its engine loads DuckDB's spatial extension at start, which needs a download: skipped (no GEOGRAPHY here)."""
