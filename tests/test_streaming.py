@@ -3,7 +3,6 @@ train() with gs:// / s3:// data paths, against real servers on 127.0.0.1 (the `s
 real HCPE shards from random cshogi games; the local memory-mapped dataset is the oracle for what a batch holds."""
 import itertools
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +11,7 @@ import torch
 
 from maou_nb import cloud
 from maou_nb.cloud import ShardCache, upload_folder
-from maou_nb.config import TrainConfig
-from maou_nb.datasets import (HcpeDataset, Stage3Dataset, StreamedShards, available_memory, make_loader, open_data,
-                              stage_datasets)
+from maou_nb.datasets import HcpeDataset, StreamedShards, available_memory, make_loader, open_data, stage_datasets
 from maou_nb.preprocess import preprocess
 from maou_nb.records import random_games
 from maou_nb.storage import HCPE_DTYPE, load_checkpoint, save_hcpe, write_manifest
