@@ -11,6 +11,15 @@ into local bundles of that size).
 `--bq-rows N` adds bqemulator (BigQuery): rows/s read through the Storage Read API against REST (`list_rows`) for HCPE
 rows, preprocessed rows and Maou-style wide rows (a 1496-float `moveLabel` array each, `--wide-rows` of them), and
 rows/s of `maou_nb.bigquery.read_table` end to end into local shards.
+
+Then training samples/s (`--train-rounds` > 0): the same `train()` run (Stage 3, a small ResNet, `--train-steps`
+steps of `--batch` on preprocessed shards of `--games` random cshogi games) on a local folder, on a gs:// copy read
+through a cold cache (a fresh cache folder each round: listing, download, then training), through a warm cache
+(everything cached: one listing, nothing downloaded) and streamed (`input_max_cached_bytes` half the data: the
+shard window), in alternating order each round. `samples_per_s`: steps x batch / the run's wall time, start-up
+(listing, downloads, model) included; `loop_samples_per_s`: the rate between the first and the last optimiser step
+(the data path inside the loop). Best of the rounds (the machine is shared and noisy); `warm_vs_local` is the ratio
+of the two best wall-time rates (the issue's target: >= 0.95).
 """
 import argparse
 import json
@@ -131,6 +140,10 @@ def main() -> None:
     parser.add_argument("--bundle-mb", type=float, default=16.0)
     parser.add_argument("--bq-rows", type=int, default=0)
     parser.add_argument("--wide-rows", type=int, default=500)
+    parser.add_argument("--train-rounds", type=int, default=4)
+    parser.add_argument("--train-steps", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--games", type=int, default=60)
     args = parser.parse_args()
     from gcp_storage_emulator.server import create_server
     from moto.server import ThreadedMotoServer
@@ -174,11 +187,56 @@ def main() -> None:
                        "warm_seconds": round(warm, 3), "read_local_mb_per_s": round(mb / read_local, 1),
                        "read_cached_mb_per_s": round(mb / read_cached, 1),
                        "cold_bundled_mb_per_s": round(mb / cold_bundled, 1)}
+    if args.train_rounds:
+        out["training"] = training(args, tmp)
     gcs.stop()
     s3.stop()
     if args.bq_rows:
         out["bigquery"] = bigquery_benchmark(args.bq_rows, args.wide_rows, tmp)
     print(json.dumps(out, indent=2))
+
+
+def training(args, tmp: Path) -> dict:
+    """Training samples/s on a local folder vs a gs:// copy through a cold cache, a warm cache and the shard window."""
+    from maou_nb.cloud import upload_folder
+    from maou_nb.preprocess import preprocess
+    from maou_nb.records import random_games
+    from maou_nb.storage import save_hcpe, write_manifest
+    from maou_nb.train import train
+    hcpe, ids = random_games(args.games, seed=0, min_plies=60, max_plies=120)
+    save_hcpe(tmp / "hcpe" / "all.npy", hcpe, ids)
+    write_manifest(tmp / "hcpe", "hcpe", [tmp / "hcpe" / "all.npy"], rows=len(hcpe))
+    preprocess(tmp / "hcpe", tmp / "pre", rows_per_shard=max(1, len(hcpe) // 12), progress=False)
+    upload_folder(tmp / "pre", "gs://bench/pre")
+    size = sum(p.stat().st_size for p in (tmp / "pre").iterdir())
+    base = {"stage": "3", "device": "cpu", "preset": "small", "model_config": {"resnet_widths": [16, 16, 16, 16]},
+            "batch_size": args.batch, "epoch": 1, "max_steps": args.train_steps, "log_every": 10_000, "seed": 0,
+            "input_max_workers": args.workers}
+    modes = {"local": {"stage3_data": str(tmp / "pre")},
+             "cold": {"stage3_data": "gs://bench/pre"},
+             "warm": {"stage3_data": "gs://bench/pre", "input_local_cache_dir": str(tmp / "warm-cache")},
+             "stream": {"stage3_data": "gs://bench/pre", "input_max_cached_bytes": size // 2}}
+    train({**base, **modes["warm"], "out_dir": str(tmp / "prime"), "max_steps": 1}, progress=False)  # fills the warm cache
+    seconds: dict[str, list[float]] = {m: [] for m in modes}
+    loop: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(args.train_rounds):
+        names = list(modes)[r % len(modes):] + list(modes)[:r % len(modes)]   # alternate the order
+        for m in names:
+            extra = {"input_local_cache_dir": str(tmp / f"cache-{m}-{r}")} if m in ("cold", "stream") else {}
+            stamps: list[float] = []
+            t0 = time.perf_counter()
+            train({**base, **modes[m], **extra, "out_dir": str(tmp / f"run-{m}-{r}")}, progress=False,
+                  callback=lambda info: stamps.append(time.perf_counter()))
+            seconds[m].append(time.perf_counter() - t0)
+            loop[m].append((len(stamps) - 1) * args.batch / (stamps[-1] - stamps[0]))
+    samples = args.train_steps * args.batch
+    rate = {m: round(samples / min(t), 1) for m, t in seconds.items()}
+    return {"rows": len(hcpe), "data_mb": round(size / 1e6, 2), "shards": len(list((tmp / "pre").glob("*[0-9].npy"))),
+            "batch": args.batch, "steps": args.train_steps, "rounds": args.train_rounds,
+            "samples_per_s": rate, "loop_samples_per_s": {m: round(max(v), 1) for m, v in loop.items()},
+            "seconds": {m: [round(x, 2) for x in t] for m, t in seconds.items()},
+            "warm_vs_local": round(rate["warm"] / rate["local"], 3), "cold_vs_local": round(rate["cold"] / rate["local"], 3),
+            "stream_vs_local": round(rate["stream"] / rate["local"], 3)}
 
 
 if __name__ == "__main__":

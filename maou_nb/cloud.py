@@ -33,7 +33,7 @@ from .storage import (LocalStorage, _is_shard, atomic_path, disk_error, load_gam
 __all__ = ['SCHEMES', 'TIMEOUT_SECONDS', 'TABLE_SOURCES', 'BUNDLE_SIDECARS', 'MIRROR_SKIP', 'POINTER', 'CloudError', 'is_uri',
            'RemotePath', 'parse_uri', 'require', 'ObjectInfo', 'google_errors', 'GCSBackend', 'S3Backend', 'backend',
            'register_source', 'table_source', 'list_uri', 'check_uri', 'upload_file', 'upload_folder', 'RemoteStorage',
-           'get_storage', 'ShardCache', 'partial_path', 'materialise', 'Mirror', 'check_pointer']
+           'get_storage', 'ShardCache', 'partial_path', 'materialise', 'read_head', 'Mirror', 'check_pointer']
 
 # %% ../nbs/07_cloud.ipynb #94d9e2c1
 class CloudError(RuntimeError):
@@ -639,6 +639,20 @@ def _materialise_bundled(self, uri: str) -> Path | None:
     return view
 
 ShardCache._materialise_bundled = _materialise_bundled
+
+# %% ../nbs/07_cloud.ipynb #e1ae1113
+def read_head(r: RemotePath, info: ObjectInfo, n: int = 4096, timeout: float = TIMEOUT_SECONDS) -> bytes:
+    """The first `n` bytes of the listed version of object `info` in `r`'s bucket, in one ranged request (e.g. a
+    `.npy` header, to know a shard's rows without downloading it)."""
+    b, uri, end = backend(r.scheme, timeout), f"{r.scheme}://{r.bucket}/{info.key}", min(n, info.size) - 1
+    if end < 0:
+        return b""
+    with b.errors(uri, "object (or that version of it)"):
+        if r.scheme == "gs":
+            blob = b.client.bucket(r.bucket).blob(info.key, generation=int(info.version))
+            return blob.download_as_bytes(start=0, end=end, retry=b.retry, timeout=b.timeout, checksum=None)
+        return b.client.get_object(Bucket=r.bucket, Key=info.key, Range=f"bytes=0-{end}",
+                                   IfMatch=f'"{info.version}"')["Body"].read()
 
 # %% ../nbs/07_cloud.ipynb #20994cf7
 MIRROR_SKIP = ("data",)   # top-level folders of a run that are not mirrored (its bulky intermediate data)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cloud import check_uri, is_uri
 from .model import resolve_config
 from .preprocess import hcpe_shards
 from .storage import ParamError, Rule, ShardError, check_params, load_hcpe, read_manifest, read_yaml
@@ -135,7 +136,8 @@ class TrainConfig:
     log_every: int = knob(50, min=1)
     tensorboard_histogram_frequency: int = knob(0, min=0)  # weight histograms every N steps; 0 = off
     tensorboard_histogram_module: str | None = None  # regex on parameter names; None = all
-    # cloud input: gs:// and s3:// data paths are copied into a local shard cache before the step runs (maou_nb.cloud)
+    # cloud input: gs://, s3:// and bq:// data paths are read through a local shard cache (maou_nb.cloud): copied whole,
+    # or streamed through a window of shards when larger than the cache (maou_nb.datasets.StreamedShards)
     input_local_cache_dir: str | None = None  # where; None: <data_root>/cache
     input_max_workers: int = knob(8, min=1)   # parallel downloads into the cache
     input_max_cached_bytes: int | None = knob(None, min=1)  # evict least recently used shards beyond this; None: no cap
@@ -143,6 +145,9 @@ class TrainConfig:
     input_partitioning_key_date: str | None = None  # bq:// tables: read only this partitioningKey DATE (YYYY-MM-DD)
     input_enable_bundling: bool = False   # pack a remote data folder's small shards into local bundles when cached
     input_bundle_size_gb: float = knob(1.0, above=0)  # about this many GB a bundle (with input_enable_bundling)
+    input_stream: bool | None = knob(None)  # true: stream remote data, false: copy it whole; null: stream when it exceeds input_max_cached_bytes
+    input_cache_mode: str = knob("file", choices=("file", "memory", "mmap"))  # file: memory-mapped from disk; memory: copied into RAM (refused if it would not fit); mmap: deprecated, = file
+    cache_transforms: bool | None = knob(None)  # HCPE input: encode features once, reuse every epoch; null: on for hcpe, off otherwise
 
     def __post_init__(self):
         check_config(self)
@@ -287,6 +292,9 @@ DATA_KIND = {"1": "stage1", "2": "stage2"}
 
 # %% ../nbs/11_config.ipynb #47ea2ddd
 def _check_data_folder(key: str, path: str, kind: str) -> None:
+    if is_uri(path):      # a bucket prefix or table: listed now (reachable, not empty), read when its stage starts
+        check_uri(path, key)
+        return
     p = Path(path)
     if kind == "hcpe" and (p.is_file() or (p.is_dir() and not (p / "manifest.json").is_file())):
         try:

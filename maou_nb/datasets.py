@@ -5,21 +5,32 @@
 # %% ../nbs/06_datasets.ipynb #dce7bba6
 from __future__ import annotations
 
+import io
+import json
 import math
 import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from . import cloud
+from .cloud import is_uri
 from .encoding import MOVE_LABELS_NUM, encode_hcps, hcp_turns, move16_labels
 from .preprocess import MOVE_DTYPE, POSITION_DTYPE, _mover_half_points, hcpe_shards, labelled_dtype
-from .storage import HCPE_DTYPE, ShardError, load_array, load_hcpe, read_manifest, sidecar_path
+from .storage import (
+    HCPE_DTYPE, RAW_HCPE_SUFFIX, ShardError, _is_shard, load_array, load_hcpe, read_manifest, sidecar_path)
 
 # %% auto #0
-__all__ = ['POLICY_TARGETS', 'ShardedDataset', 'unpack_bits', 'Stage1Dataset', 'Stage2Dataset', 'policy_weights', 'Stage3Dataset',
-           'HcpeDataset', 'open_stage_data', 'Rows', 'split_rows', 'stage_datasets', 'EpochBatchSampler', 'make_loader']
+__all__ = ['POLICY_TARGETS', 'ShardedDataset', 'unpack_bits', 'Stage1Dataset', 'Stage2Dataset', 'available_memory',
+           'policy_weights', 'Stage3Dataset', 'HcpeDataset', 'open_stage_data', 'open_data', 'Rows', 'split_rows',
+           'stage_datasets', 'EpochBatchSampler', 'RemoteShard', 'remote_shards', 'StreamedShards', 'ShardWindow',
+           'StreamSampler', 'ShardStream', 'StreamLoader', 'make_loader']
 
 # %% ../nbs/06_datasets.ipynb #026987c0
 def _as_indices(index) -> tuple[np.ndarray, bool]:
@@ -35,6 +46,8 @@ class ShardedDataset(Dataset):
     """Rows of several memory-mapped shards seen as one array; subclasses turn records into tensors."""
     kind: str = ""
     dtypes: tuple[np.dtype, ...] = ()
+    sidecars: tuple[str, ...] = ()      # per-shard files read with it, e.g. "moves" for X.moves.npy
+    in_memory: bool = False            # shards copied into RAM (`load_into_memory`)
 
     def __init__(self, paths: list[Path]):
         self.paths = [Path(p) for p in paths]
@@ -59,7 +72,7 @@ class ShardedDataset(Dataset):
         return self._arrays
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_arrays": None}
+        return {**self.__dict__, "_arrays": self._arrays if self.in_memory else None}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -79,7 +92,7 @@ class ShardedDataset(Dataset):
         arrays = self.arrays
         if len(arrays) == 1:  # np.take: many times faster than fancy indexing on structured memory maps
             return np.take(arrays[0], local), shard, local
-        records = np.empty(len(indices), dtype=arrays[0].dtype)
+        records = np.empty(len(indices), dtype=self.dtypes[0])
         for s in np.unique(shard):
             mask = shard == s
             records[mask] = np.take(arrays[s], local[mask])
@@ -101,6 +114,19 @@ class ShardedDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} rows in {len(self.paths)} shard(s))"
+
+# %% ../nbs/06_datasets.ipynb #31788989
+def _open_shard(self, i: int) -> None:
+    """Open shard `i` alone (a streamed reader opens each shard once it is here)."""
+    if self._arrays is None:
+        self._arrays = [None] * len(self.paths)
+    self._arrays[i] = self._open(self.paths[i])
+
+def _close_shard(self, i: int) -> None:
+    """Let go of shard `i` (before its file is deleted)."""
+    self._arrays[i] = None
+
+ShardedDataset.open_shard, ShardedDataset.close_shard = _open_shard, _close_shard
 
 # %% ../nbs/06_datasets.ipynb #13232d58
 def _folder_shards(path, kind: str) -> list[Path]:
@@ -140,6 +166,31 @@ class Stage2Dataset(ShardedDataset):
         return {"board": records["board"], "hand": records["hand"].astype(np.float32),
                 "legal": unpack_bits(records["labels"], MOVE_LABELS_NUM)}
 
+# %% ../nbs/06_datasets.ipynb #0a244bc4
+def available_memory() -> int:
+    """Bytes of RAM this machine can still give (Linux `MemAvailable`; elsewhere the free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+def _files(self) -> list[Path]:
+    """Every file the dataset reads: its shards and their sidecars."""
+    return [*self.paths, *(sidecar_path(p, s) for p in self.paths for s in self.sidecars)]
+
+def _load_into_memory(self) -> None:
+    """Copy every shard into RAM (`input_cache_mode: memory`); refused before loading anything when it would not fit."""
+    need, have = sum(p.stat().st_size for p in self.files()), available_memory()
+    if need > have:
+        raise MemoryError(f"input_cache_mode='memory': {type(self).__name__} of {len(self.paths)} shard(s) needs "
+                          f"{need / 2**30:.2f} GiB of RAM but {have / 2**30:.2f} GiB is available. Use "
+                          "input_cache_mode='file' (memory-mapped from disk), or free memory.")
+    self._arrays = [np.array(a) for a in self.arrays]
+    self.in_memory = True
+
+ShardedDataset.files, ShardedDataset.load_into_memory = _files, _load_into_memory
+
 # %% ../nbs/06_datasets.ipynb #3158a6de
 POLICY_TARGETS = ("frequency", "win_rate", "both")
 
@@ -173,7 +224,8 @@ def policy_weights(moves: np.ndarray, row: np.ndarray, position_count: np.ndarra
 # %% ../nbs/06_datasets.ipynb #2aa68a83
 class Stage3Dataset(ShardedDataset):
     """Stage 3 data from preprocessed shards: board, hand, policy distribution and value (kind "preprocessed")."""
-    kind, dtypes = "preprocessed", (POSITION_DTYPE,)
+    kind, dtypes, sidecars = "preprocessed", (POSITION_DTYPE,), ("moves",)
+    _moves: list[np.ndarray] | None = None
     def __init__(self, path, policy_target: str = "frequency"):
         self.policy_target = _policy_target_name(policy_target)
         super().__init__(_folder_shards(path, self.kind))
@@ -187,7 +239,7 @@ class Stage3Dataset(ShardedDataset):
         return self._moves
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_moves": None}
+        return {**super().__getstate__(), "_moves": self._moves if self.in_memory else None}
 
     def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         records, shard, _ = self.gather(indices)
@@ -209,10 +261,29 @@ class Stage3Dataset(ShardedDataset):
         return {"board": records["board"], "hand": records["hand"].astype(np.float32),
                 "policy": policy, "value": records["value"].astype(np.float32)}
 
+# %% ../nbs/06_datasets.ipynb #5cc8e097
+def _stage3_open_shard(self, i: int) -> None:
+    ShardedDataset.open_shard(self, i)
+    if self._moves is None:
+        self._moves = [None] * len(self.paths)
+    self._moves[i] = load_array(sidecar_path(self.paths[i], "moves"), dtype=MOVE_DTYPE)
+
+def _stage3_close_shard(self, i: int) -> None:
+    ShardedDataset.close_shard(self, i)
+    self._moves[i] = None
+
+def _stage3_load_into_memory(self) -> None:
+    ShardedDataset.load_into_memory(self)
+    self._moves = [np.array(m) for m in self.moves]
+
+Stage3Dataset.open_shard, Stage3Dataset.close_shard = _stage3_open_shard, _stage3_close_shard
+Stage3Dataset.load_into_memory = _stage3_load_into_memory
+
 # %% ../nbs/06_datasets.ipynb #61ac37b5
 class HcpeDataset(ShardedDataset):
     """Stage 3 data straight from HCPE shards: one-hot best move and the mover's game result."""
     kind, dtypes = "hcpe", (HCPE_DTYPE,)
+    _encoded: tuple[np.ndarray, ...] | None = None   # every row's features, once `cache_features` ran
     def __init__(self, inputs):
         super().__init__(hcpe_shards(inputs))
 
@@ -220,7 +291,10 @@ class HcpeDataset(ShardedDataset):
         """Memory-map an HCPE `.npy` shard or a raw cshogi `.hcpe` file."""
         return load_hcpe(path)
 
-    def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    def features(self, indices: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(board, hand, best-move label or -1, value) of the given rows: encoded, or from the cache."""
+        if self._encoded is not None:
+            return tuple(np.take(a, indices, axis=0) for a in self._encoded)
         records, shard, local = self.gather(indices)
         try:
             board, hand = encode_hcps(records["hcp"])
@@ -229,11 +303,21 @@ class HcpeDataset(ShardedDataset):
             raise ShardError(f"{self.paths[shard[i]]}: row {local[i]}: {e}. The shard is corrupt; regenerate it.") from None
         turns = hcp_turns(records["hcp"])
         labels = move16_labels(records["bestMove16"].view(np.uint16), turns)
-        policy = np.zeros((len(records), MOVE_LABELS_NUM), np.float32)
+        value = _mover_half_points(records["gameResult"], turns).astype(np.float32) / 2
+        return board, hand, labels, value
+
+    def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        board, hand, labels, value = self.features(indices)
+        policy = np.zeros((len(labels), MOVE_LABELS_NUM), np.float32)
         has = labels >= 0
         policy[np.flatnonzero(has), labels[has]] = 1.0
-        value = _mover_half_points(records["gameResult"], turns).astype(np.float32) / 2
         return {"board": board, "hand": hand.astype(np.float32), "policy": policy, "value": value}
+
+    def cache_features(self, chunk: int = 65536) -> None:
+        """Encode every row once and keep the features (about 100 bytes a row) for every later epoch."""
+        self._encoded = None
+        parts = [self.features(np.arange(s, min(s + chunk, len(self)))) for s in range(0, len(self), chunk)]
+        self._encoded = tuple(np.concatenate(p) for p in zip(*parts))
 
 # %% ../nbs/06_datasets.ipynb #4aed3ddb
 def open_stage_data(stage: int | str, path, *, input_format: str | None = None,
@@ -256,6 +340,32 @@ def open_stage_data(stage: int | str, path, *, input_format: str | None = None,
         raise ShardError(f"{path}: holds {input_format!r} data, but Stage 3 reads 'preprocessed' or 'hcpe' data. "
                          "Point stage3_data at the output of preprocess (or of records/selfplay).")
     return Stage3Dataset(path, policy_target=policy_target)
+
+# %% ../nbs/06_datasets.ipynb #8f05913e
+def _stage_class(stage: str, input_format: str | None) -> type:
+    return {"1": Stage1Dataset, "2": Stage2Dataset}.get(stage) or (
+        HcpeDataset if input_format == "hcpe" else Stage3Dataset)
+
+def open_data(stage: str, path, *, cache=None, stream: bool | None = None, input_format: str | None = None,
+              policy_target: str = "frequency") -> ShardedDataset | StreamedShards:
+    """The data of one stage at `path`: a local folder, memory-mapped; a gs://, s3:// or bq:// one copied into the
+    `ShardCache` `cache` and opened the same way, or streamed through a shard window (`stream`; None: when the
+    data exceeds the cache's `max_cached_bytes`; BigQuery tables are always copied)."""
+    kw = {} if stage != "3" else {"input_format": input_format, "policy_target": policy_target}
+    if not is_uri(path):
+        return open_stage_data(int(stage), path, **kw)
+    if cache is None:
+        raise ValueError(f"{path}: a remote data path is read through a local shard cache: pass cache=ShardCache(...)")
+    table = str(path).startswith("bq://")
+    if stream is None and not table and cache.max_cached_bytes is not None:
+        stream = sum(o.size for o in cloud.list_uri(path, cache.timeout)[1]) > cache.max_cached_bytes
+    if not stream or table:
+        [local] = cache.materialise(path)
+        return open_stage_data(int(stage), local, **kw)
+    cls = _stage_class(stage, input_format or "preprocessed")
+    extra = {"policy_target": _policy_target_name(policy_target)} if cls is Stage3Dataset else {}
+    return StreamedShards(cls, remote_shards(path, cls, workers=cache.max_workers, timeout=cache.timeout), cache.root,
+                          cap=cache.max_cached_bytes, max_workers=cache.max_workers, timeout=cache.timeout, extra=extra)
 
 # %% ../nbs/06_datasets.ipynb #148204b1
 class Rows:
@@ -281,17 +391,42 @@ def split_rows(n: int, test_ratio: float, seed: int) -> tuple[np.ndarray, np.nda
     return np.sort(order[n_val:]), np.sort(order[:n_val]) if n_val else order[:0]
 
 # %% ../nbs/06_datasets.ipynb #c36b8c3c
+def _prepare(ds, cache_mode: str, cache_transforms: bool | None) -> None:
+    """Apply `input_cache_mode` and `cache_transforms` to an opened (not a streamed) dataset."""
+    if not isinstance(ds, ShardedDataset):   # None, or streamed
+        return
+    if cache_mode == "memory":
+        ds.load_into_memory()
+    if isinstance(ds, HcpeDataset) and cache_transforms is not False:
+        ds.cache_features()
+    elif cache_transforms and not isinstance(ds, HcpeDataset):
+        raise ValueError(f"cache_transforms=True: {type(ds).__name__} has nothing to encode (its shards are read "
+                         "zero-copy); it applies to HCPE input (input_format='hcpe'). Leave it null or false.")
+
 def stage_datasets(stage: str, path, val_path=None, *, test_ratio: float = 0.1, seed: int = 0,
-                   input_format: str | None = None, policy_target: str = "frequency") -> tuple[Rows, Rows]:
+                   input_format: str | None = None, policy_target: str = "frequency", cache=None,
+                   stream: bool | None = None, cache_mode: str = "file", cache_transforms: bool | None = None) -> tuple:
     """(train, validation) datasets of one stage: `val_path`'s data, else Stage 1's whole curriculum, else a seeded
-    `test_ratio` slice of `path`'s rows (`input_format` and `policy_target` are Stage 3's)."""
-    kw = {} if stage != "3" else {"input_format": input_format, "policy_target": policy_target}
-    data = open_stage_data(int(stage), path, **kw)
-    if val_path is not None:
-        val = open_stage_data(int(stage), val_path, **kw)
-        return Rows(data, np.arange(len(data))), Rows(val, np.arange(len(val)))
-    if stage == "1":  # the fixed curriculum is the whole of Stage 1's universe: learn it and check it all
-        return Rows(data, np.arange(len(data))), Rows(data, np.arange(len(data)))
+    `test_ratio` slice of `path`'s rows (of its shards, when streamed). `input_format` and `policy_target` are
+    Stage 3's; remote paths go through `cache` (`open_data`); `cache_mode` is "file", "memory" or "mmap" (deprecated:
+    "file"); `cache_transforms` (None: on for HCPE) keeps HCPE features encoded."""
+    if cache_mode == "mmap":
+        warnings.warn("input_cache_mode='mmap' is deprecated: it is 'file' (shards memory-mapped from the local "
+                      "cache). Write input_cache_mode: file.", DeprecationWarning, stacklevel=2)
+    kw = dict(cache=cache, stream=stream, input_format=input_format, policy_target=policy_target)
+    data = open_data(stage, path, **kw)
+    val = open_data(stage, val_path, **kw) if val_path is not None else None
+    for ds in (data, val):
+        _prepare(ds, cache_mode, cache_transforms)
+    whole = lambda ds: Rows(ds, np.arange(len(ds))) if isinstance(ds, ShardedDataset) else ds
+    if val is not None or stage == "1":  # Stage 1's fixed curriculum is its whole universe: learn it and check it all
+        return whole(data), whole(val if val is not None else data)
+    if not isinstance(data, ShardedDataset):   # streamed: split by shard
+        if len(data.shards) < 2:
+            raise ValueError(f"{path}: one remote shard cannot be split into training and validation data: set "
+                             f"stage{stage}_val_data, or write the data in more shards.")
+        train_ids, val_ids = split_rows(len(data.shards), test_ratio, seed)
+        return data.subset(train_ids), data.subset(val_ids)
     train_rows, val_rows = split_rows(len(data), test_ratio, seed)
     return Rows(data, train_rows), Rows(data, val_rows)
 
@@ -355,13 +490,377 @@ class EpochBatchSampler(Sampler):
         self.set_epoch(state["epoch"], state.get("start_batch", 0))
         self.batches_yielded = self.start_batch
 
+# %% ../nbs/06_datasets.ipynb #004c52fb
+def _npy_rows(head: bytes, uri: str, dtypes) -> int:
+    """Rows of a 1-d `.npy` shard from its first bytes; another dtype or shape is refused naming the shard."""
+    f = io.BytesIO(head)
+    try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    except (ValueError, EOFError) as e:
+        raise ShardError(f"{uri}: not a readable .npy shard ({e}). Regenerate it and upload it again.") from None
+    if dtype not in dtypes or len(shape) != 1:
+        raise ShardError(f"{uri}: dtype {dtype} shape {shape} is not the data read here (expected one of "
+                         f"{[str(d) for d in dtypes]}). Point the data path at a folder of the right kind.")
+    return int(shape[0])
+
+# %% ../nbs/06_datasets.ipynb #5a2be9ab
+@dataclass(frozen=True)
+class RemoteShard:
+    """One shard of a remote data folder: the folder, its objects (the shard, then the sidecars it needs), its rows."""
+    remote: object             # cloud.RemotePath of the folder
+    objects: tuple             # cloud.ObjectInfo of the shard, then of each sidecar
+    rows: int
+
+    @property
+    def size(self) -> int:
+        """Bytes of the shard and its sidecars."""
+        return sum(o.size for o in self.objects)
+
+# %% ../nbs/06_datasets.ipynb #6ef0c58e
+def remote_shards(uri: str, cls: type, *, workers: int = 8, timeout: float = cloud.TIMEOUT_SECONDS) -> list[RemoteShard]:
+    """The shards of the remote data folder `uri` that dataset class `cls` reads (listed by its manifest; an HCPE
+    folder may have none), their rows read from the shards' headers (one small ranged request each)."""
+    r, objects, _ = cloud.list_uri(uri, timeout)
+    by_name = {o.key[len(r.key):].lstrip("/"): o for o in objects}
+    if "manifest.json" in by_name:
+        manifest = json.loads(cloud.RemoteStorage(uri).read_bytes("manifest.json"))
+        if manifest.get("kind") != cls.kind:
+            raise ShardError(f"{uri}: holds {manifest.get('kind')!r} data but {cls.kind!r} data is needed here. "
+                             f"Point this parameter at a folder made for {cls.kind!r}.")
+        names = list(manifest["shards"])
+    elif cls.kind == "hcpe":
+        names = sorted(n for n in by_name if _is_shard(Path(n), ".npy") and n.endswith((".npy", RAW_HCPE_SUFFIX)))
+    else:
+        raise ShardError(f"{uri}: no manifest.json, so the folder is incomplete or not made by maou_nb. "
+                         "Upload the whole folder the kit wrote (its manifest last).")
+    wanted = [[n] + [sidecar_path(Path(n), s).as_posix() for s in cls.sidecars] for n in names]
+    missing = [n for group in wanted for n in group if n not in by_name]
+    if missing or not names:
+        raise ShardError(f"{uri}: " + (f"{len(missing)} shard file(s) missing, e.g. {missing[0]}" if missing else
+                         "no shards") + ". Upload the whole data folder again.")
+    def rows(n: str) -> int:
+        o = by_name[n]
+        if n.endswith(RAW_HCPE_SUFFIX):
+            return o.size // HCPE_DTYPE.itemsize
+        return _npy_rows(cloud.read_head(r, o, timeout=timeout), f"{r}/{n}", cls.dtypes)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        counts = list(pool.map(rows, names))
+    return [RemoteShard(r, tuple(by_name[n] for n in group), k) for group, k in zip(wanted, counts)]
+
+# %% ../nbs/06_datasets.ipynb #a1d76cb8
+class StreamedShards:
+    """A remote data folder read through a window of its shards instead of copied whole: `make_loader` streams it."""
+    def __init__(self, cls: type, shards: list[RemoteShard], root, *, cap: int | None, max_workers: int = 8,
+                 timeout: float = cloud.TIMEOUT_SECONDS, extra: dict | None = None):
+        """`root`: the cache folder (shards land in `root/stream/` and are deleted once used); `cap`: the bytes all
+        the readers together may hold there; `extra`: attributes of the `cls` reader (e.g. `policy_target`)."""
+        self.cls, self.shards, self.root, self.cap = cls, list(shards), Path(root), cap
+        self.max_workers, self.timeout, self.extra = max_workers, timeout, dict(extra or {})
+        self.offsets = np.concatenate([[0], np.cumsum([s.rows for s in self.shards], dtype=np.int64)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def local(self, o) -> Path:
+        """Where object `o` (of any shard) lands while it is used."""
+        r = self.shards[0].remote
+        return self.root / "stream" / r.scheme / r.bucket / o.key
+
+    def reader(self) -> ShardedDataset:
+        """A `cls` dataset over all the shards, none open yet: `open_shard(i)` once shard i is here."""
+        ds = self.cls.__new__(self.cls)
+        ds.__dict__.update(paths=[self.local(s.objects[0]) for s in self.shards], offsets=self.offsets,
+                           _arrays=[None] * len(self.shards), **self.extra)
+        return ds
+
+    def sources(self, rows) -> list[str]:
+        """The shard URI of each row (for error messages)."""
+        shard = np.searchsorted(self.offsets, _as_indices(rows)[0], side="right") - 1
+        return [f"{self.shards[s].remote.scheme}://{self.shards[s].remote.bucket}/{self.shards[s].objects[0].key}"
+                for s in shard]
+
+    def subset(self, ids) -> StreamedShards:
+        """The same data limited to shards `ids`."""
+        return StreamedShards(self.cls, [self.shards[i] for i in ids], self.root, cap=self.cap,
+                              max_workers=self.max_workers, timeout=self.timeout, extra=self.extra)
+
+    def __repr__(self) -> str:
+        return f"StreamedShards({len(self)} rows in {len(self.shards)} remote shard(s))"
+
+# %% ../nbs/06_datasets.ipynb #9a34008e
+def _fetch_shard(data: StreamedShards, i: int) -> None:
+    """Download shard `i` (and its sidecars) of `data`, each verified and renamed into place."""
+    cache = cloud.ShardCache(data.root, max_workers=1, max_cached_bytes=None, timeout=data.timeout)
+    for o in data.shards[i].objects:
+        cache._fetch(data.shards[i].remote, o, data.local(o))
+
+def _drop_shard(data: StreamedShards, i: int) -> None:
+    for o in data.shards[i].objects:
+        data.local(o).unlink(missing_ok=True)
+
+# %% ../nbs/06_datasets.ipynb #1ffa1a20
+class ShardWindow:
+    """Shards fetched ahead of use in order, `workers` at a time, holding at most `budget` bytes (beyond it only the
+    shard the reader waits for); `release` deletes a used one."""
+    def __init__(self, data: StreamedShards, order: list[int], budget: int, workers: int):
+        self.data, self.order, self.budget = data, list(order), budget
+        self.held, self.ready, self.wanted, self.error, self.stopped = 0, set(), None, None, False
+        self.cond = threading.Condition()
+        self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="maou-stream")
+        self.feeder = threading.Thread(target=self._feed, daemon=True, name="maou-stream-feed")
+        self.feeder.start()
+
+    def _feed(self) -> None:
+        for i in self.order:
+            size = self.data.shards[i].size
+            with self.cond:
+                self.cond.wait_for(lambda: self.stopped or self.held == 0 or self.held + size <= self.budget
+                                   or self.wanted == i)
+                if self.stopped:
+                    return
+                self.held += size
+            self.pool.submit(self._get, i)
+
+    def _get(self, i: int) -> None:
+        try:
+            _fetch_shard(self.data, i)
+        except BaseException as e:   # handed to the reader, which raises it
+            self.error = e
+        with self.cond:
+            self.ready.add(i)
+            self.cond.notify_all()
+
+# %% ../nbs/06_datasets.ipynb #a8bd87fb
+def _wait(self, i: int) -> None:
+    """Block until shard `i` is here (raising the download's error, if it failed)."""
+    with self.cond:
+        self.wanted = i
+        self.cond.notify_all()
+        self.cond.wait_for(lambda: i in self.ready or self.error is not None)
+    if self.error is not None:
+        raise self.error
+
+def _release(self, i: int) -> None:
+    """Delete used shard `i`, making room for the next ones."""
+    _drop_shard(self.data, i)
+    with self.cond:
+        self.ready.discard(i)
+        self.held -= self.data.shards[i].size
+        self.cond.notify_all()
+
+def _close(self) -> None:
+    """Stop fetching and delete every shard still held."""
+    with self.cond:
+        self.stopped = True
+        self.cond.notify_all()
+    self.pool.shutdown(wait=True, cancel_futures=True)
+    for i in self.order:
+        _drop_shard(self.data, i)
+
+ShardWindow.wait, ShardWindow.release, ShardWindow.close = _wait, _release, _close
+
+# %% ../nbs/06_datasets.ipynb #05d12a6c
+class StreamSampler(EpochBatchSampler):
+    """The epoch plan of streamed data, with `EpochBatchSampler`'s contract (position, state, weights): each epoch
+    the shards in a seeded order, dealt to ranks and workers in turn; each reader's shards in groups of at most
+    half its byte budget, the rows of a group shuffled; `len()` batches every epoch (ranks or workers with fewer
+    get stand-in batches, weighted 0, at the end)."""
+    def __init__(self, data: StreamedShards, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 workers: int = 0, rank: int = 0, world_size: int = 1):
+        super().__init__(len(data), batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+        self.data, self.roles, self.part = data, max(1, workers), max(1, batch_size // world_size)
+        readers = self.roles * world_size
+        if len(data.shards) < readers:
+            raise ValueError(f"{len(data.shards)} remote shard(s) cannot be dealt to {world_size} rank(s) x "
+                             f"{self.roles} reader(s): lower dataloader_workers, or write the data in more shards.")
+        largest = max(s.size for s in data.shards)
+        self.budget = data.cap // readers if data.cap else 4 * largest   # bytes one reader may hold
+        most = sum(sorted((s.rows for s in data.shards), reverse=True)[:-(-len(data.shards) // world_size)])
+        self.length = -(-most // self.part) + self.roles - 1
+        self._sizes: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def readers(self, epoch: int) -> list[list[list[int]]]:
+        """Shard ids of each [rank][worker] in epoch `epoch`, in reading order."""
+        n = len(self.data.shards)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        out = [[[] for _ in range(self.roles)] for _ in range(self.world_size)]
+        for i, s in enumerate(order.tolist()):
+            c = i % (self.world_size * self.roles)
+            out[c % self.world_size][c // self.world_size].append(s)
+        return out
+
+# %% ../nbs/06_datasets.ipynb #1ce09d53
+def _groups(self, epoch: int, rank: int, role: int) -> list[list[int]]:
+    """The reader's shards in groups of at most half its budget (one shard at least): the row-shuffle windows."""
+    groups, size = [], 0
+    for s in self.readers(epoch)[rank][role]:
+        b = self.data.shards[s].size
+        if not groups or size + b > self.budget // 2:
+            groups.append([])
+            size = 0
+        groups[-1].append(s)
+        size += b
+    return groups
+
+def _group_rows(self, epoch: int, rank: int, role: int, g: int, group: list[int]) -> np.ndarray:
+    """Global row ids of a group, shuffled (seeded by epoch, reader and group) unless `shuffle` is off."""
+    o = self.data.offsets
+    rows = np.concatenate([np.arange(o[s], o[s + 1]) for s in group])
+    return np.random.default_rng([self.seed, epoch, rank, role, g]).permutation(rows) if self.shuffle else rows
+
+StreamSampler.groups, StreamSampler.group_rows = _groups, _group_rows
+
+# %% ../nbs/06_datasets.ipynb #919dddd6
+def _sequence(self, epoch: int, rank: int) -> list[tuple[int, int]]:
+    """(worker, its batch number) of each batch of `rank` in epoch `epoch`: the workers in turn, as a DataLoader
+    takes them, skipping a worker that has run out."""
+    left = [-(-sum(self.data.shards[s].rows for s in shards) // self.part) for shards in self.readers(epoch)[rank]]
+    seq, taken = [], [0] * self.roles
+    while any(t < n for t, n in zip(taken, left)):
+        for k in range(self.roles):
+            if taken[k] < left[k]:
+                seq.append((k, taken[k]))
+                taken[k] += 1
+    return seq
+
+def _sizes(self, epoch: int) -> np.ndarray:
+    """Rows of batch b on each rank, (world_size, len()) (0: a stand-in)."""
+    if epoch not in self._sizes:
+        out = np.zeros((self.world_size, self.length), np.int64)
+        for r in range(self.world_size):
+            n = [sum(self.data.shards[s].rows for s in shards) for shards in self.readers(epoch)[r]]
+            for b, (k, j) in enumerate(self.sequence(epoch, r)):
+                out[r, b] = min(self.part, n[k] - j * self.part)
+        self._sizes = {epoch: out}
+    return self._sizes[epoch]
+
+def _rows(self, b: int) -> int:
+    return int(self.sizes(self.epoch)[:, b].sum())
+
+def _weight(self, b: int) -> float:
+    sizes = self.sizes(self.epoch)[:, b]
+    return self.world_size * float(sizes[self.rank]) / float(sizes.sum()) if sizes.sum() else 0.0
+
+StreamSampler.sequence, StreamSampler.sizes, StreamSampler.rows, StreamSampler.weight = _sequence, _sizes, _rows, _weight
+
+# %% ../nbs/06_datasets.ipynb #70cec906
+class ShardStream(IterableDataset):
+    """What one DataLoader worker (or the main process) reads: its shards through a `ShardWindow`, in batches."""
+    def __init__(self, data: StreamedShards, sampler: StreamSampler):
+        self.data, self.sampler = data, sampler
+        self.epoch, self.roles, self.skips = 0, [0], [0]   # set by StreamLoader before each pass
+
+    def __iter__(self):
+        info = get_worker_info()
+        if info is not None:
+            cloud._BACKENDS.clear()    # a forked worker opens its own connections
+        role = self.roles[0 if info is None else info.id]
+        return self.batches(self.epoch, self.sampler.rank, role, self.skips[role])
+
+# %% ../nbs/06_datasets.ipynb #232d189f
+def _batches(self, epoch: int, rank: int, role: int, skip: int):
+    """The batches of one reader, after its first `skip`; groups wholly skipped are not fetched."""
+    s, reader = self.sampler, self.data.reader()
+    groups = s.groups(epoch, rank, role)
+    ends = np.cumsum([sum(self.data.shards[i].rows for i in g) for g in groups])
+    g0 = int(np.searchsorted(ends, skip * s.part, side="right"))
+    cut = skip * s.part - (int(ends[g0 - 1]) if g0 else 0)
+    window = ShardWindow(self.data, [i for g in groups[g0:] for i in g], s.budget, self.data.max_workers)
+    buffer, opened = np.zeros(0, np.int64), []
+    try:
+        for g in range(g0, len(groups)):
+            for i in groups[g]:
+                window.wait(i)
+                reader.open_shard(i)
+                opened.append(i)
+            rows = s.group_rows(epoch, rank, role, g, groups[g])
+            buffer = np.concatenate([buffer, rows[cut:] if g == g0 else rows])
+            while len(buffer) >= s.part:
+                yield _rows_batch(reader, buffer[:s.part])
+                buffer = buffer[s.part:]
+            keep = set(reader.locate(buffer)[0].tolist())
+            for i in [i for i in opened if i not in keep]:
+                reader.close_shard(i)
+                window.release(i)
+                opened.remove(i)
+        if len(buffer):
+            yield _rows_batch(reader, buffer)
+    finally:
+        for i in opened:
+            reader.close_shard(i)
+        window.close()
+
+def _rows_batch(ds: ShardedDataset, rows: np.ndarray) -> dict:
+    batch = dict(ds[rows])
+    batch["_rows"] = torch.from_numpy(rows.copy())
+    return batch
+
+ShardStream.batches = _batches
+
+# %% ../nbs/06_datasets.ipynb #041d47f8
+class StreamLoader:
+    """A DataLoader over streamed data as the engine sees one: `len()` batches from the sampler's position."""
+    def __init__(self, data: StreamedShards, sampler: StreamSampler, workers: int = 0, **loader_kw):
+        self.data, self.sampler, self.workers, self.loader_kw = data, sampler, workers, loader_kw
+        self.stream = ShardStream(data, sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        s = self.sampler
+        start, s.start_batch = s.start_batch, 0            # a resumed position applies to one pass only
+        seq = s.sequence(s.epoch, s.rank)
+        skips = [sum(1 for k, _ in seq[:start] if k == role) for role in range(s.roles)]
+        left = [sum(1 for k, _ in seq if k == role) - skips[role] for role in range(s.roles)]
+        after = seq[start][0] if start < len(seq) else 0  # the worker whose turn is next: the DataLoader starts there
+        active = sorted((k for k in range(s.roles) if left[k]), key=lambda k: (k - after) % s.roles)
+        self.stream.epoch, self.stream.skips = s.epoch, skips
+        self.stream.roles = active + [k for k in range(s.roles) if not left[k]]
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers, **self.loader_kw)
+        i = s.readers(s.epoch)[s.rank][0][0]               # stand-ins repeat the first row of this rank's first shard
+        n, standin, row = start, None, int(self.data.offsets[i])
+        for batch in loader:
+            hit = (batch["_rows"] == row).nonzero()
+            if standin is None and len(hit):
+                standin = {k: v[int(hit[0, 0]):int(hit[0, 0]) + 1] for k, v in batch.items()}
+            n += 1
+            yield batch
+        if n < len(s):                                     # this rank's stand-ins (weighted 0 by the sampler)
+            standin = standin or _standin(self.data, i)
+        for _ in range(n, len(s)):
+            yield standin
+
+def _standin(data: StreamedShards, i: int) -> dict:
+    """The first row of shard `i`, fetched for a pass that starts after the batch that held it."""
+    reader = data.reader()
+    _fetch_shard(data, i)
+    try:
+        reader.open_shard(i)
+        batch = _rows_batch(reader, data.offsets[i:i + 1].copy())
+        reader.close_shard(i)
+        return batch
+    finally:
+        _drop_shard(data, i)
+
 # %% ../nbs/06_datasets.ipynb #ec13687b
-def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+def make_loader(ds, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
                 workers: int = 0, pin_memory: bool = False, prefetch_factor: int | None = None,
-                persistent_workers: bool = False, rank: int = 0, world_size: int = 1) -> tuple[DataLoader, EpochBatchSampler]:
-    """(DataLoader, its EpochBatchSampler): each fetch is one vectorised `ds[indices]` batch (this rank's part of it)."""
+                persistent_workers: bool = False, rank: int = 0, world_size: int = 1) -> tuple:
+    """(DataLoader, its EpochBatchSampler): each fetch is one vectorised `ds[indices]` batch (this rank's part of it).
+    Streamed data (`StreamedShards`) gives a `StreamLoader` and its `StreamSampler`, with the same contract."""
+    extra = {} if workers == 0 else {"prefetch_factor": prefetch_factor}
+    if isinstance(ds, StreamedShards):   # each pass starts fresh workers that know their shards and position
+        sampler = StreamSampler(ds, batch_size, shuffle=shuffle, seed=seed, workers=workers, rank=rank,
+                                world_size=world_size)
+        return StreamLoader(ds, sampler, workers, pin_memory=pin_memory, **extra), sampler
     sampler = EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
                                 rank=rank, world_size=world_size)
-    extra = {} if workers == 0 else {"prefetch_factor": prefetch_factor, "persistent_workers": persistent_workers}
+    extra = {**extra, "persistent_workers": persistent_workers} if workers else extra
     loader = DataLoader(ds, batch_size=None, sampler=sampler, num_workers=workers, pin_memory=pin_memory, **extra)
     return loader, sampler
