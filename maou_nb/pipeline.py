@@ -25,18 +25,19 @@ import yaml
 
 import maou_nb
 from . import __version__
-from .cloud import CloudError, Mirror, ShardCache, check_pointer, check_uri, is_uri, parse_uri, upload_file
+from .cloud import CloudError, Mirror, ShardCache, check_pointer, check_uri, is_uri, parse_uri, require, upload_file
 from .selfplay import game_name
 from .settings import setting
 from .storage import atomic_path, game_id, read_json, read_yaml, remove_stale_temps, split_by_game, write_json
 
 # %% auto #0
-__all__ = ['STAGE_MARK', 'INJECTED_MARK', 'STEPS', 'TOP_LEVEL_KEYS', 'PATH_PARAMS', 'URI_PARAMS', 'RUN_ID', 'MIRROR_WAIT_SECONDS',
-           'PROVIDER_KEYS', 'stage_params', 'Need', 'Step', 'mark_done', 'kit_folder', 'bundled_params', 'find_params',
-           'stages_dir', 'notebook_parameters', 'load_params', 'check_step_params', 'check_split', 'notebook_sha256',
-           'run_metadata', 'record_step', 'resolve_run_id', 'steps_to_run', 'check_inputs', 'step_failure',
-           'run_pipeline', 'input_cache', 'input_provider', 'materialise_inputs', 'start_mirror', 'close_mirror',
-           'StepLines', 'batch_environment', 'stage_kernel_manager', 'write_summary', 'markdown_table']
+__all__ = ['STAGE_MARK', 'INJECTED_MARK', 'STEPS', 'TOP_LEVEL_KEYS', 'PATH_PARAMS', 'URI_PARAMS', 'OUTPUT_PROVIDERS', 'RUN_ID',
+           'MIRROR_WAIT_SECONDS', 'PROVIDER_KEYS', 'stage_params', 'Need', 'Step', 'mark_done', 'kit_folder',
+           'bundled_params', 'find_params', 'stages_dir', 'notebook_parameters', 'load_params', 'check_step_params',
+           'output_provider', 'check_split', 'notebook_sha256', 'run_metadata', 'record_step', 'resolve_run_id',
+           'steps_to_run', 'check_inputs', 'step_failure', 'run_pipeline', 'input_cache', 'input_provider',
+           'materialise_inputs', 'start_mirror', 'close_mirror', 'StepLines', 'batch_environment',
+           'stage_kernel_manager', 'write_summary', 'markdown_table']
 
 # %% ../nbs/22_pipeline.ipynb #549d0410
 STAGE_MARK, INJECTED_MARK = "# Stage parameters", "# Parameters"
@@ -190,7 +191,8 @@ def find_params(source: str | os.PathLike) -> Path:
 
 # %% ../nbs/22_pipeline.ipynb #51121ee2
 TOP_LEVEL_KEYS = {"name", "run_id", "steps", "stages_dir", "runs_root", "data_root", "device", "description",
-                  "output_uri"}   # gs://bucket/base or s3://bucket/base: the run is mirrored to <output_uri>/<run_id>/
+                  "output_uri",   # gs://bucket/base or s3://bucket/base: the run is mirrored to <output_uri>/<run_id>/
+                  "output_gcs", "gcs_bucket_name", "gcs_base_path", "output_s3", "s3_bucket_name", "s3_base_path"}
 
 def stages_dir(params: dict | None = None) -> Path:
     """The folder of stage notebooks: params `stages_dir`, `$MAOU_NB_STAGES`, or the kit's own (`kit_folder`)."""
@@ -280,6 +282,7 @@ def load_params(source: str | os.PathLike | dict) -> dict:
         raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(TOP_LEVEL_KEYS)} and step sections {list(STEPS)}")
     if isinstance(params.get("train"), dict):
         params["train"] = input_provider(params["train"], where)   # Maou's provider keys -> stage3_data
+    params = output_provider(params, where)                         # Maou's output keys -> output_uri
     folder = stages_dir(params)
     for name in STEPS:
         section = params.get(name)
@@ -309,8 +312,6 @@ def load_params(source: str | os.PathLike | dict) -> dict:
         if name in params:
             params[name] = _absolute_paths(name, section)
     check_split(params, where)
-    if params.get("output_uri") is not None:
-        parse_uri(params["output_uri"])
     return params
 
 def check_step_params(name: str, values: dict, where: str = "params") -> None:
@@ -323,6 +324,36 @@ def check_step_params(name: str, values: dict, where: str = "params") -> None:
     except ValueError as e:
         message = str(e) if str(e).startswith(f"{name}.") else f"{name}.{e}" if re.match(r"\w+=", str(e)) else f"{name}: {e}"
         raise ValueError(f"{where}: {message}") from None
+
+# %% ../nbs/22_pipeline.ipynb #0e7a91c4
+OUTPUT_PROVIDERS = {"output_gcs": ("gs", "gcs_bucket_name", "gcs_base_path"),
+                    "output_s3": ("s3", "s3_bucket_name", "s3_base_path")}
+
+def output_provider(params: dict, where: str = "params") -> dict:
+    """`params` with Maou's output keys (`output_gcs: true` + `gcs_bucket_name` [+ `gcs_base_path`], or the `s3` ones)
+    replaced by the `output_uri` they name; two providers, or a half-given one, are refused naming the keys."""
+    out, given = dict(params), ["output_uri"] if params.get("output_uri") is not None else []
+    for flag, (scheme, bucket_key, base_key) in OUTPUT_PROVIDERS.items():
+        flag_value, bucket, base = (out.pop(k, None) for k in (flag, bucket_key, base_key))
+        if flag_value is not None and not isinstance(flag_value, bool):
+            raise ValueError(f"{where}: {flag}={flag_value!r}: give true (mirror the run there) or false.")
+        if flag_value is None and (bucket is not None or base is not None):
+            raise ValueError(f"{where}: {bucket_key if bucket is not None else base_key} is given without {flag}: "
+                             f"add `{flag}: true` to mirror the run there, or remove it.")
+        if not flag_value:
+            continue
+        if not isinstance(bucket, str) or not bucket:
+            raise ValueError(f"{where}: {flag}: true needs {bucket_key} (the bucket's name; {base_key}, the prefix "
+                             "below it, is optional): add it, or set the flag to false.")
+        if base is not None and not isinstance(base, str):
+            raise ValueError(f"{where}: {base_key}={base!r}: give the prefix below the bucket as text, e.g. runs/maou.")
+        given.append(flag)
+        out["output_uri"] = f"{scheme}://{bucket}/{(base or '').strip('/')}".rstrip("/")
+    if len(given) > 1:
+        raise ValueError(f"{where}: {' and '.join(given)} each say where the run is mirrored: keep one of them.")
+    if out.get("output_uri") is not None:
+        parse_uri(out["output_uri"])   # a malformed URI or bucket name is refused here, before anything runs
+    return out
 
 # %% ../nbs/22_pipeline.ipynb #a52ea75d
 def check_split(params: dict, where: str = "params") -> None:
@@ -601,10 +632,16 @@ def materialise_inputs(name: str, values: dict, cache: ShardCache, echo: Callabl
 
 # %% ../nbs/22_pipeline.ipynb #32fd4ec6
 def start_mirror(run: Path, output_uri: str | None, echo: Callable[[str], None] = print) -> Mirror | None:
-    """Mirror `run` to `<output_uri>/<run id>/` in the background (None without an output_uri)."""
+    """Mirror `run` to `<output_uri>/<run id>/` in the background (None without an output_uri, or, with a warning
+    naming the install command, when the client library of its scheme is not installed: the run stays local)."""
     if not output_uri:
         return None
     target = f"{output_uri.rstrip('/')}/{run.name}"
+    try:
+        require(parse_uri(target).scheme)
+    except CloudError as e:
+        echo(f"warning: the run is not mirrored to {target}, it stays in {run}: {e}")
+        return None
     mirror = Mirror(run, target).start()    # lists the target first: a missing bucket stops the run here
     echo(f"mirroring {run} to {target} ({len(mirror.there)} object(s) already there)")
     return mirror
