@@ -25,18 +25,19 @@ import yaml
 
 import maou_nb
 from . import __version__
-from .cloud import CloudError, Mirror, ShardCache, check_pointer, check_uri, is_uri, parse_uri, require, upload_file
+from .cloud import (CloudError, Mirror, ShardCache, check_pointer, check_uri, is_uri, list_uri, parse_uri, require,
+                           upload_file)
 from .selfplay import game_name
 from .settings import setting
 from .storage import atomic_path, game_id, read_json, read_yaml, remove_stale_temps, split_by_game, write_json
 
 # %% auto #0
 __all__ = ['STAGE_MARK', 'INJECTED_MARK', 'STEPS', 'TOP_LEVEL_KEYS', 'PATH_PARAMS', 'URI_PARAMS', 'OUTPUT_PROVIDERS', 'RUN_ID',
-           'MIRROR_WAIT_SECONDS', 'PROVIDER_KEYS', 'stage_params', 'Need', 'Step', 'mark_done', 'kit_folder',
-           'bundled_params', 'find_params', 'stages_dir', 'notebook_parameters', 'load_params', 'check_step_params',
-           'output_provider', 'check_split', 'notebook_sha256', 'run_metadata', 'record_step', 'resolve_run_id',
-           'steps_to_run', 'check_inputs', 'step_failure', 'run_pipeline', 'input_cache', 'input_provider',
-           'materialise_inputs', 'start_mirror', 'close_mirror', 'StepLines', 'batch_environment',
+           'MIRROR_WAIT_SECONDS', 'PROVIDER_KEYS', 'STREAMED', 'stage_params', 'Need', 'Step', 'mark_done',
+           'kit_folder', 'bundled_params', 'find_params', 'stages_dir', 'notebook_parameters', 'load_params',
+           'check_step_params', 'output_provider', 'check_split', 'notebook_sha256', 'run_metadata', 'record_step',
+           'resolve_run_id', 'steps_to_run', 'check_inputs', 'step_failure', 'run_pipeline', 'input_cache',
+           'input_provider', 'materialise_inputs', 'start_mirror', 'close_mirror', 'StepLines', 'batch_environment',
            'stage_kernel_manager', 'write_summary', 'markdown_table']
 
 # %% ../nbs/22_pipeline.ipynb #549d0410
@@ -106,6 +107,12 @@ class Step:
             group = [n for n in self.needs if n.param == param]
             out[param] = str(run / group[0].path) if len(group) == 1 else [str(run / n.path) for n in group if n.present(run)]
         return out
+
+    def parameters(self, run: Path, section: dict | None, *, existing: bool = False) -> dict:
+        """The step's parameters for `run`: what earlier steps wire in (with `existing`, only the single paths that
+        exist), the params file's `section` over them, and `out_dir`."""
+        wired = {k: v for k, v in self.wire(run).items() if not existing or isinstance(v, str) and Path(v).exists()}
+        return {**wired, **(section or {}), "out_dir": str(run / self.out_dir)}
 
 # %% ../nbs/22_pipeline.ipynb #2522938f
 def mark_done(out_dir: str | os.PathLike, step: str, summary: dict) -> Path:
@@ -535,7 +542,7 @@ def _run_steps(params, steps, run, run_id, meta, folder, cache, mirror, echo) ->
         if step.done_file(run).is_file():
             echo(f"[{k}/{len(steps)}] {name}: complete, skipped")
             continue
-        injected = {**step.wire(run), **(params.get(name) or {}), "out_dir": str(run / step.out_dir)}
+        injected = step.parameters(run, params.get(name))
         if name == "train" and "device" not in (params.get("train") or {}):
             injected["device"] = setting("device", params=params)
         if name == "train" and (run / "checkpoints/last.pt").is_file():
@@ -559,19 +566,16 @@ def _run_steps(params, steps, run, run_id, meta, folder, cache, mirror, echo) ->
 MIRROR_WAIT_SECONDS = 600.0   # how long a returning run waits for its pending uploads
 
 def input_cache(params: dict) -> ShardCache:
-    """The shard cache for the run's remote inputs, from the train section's knobs (TrainConfig's defaults)."""
+    """The shard cache for the run's remote inputs, from the train section's checked config (TrainConfig's knobs)."""
     from maou_nb.config import TrainConfig
-    train = params.get("train") or {}
-    root = train.get("input_local_cache_dir") or Path(setting("data_root", params=params)) / "cache"
-    return ShardCache(Path(root).resolve(), max_workers=train.get("input_max_workers", TrainConfig.input_max_workers),
-                      max_cached_bytes=train.get("input_max_cached_bytes", TrainConfig.input_max_cached_bytes),
-                      batch_size=train.get("input_batch_size", TrainConfig.input_batch_size),
-                      partition_date=train.get("input_partitioning_key_date", TrainConfig.input_partitioning_key_date))
+    c = TrainConfig.from_dict(params.get("train") or {}, check_files=False)
+    root = c.input_local_cache_dir or Path(setting("data_root", params=params)) / "cache"
+    return ShardCache(Path(root).resolve(), max_workers=c.input_max_workers, max_cached_bytes=c.input_max_cached_bytes,
+                      batch_size=c.input_batch_size, partition_date=c.input_partitioning_key_date)
 
 def _remote_targets(key: str, uri: str) -> str:
     """What to fetch for `uri`: a run's `checkpoints/` for a resume URI that names no checkpoint file."""
     return f"{uri.rstrip('/')}/checkpoints" if key.startswith("resume") and not uri.endswith(".pt") else uri
-
 
 # %% ../nbs/22_pipeline.ipynb #928fa908
 PROVIDER_KEYS = ("stage3_data", "input_gcs", "input_s3", "input_dataset_id")
@@ -607,20 +611,40 @@ def input_provider(section: dict, where: str = "params") -> dict:
     return out
 
 # %% ../nbs/22_pipeline.ipynb #3d383745
+STREAMED = {"preprocess": ("hcpe_inputs",), "stage_data": ("hcpe_train", "hcpe_val")}   # read through HcpeInputs
+
+def _streamed(name: str, values: dict, cache: ShardCache) -> list[tuple[str, str]]:
+    """The (parameter, URI) pairs of step `name`'s HCPE inputs in gs:// / s3:// that hold more than the cache's cap:
+    the step streams those through the cache itself, a window at a time, instead of having them copied first."""
+    if cache.max_cached_bytes is None:
+        return []
+    return [(key, uri) for key in STREAMED.get(name, ()) for uri in _as_list(values.get(key))
+            if is_uri(uri) and not uri.startswith("bq://")
+            and sum(o.size for o in list_uri(uri, cache.timeout)[1]) > cache.max_cached_bytes]
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
 def materialise_inputs(name: str, values: dict, cache: ShardCache, echo: Callable[[str], None] = print) -> dict:
-    """Step `name`'s parameters with each gs:// / s3:// data path replaced by its local copy in `cache`."""
-    wanted = [(key, uri) for key in URI_PARAMS.get(name, ()) for uri in
-              (values.get(key) if isinstance(values.get(key), list) else [values.get(key)]) if is_uri(uri)]
+    """Step `name`'s parameters with each gs:// / s3:// data path replaced by its local copy in `cache`, except the
+    HCPE inputs larger than the cache (`_streamed`): those stay URIs, and the step gets the cache's arguments (`cache`)."""
+    streamed = _streamed(name, values, cache)
+    out = dict(values, cache={"root": str(cache.root), "max_workers": cache.max_workers, "timeout": cache.timeout,
+                                    "max_cached_bytes": cache.max_cached_bytes}) if streamed else dict(values)
+    for key, uri in streamed:
+        echo(f"  {name}: {key} {uri} holds more than input_max_cached_bytes={cache.max_cached_bytes}: streamed "
+             f"through {cache.root} a window at a time")
+    wanted = [(key, uri) for key in URI_PARAMS.get(name, ()) for uri in _as_list(values.get(key))
+              if is_uri(uri) and (key, uri) not in streamed]
     if not wanted:
-        return values
+        return out
     t0, before = time.time(), cache.downloaded
     paths = dict(zip(wanted, cache.materialise([_remote_targets(k, u) for k, u in wanted])))
     echo(f"  {name}: {len(wanted)} remote input(s) in {cache.root} ({cache.downloaded - before} object(s) "
          f"downloaded, {time.time() - t0:.1f}s)")
-    out = dict(values)
     for key in dict.fromkeys(k for k, _ in wanted):
         def local(uri):
-            if not is_uri(uri):
+            if not is_uri(uri) or (key, uri) in streamed:
                 return uri
             path = paths[(key, uri)]
             if _remote_targets(key, uri) == uri:

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from maou_nb import cloud
-from maou_nb.cloud import Mirror, list_uri, upload_folder
-from maou_nb.pipeline import load_params, run_pipeline, start_mirror
-from maou_nb.storage import read_json, write_json
+from maou_nb.cloud import Mirror, ShardCache, upload_folder
+from maou_nb.pipeline import load_params, materialise_inputs, run_pipeline, start_mirror
+from maou_nb.storage import ShardError, load_array, manifest_shards, read_json, read_manifest, write_json
 
 _names = itertools.count()
 
@@ -151,7 +151,7 @@ def preprocessed(tmp_path_factory):
     from maou_nb.preprocess import preprocess, split_hcpe
     from maou_nb.selfplay import play_games
     out = tmp_path_factory.mktemp("data")
-    play_games(4, out / "selfplay", max_moves=40, workers=1, progress=False)
+    play_games(4, out / "selfplay", max_moves=40, workers=1, games_per_shard=1, progress=False)
     train, val = split_hcpe(out / "selfplay" / "hcpe", out / "split", test_ratio=0.5)
     for side, folder in (("train", train), ("val", val)):
         preprocess(folder, out / "preprocessed" / side)
@@ -190,3 +190,35 @@ def test_checkpoint_reaches_the_bucket_while_the_train_step_still_runs(s3, prepr
         Bucket=bucket, Key="maou/live/checkpoints/latest.json")["Body"].read())
     assert pointer["size"] == (run / "checkpoints/last.pt").stat().st_size
     assert not (run / ".finalised.log").exists() and "MAOU_NB_FINALISED" not in os.environ
+
+
+# --- 3. remote HCPE through a cache smaller than the corpus -------------------------------------------------------
+
+def test_remote_hcpe_streams_through_a_cache_smaller_than_the_corpus(s3, preprocessed, tmp_path):
+    """Four shards in S3, a cache that holds about one of them: the split, the merge and the Stage 2 data read the
+    corpus a window at a time and write exactly what they write from the local copy; the cache stays under its cap."""
+    from maou_nb.preprocess import make_stage2_data, preprocess, split_hcpe
+    local = preprocessed / "selfplay" / "hcpe"
+    uri = f"s3://{new_bucket()}/corpus/v1"
+    upload_folder(local, uri)
+    shard = max(p.stat().st_size + (p.with_name(p.stem + ".games.npy")).stat().st_size
+                for p in local.glob("*.npy") if "." not in p.stem)
+    arguments = {"root": str(tmp_path / "cache"), "max_workers": 2, "max_cached_bytes": int(shard * 1.5)}
+    cache = ShardCache(**arguments)
+    step = materialise_inputs("preprocess", {"hcpe_inputs": [uri], "test_ratio": 0.5}, cache, echo=lambda _: None)
+    assert step == {"hcpe_inputs": [uri], "test_ratio": 0.5, "cache": {**arguments, "timeout": cache.timeout}}
+    assert not (tmp_path / "cache").exists()                  # nothing copied before the step: it streams
+
+    remote_train, _ = split_hcpe(uri, tmp_path / "remote-split", test_ratio=0.5, cache=step["cache"])
+    local_train, _ = split_hcpe(local, tmp_path / "local-split", test_ratio=0.5)
+    assert read_manifest(remote_train)["rows"] == read_manifest(local_train)["rows"] > 0
+    def positions(folder):
+        return np.concatenate([load_array(p) for p in manifest_shards(folder)])
+    for fn, kind in ((preprocess, "preprocessed"), (make_stage2_data, "stage2")):
+        cache = ShardCache(**arguments)
+        fn(uri, tmp_path / f"remote-{kind}", memory_bytes=10_000, rows_per_shard=64, cache=cache)   # disk buckets
+        fn(local, tmp_path / f"local-{kind}", rows_per_shard=64)                                  # in memory
+        assert np.array_equal(positions(tmp_path / f"remote-{kind}"), positions(tmp_path / f"local-{kind}"))
+        assert 0 < cache.cached_bytes() <= arguments["max_cached_bytes"] and cache.downloaded == 8   # 4 shards, 4 sidecars
+    with pytest.raises(ShardError, match="do not fit in input_max_cached_bytes=100"):
+        preprocess(uri, tmp_path / "tiny-cache", cache={**arguments, "max_cached_bytes": 100})
