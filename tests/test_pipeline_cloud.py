@@ -82,7 +82,7 @@ def test_missing_client_for_the_output_warns_with_the_install_command_and_runs_l
 class SlowFailingUploads(http.server.ThreadingHTTPServer):
     """A proxy on loopback in front of S3 that passes reads but refuses every upload (403) after `delay` seconds."""
     def __init__(self, upstream: str, delay: float):
-        self.upstream, self.delay = upstream.removeprefix("http://"), delay
+        self.upstream, self.delay, self.uploads = upstream.removeprefix("http://"), delay, 0
         super().__init__(("127.0.0.1", 0), _Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -105,6 +105,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_PUT(self):
+        self.server.uploads += 1
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         time.sleep(self.server.delay)
         body = b"<Error><Code>AccessDenied</Code><Message>keys revoked mid-run</Message></Error>"
@@ -131,6 +132,7 @@ def test_failing_uploads_never_block_the_writer_and_are_reported(s3, tmp_path, m
             seconds.append(time.perf_counter() - t0)
             time.sleep(0.1)                            # the mirror has queued it: its upload is under way
         assert max(seconds) < 0.1, seconds            # an upload in the writer's thread would take >= 0.5 s
+        assert proxy.uploads >= 3                      # yet each was sent as it was written, not at close()
         failures = mirror.close(timeout=60)
     finally:
         proxy.shutdown()
