@@ -16,7 +16,7 @@ import pytest
 
 from maou_nb import cloud
 from maou_nb.cloud import Mirror, ShardCache, upload_folder
-from maou_nb.pipeline import load_params, materialise_inputs, run_pipeline, start_mirror
+from maou_nb.pipeline import load_params, materialise_inputs, output_provider, run_pipeline, start_mirror
 from maou_nb.storage import ShardError, load_array, manifest_shards, read_json, read_manifest, write_json
 
 _names = itertools.count()
@@ -52,20 +52,20 @@ def keys(uri: str) -> set[str]:
 # --- 1. Maou's output keys ---------------------------------------------------------------------------------------
 
 def test_maou_output_keys_name_the_mirror_and_refuse_two_or_half_given(tmp_path):
-    base = {"steps": ["selfplay"], "selfplay": {"games": 4}}
-    gcs = load_params({**base, "output_gcs": True, "gcs_bucket_name": "my-runs", "gcs_base_path": "maou"})
+    gcs = load_params({"steps": ["selfplay"], "output_gcs": True, "gcs_bucket_name": "my-runs", "gcs_base_path": "maou"})
     assert gcs["output_uri"] == "gs://my-runs/maou" and not {"output_gcs", "gcs_bucket_name"} & set(gcs)
-    assert load_params({**base, "output_s3": True, "s3_bucket_name": "my-runs"})["output_uri"] == "s3://my-runs"
-    with pytest.raises(ValueError, match="output_gcs and output_s3 each say where the run is mirrored"):
-        load_params({**base, "output_gcs": True, "gcs_bucket_name": "a-b", "output_s3": True, "s3_bucket_name": "c-d"})
-    with pytest.raises(ValueError, match="output_uri and output_gcs each say where"):
-        load_params({**base, "output_uri": "s3://x-y/z", "output_gcs": True, "gcs_bucket_name": "a-b"})
-    with pytest.raises(ValueError, match="output_s3: true needs s3_bucket_name"):
-        load_params({**base, "output_s3": True})
-    with pytest.raises(ValueError, match="s3_bucket_name is given without output_s3"):
-        load_params({**base, "s3_bucket_name": "my-runs"})
-    with pytest.raises(ValueError, match="gcs_base_path is given without output_gcs"):
-        load_params({**base, "gcs_base_path": "runs"})
+    assert output_provider({"output_s3": True, "s3_bucket_name": "my-runs"}) == {"output_uri": "s3://my-runs"}
+    for params, message in [
+            ({"output_gcs": True, "gcs_bucket_name": "a-b", "output_s3": True, "s3_bucket_name": "c-d"},
+             "output_gcs and output_s3 each say where the run is mirrored"),
+            ({"output_uri": "s3://x-y/z", "output_gcs": True, "gcs_bucket_name": "a-b"}, "output_uri and output_gcs each say where"),
+            ({"output_s3": True}, "output_s3: true needs s3_bucket_name"),
+            ({"s3_bucket_name": "my-runs"}, "s3_bucket_name is given without output_s3"),
+            ({"gcs_base_path": "runs"}, "gcs_base_path is given without output_gcs"),
+            ({"output_gcs": "yes", "gcs_bucket_name": "a-b"}, "output_gcs='yes': give true"),
+            ({"output_gcs": True, "gcs_bucket_name": "Not A Bucket"}, "not a cloud URI")]:
+        with pytest.raises((ValueError, cloud.CloudError), match=message):   # a bad bucket name: parse_uri's CloudError
+            output_provider(params)
 
 
 def test_missing_client_for_the_output_warns_with_the_install_command_and_runs_locally(monkeypatch, tmp_path):
