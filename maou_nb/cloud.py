@@ -689,9 +689,10 @@ def _sync(self) -> int:
         return sum(self._submit(rel) for rel in self.files())
 
 def _notify(self, path: str | os.PathLike) -> None:
-    """Note that `path` reached its final name (`maou_nb.storage.on_finalised`): queued, never uploaded in the caller."""
+    """Note that `path` reached its final name (`maou_nb.storage.on_finalised`): queued, not uploaded by the caller."""
     path = Path(path)
-    if self.folder.absolute() in path.parents and self.mirrored(rel := path.relative_to(self.folder.absolute()).as_posix()):
+    root = self.folder.absolute()
+    if root in path.parents and self.mirrored(rel := path.relative_to(root).as_posix()):
         with self._lock:
             self._pending.add(rel)
 
@@ -760,7 +761,7 @@ Mirror._pointer, Mirror.start = _pointer, _start
 
 # %% ../nbs/07_cloud.ipynb #7c1d2e01
 def _close(self, timeout: float = 600.0) -> dict[str, str]:
-    """A last drain and sync, then wait up to `timeout` s for the uploads; the files that failed (or are still pending)."""
+    """A last drain and sync, then wait up to `timeout` s for the uploads; the files that failed (or still pending)."""
     if self._thread is not None:
         self._stop.set()
         self._thread.join()
