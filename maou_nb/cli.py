@@ -75,9 +75,7 @@ def train_config(params: str | os.PathLike | dict, run_id: str | None = None, ru
     that the run's earlier steps wrote; the params' own paths win)."""
     params = load_params(params)
     run = Path(setting("runs_root", explicit=runs_root, params=params)).resolve() / resolve_run_id(run_id, params)
-    step = STEPS["train"]
-    made = {k: v for k, v in step.wire(run).items() if isinstance(v, str) and Path(v).exists()}
-    config = {**made, **(params.get("train") or {}), "out_dir": str(run / step.out_dir)}
+    config = STEPS["train"].parameters(run, params.get("train"), existing=True)
     config.setdefault("device", setting("device", params=params))
     if (run / "checkpoints/last.pt").is_file():
         config["resume_from"] = str(run / "checkpoints/last.pt")

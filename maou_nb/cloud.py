@@ -30,10 +30,11 @@ from .storage import (LocalStorage, _is_shard, atomic_path, disk_error, load_gam
                              save_array, sidecar_path, write_json, write_manifest)
 
 # %% auto #0
-__all__ = ['SCHEMES', 'TIMEOUT_SECONDS', 'TABLE_SOURCES', 'BUNDLE_SIDECARS', 'MIRROR_SKIP', 'POINTER', 'CloudError', 'is_uri',
-           'RemotePath', 'parse_uri', 'require', 'ObjectInfo', 'google_errors', 'GCSBackend', 'S3Backend', 'backend',
-           'register_source', 'table_source', 'list_uri', 'check_uri', 'upload_file', 'upload_folder', 'RemoteStorage',
-           'get_storage', 'ShardCache', 'partial_path', 'materialise', 'read_head', 'Mirror', 'check_pointer']
+__all__ = ['SCHEMES', 'TIMEOUT_SECONDS', 'TABLE_SOURCES', 'BUNDLE_SIDECARS', 'MIRROR_SKIP', 'POINTER', 'JOURNAL', 'CloudError',
+           'is_uri', 'RemotePath', 'parse_uri', 'require', 'ObjectInfo', 'google_errors', 'GCSBackend', 'S3Backend',
+           'backend', 'register_source', 'table_source', 'list_uri', 'check_uri', 'upload_file', 'upload_folder',
+           'RemoteStorage', 'get_storage', 'ShardCache', 'partial_path', 'materialise', 'read_head', 'Mirror',
+           'check_pointer']
 
 # %% ../nbs/07_cloud.ipynb #94d9e2c1
 class CloudError(RuntimeError):
@@ -657,13 +658,14 @@ def read_head(r: RemotePath, info: ObjectInfo, n: int = 4096, timeout: float = T
 # %% ../nbs/07_cloud.ipynb #20994cf7
 MIRROR_SKIP = ("data",)   # top-level folders of a run that are not mirrored (its bulky intermediate data)
 POINTER = "checkpoints/latest.json"
+JOURNAL = ".finalised.log"   # in the run folder: the files that the run's other processes (stage kernels) finalised
 
 class Mirror:
     """Copy `folder` to the prefix `uri` in the background, each file once complete; failures are kept, not raised."""
     def __init__(self, folder: str | os.PathLike, uri: str, *, workers: int = 4, attempts: int = 4,
-                 backoff: float = 1.0, every: float = 30.0, skip: tuple[str, ...] = MIRROR_SKIP):
+                 backoff: float = 1.0, every: float = 30.0, poll: float = 0.25, skip: tuple[str, ...] = MIRROR_SKIP):
         self.folder, self.remote, self.skip = Path(folder), parse_uri(uri), skip
-        self.attempts, self.backoff, self.every = attempts, backoff, every
+        self.attempts, self.backoff, self.every, self.poll = attempts, backoff, every, poll
         self.backend = backend(self.remote.scheme)
         prefix = f"{self.remote.key}/" if self.remote.key else ""
         self.there = {o.key[len(prefix):]: o.md5 for o in self.backend.list(self.remote.bucket, prefix)}
@@ -671,35 +673,62 @@ class Mirror:
         self.jobs: dict[str, Future] = {}
         self.failures: dict[str, str] = {}
         self.uploaded: list[str] = []
+        self.journal, self._read_to, self._pending = self.folder / JOURNAL, 0, set()   # finalised, not yet submitted
         self._pool, self._lock = ThreadPoolExecutor(workers, thread_name_prefix="maou-mirror"), threading.Lock()
-        self._stop, self._thread = threading.Event(), None
+        self._stop, self._thread, self._unsubscribe, self._env = threading.Event(), None, None, None
+
+    def mirrored(self, rel: str) -> bool:
+        """Whether the relative path `rel` is mirrored: not below a skipped folder, no temporary or hidden part."""
+        parts = Path(rel).parts
+        return bool(parts) and parts[0] not in self.skip and not any(part.startswith(".") for part in parts)
 
     def files(self) -> list[str]:
         """The finished files of the folder that are mirrored, as relative paths."""
-        out = []
-        for p in sorted(self.folder.rglob("*")):
-            rel = p.relative_to(self.folder)
-            if p.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.parts[0] not in self.skip:
-                out.append(rel.as_posix())
-        return out
+        return [rel for p in sorted(self.folder.rglob("*")) if p.is_file()
+                and self.mirrored(rel := p.relative_to(self.folder).as_posix())]
 
 # %% ../nbs/07_cloud.ipynb #e76dfd3f
+def _submit(self, rel: str) -> bool:
+    """Queue the upload of `rel` (the lock held) unless these bytes were sent; one already uploading is kept pending."""
+    try:
+        st = (self.folder / rel).stat()
+    except FileNotFoundError:      # replaced between the listing and here: the next sync sees it
+        return False
+    job = self.jobs.get(rel)
+    if job is not None and not job.done():
+        self._pending.add(rel)     # changed while it uploads: sent again once that upload ends
+        return False
+    if self.sent.get(rel) == (st.st_size, st.st_mtime_ns):
+        return False
+    self.sent[rel] = (st.st_size, st.st_mtime_ns)
+    self.jobs[rel] = self._pool.submit(self._upload, rel)
+    return True
+
 def _sync(self) -> int:
-    """Submit every file that is new or changed since it was last submitted; how many were submitted."""
-    n = 0
+    """Submit every file that is new or changed since it was last submitted (the scan); how many were submitted."""
     with self._lock:
-        for rel in self.files():
-            try:
-                st = (self.folder / rel).stat()
-            except FileNotFoundError:      # replaced between the listing and here: the next sync sees it
-                continue
-            job = self.jobs.get(rel)
-            if self.sent.get(rel) == (st.st_size, st.st_mtime_ns) or (job is not None and not job.done()):
-                continue
-            self.sent[rel] = (st.st_size, st.st_mtime_ns)
-            self.jobs[rel] = self._pool.submit(self._upload, rel)
-            n += 1
-    return n
+        return sum(self._submit(rel) for rel in self.files())
+
+def _notify(self, path: str | os.PathLike) -> None:
+    """Note that `path` reached its final name (`maou_nb.storage.on_finalised`): queued, not uploaded by the caller."""
+    path = Path(path)
+    root = self.folder.absolute()
+    if root in path.parents and self.mirrored(rel := path.relative_to(root).as_posix()):
+        with self._lock:
+            self._pending.add(rel)
+
+def _drain(self) -> int:
+    """Read what the run's other processes appended to the journal, then submit every pending file; how many."""
+    with contextlib.suppress(FileNotFoundError), open(self.journal, "rb") as f:
+        f.seek(self._read_to)
+        data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]          # a line still being written waits for the next drain
+        self._read_to += len(complete)
+        for line in complete.splitlines():
+            self.notify(os.fsdecode(line))
+    with self._lock:
+        pending, self._pending = self._pending, set()
+        return sum(self._submit(rel) for rel in sorted(pending))
 
 def _upload(self, rel: str) -> None:
     """Upload one file (retried with backoff) unless the bucket already holds these bytes; then the pointer."""
@@ -721,7 +750,7 @@ def _upload(self, rel: str) -> None:
             if attempt + 1 < self.attempts and not self._stop.is_set():
                 time.sleep(self.backoff * 2 ** attempt)
 
-Mirror.sync, Mirror._upload = _sync, _upload
+Mirror.sync, Mirror.notify, Mirror._submit, Mirror._drain, Mirror._upload = _sync, _notify, _submit, _drain, _upload
 
 # %% ../nbs/07_cloud.ipynb #d9262889
 def _pointer(self, md5: str, size: int) -> None:
@@ -732,31 +761,51 @@ def _pointer(self, md5: str, size: int) -> None:
                         hashlib.md5(body).hexdigest())
 
 def _start(self) -> Mirror:
-    """Sync every `every` seconds from a background thread until `close`."""
+    """Upload each file as it is finalised (this process's writers, and through the journal the processes it starts,
+    which find it in $MAOU_NB_FINALISED), checked every `poll` s; a full scan every `every` s, until `close`."""
+    from maou_nb.storage import FINALISED_JOURNAL, on_finalised
+    self._unsubscribe = on_finalised(self.notify)
+    self._env = (FINALISED_JOURNAL, os.environ.get(FINALISED_JOURNAL))
+    os.environ[FINALISED_JOURNAL] = str(self.journal.absolute())
     def loop():
-        while not self._stop.wait(self.every):
-            self.sync()
+        scanned = time.monotonic()
+        while not self._stop.wait(self.poll):
+            self._drain()
+            if time.monotonic() - scanned >= self.every:
+                self.sync()
+                scanned = time.monotonic()
     self._thread = threading.Thread(target=loop, name="maou-mirror-scan", daemon=True)
     self._thread.start()
     return self
 
+Mirror._pointer, Mirror.start = _pointer, _start
+
+# %% ../nbs/07_cloud.ipynb #7c1d2e01
 def _close(self, timeout: float = 600.0) -> dict[str, str]:
-    """A last sync, then wait up to `timeout` s for the uploads; the files that failed (or are still pending)."""
+    """A last drain and sync, then wait up to `timeout` s for the uploads; the files that failed (or still pending)."""
     if self._thread is not None:
         self._stop.set()
         self._thread.join()
+        self._unsubscribe()
+        name, before = self._env
+        os.environ.pop(name, None) if before is None else os.environ.__setitem__(name, before)
     self._stop.clear()
+    deadline = time.monotonic() + timeout
+    self._drain()
     self.sync()
-    done, pending = wait(list(self.jobs.values()), timeout=timeout)
+    while (running := [j for j in self.jobs.values() if not j.done()]) and time.monotonic() < deadline:
+        wait(running, timeout=max(0.0, deadline - time.monotonic()))
+        self._drain()                    # files that changed while they uploaded go once more
     failures = dict(self.failures)
     for rel, job in self.jobs.items():
-        if job in pending:
+        if not job.done():
             failures[rel] = f"still uploading after {timeout:.0f}s"
     self._stop.set()
     self._pool.shutdown(wait=False, cancel_futures=True)
+    self.journal.unlink(missing_ok=True)
     return failures
 
-Mirror._pointer, Mirror.start, Mirror.close = _pointer, _start, _close
+Mirror.close = _close
 
 def check_pointer(checkpoints: Path, uri: str) -> None:
     """Refuse a mirrored run whose `last.pt` is not the one its `latest.json` pointer names (caught mid-update)."""

@@ -25,18 +25,20 @@ import yaml
 
 import maou_nb
 from . import __version__
-from .cloud import CloudError, Mirror, ShardCache, check_pointer, check_uri, is_uri, parse_uri, upload_file
+from .cloud import (CloudError, Mirror, ShardCache, check_pointer, check_uri, is_uri, list_uri, parse_uri, require,
+                           upload_file)
 from .selfplay import game_name
 from .settings import setting
 from .storage import atomic_path, game_id, read_json, read_yaml, remove_stale_temps, split_by_game, write_json
 
 # %% auto #0
-__all__ = ['STAGE_MARK', 'INJECTED_MARK', 'STEPS', 'TOP_LEVEL_KEYS', 'PATH_PARAMS', 'URI_PARAMS', 'RUN_ID', 'MIRROR_WAIT_SECONDS',
-           'PROVIDER_KEYS', 'stage_params', 'Need', 'Step', 'mark_done', 'kit_folder', 'bundled_params', 'find_params',
-           'stages_dir', 'notebook_parameters', 'load_params', 'check_step_params', 'check_split', 'notebook_sha256',
-           'run_metadata', 'record_step', 'resolve_run_id', 'steps_to_run', 'check_inputs', 'step_failure',
-           'run_pipeline', 'input_cache', 'input_provider', 'materialise_inputs', 'start_mirror', 'close_mirror',
-           'StepLines', 'batch_environment', 'stage_kernel_manager', 'write_summary', 'markdown_table']
+__all__ = ['STAGE_MARK', 'INJECTED_MARK', 'STEPS', 'TOP_LEVEL_KEYS', 'PATH_PARAMS', 'URI_PARAMS', 'OUTPUT_PROVIDERS', 'RUN_ID',
+           'MIRROR_WAIT_SECONDS', 'PROVIDER_KEYS', 'STREAMED', 'stage_params', 'Need', 'Step', 'mark_done',
+           'kit_folder', 'bundled_params', 'find_params', 'stages_dir', 'notebook_parameters', 'load_params',
+           'check_step_params', 'output_provider', 'check_split', 'notebook_sha256', 'run_metadata', 'record_step',
+           'resolve_run_id', 'steps_to_run', 'check_inputs', 'step_failure', 'run_pipeline', 'input_cache',
+           'input_provider', 'materialise_inputs', 'start_mirror', 'close_mirror', 'StepLines', 'batch_environment',
+           'stage_kernel_manager', 'write_summary', 'markdown_table']
 
 # %% ../nbs/22_pipeline.ipynb #549d0410
 STAGE_MARK, INJECTED_MARK = "# Stage parameters", "# Parameters"
@@ -105,6 +107,12 @@ class Step:
             group = [n for n in self.needs if n.param == param]
             out[param] = str(run / group[0].path) if len(group) == 1 else [str(run / n.path) for n in group if n.present(run)]
         return out
+
+    def parameters(self, run: Path, section: dict | None, *, existing: bool = False) -> dict:
+        """The step's parameters for `run`: what earlier steps wire in (with `existing`, only the single paths that
+        exist), the params file's `section` over them, and `out_dir`."""
+        wired = {k: v for k, v in self.wire(run).items() if not existing or isinstance(v, str) and Path(v).exists()}
+        return {**wired, **(section or {}), "out_dir": str(run / self.out_dir)}
 
 # %% ../nbs/22_pipeline.ipynb #2522938f
 def mark_done(out_dir: str | os.PathLike, step: str, summary: dict) -> Path:
@@ -190,7 +198,8 @@ def find_params(source: str | os.PathLike) -> Path:
 
 # %% ../nbs/22_pipeline.ipynb #51121ee2
 TOP_LEVEL_KEYS = {"name", "run_id", "steps", "stages_dir", "runs_root", "data_root", "device", "description",
-                  "output_uri"}   # gs://bucket/base or s3://bucket/base: the run is mirrored to <output_uri>/<run_id>/
+                  "output_uri",   # gs://bucket/base or s3://bucket/base: the run is mirrored to <output_uri>/<run_id>/
+                  "output_gcs", "gcs_bucket_name", "gcs_base_path", "output_s3", "s3_bucket_name", "s3_base_path"}
 
 def stages_dir(params: dict | None = None) -> Path:
     """The folder of stage notebooks: params `stages_dir`, `$MAOU_NB_STAGES`, or the kit's own (`kit_folder`)."""
@@ -280,6 +289,7 @@ def load_params(source: str | os.PathLike | dict) -> dict:
         raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(TOP_LEVEL_KEYS)} and step sections {list(STEPS)}")
     if isinstance(params.get("train"), dict):
         params["train"] = input_provider(params["train"], where)   # Maou's provider keys -> stage3_data
+    params = output_provider(params, where)                         # Maou's output keys -> output_uri
     folder = stages_dir(params)
     for name in STEPS:
         section = params.get(name)
@@ -309,8 +319,6 @@ def load_params(source: str | os.PathLike | dict) -> dict:
         if name in params:
             params[name] = _absolute_paths(name, section)
     check_split(params, where)
-    if params.get("output_uri") is not None:
-        parse_uri(params["output_uri"])
     return params
 
 def check_step_params(name: str, values: dict, where: str = "params") -> None:
@@ -323,6 +331,36 @@ def check_step_params(name: str, values: dict, where: str = "params") -> None:
     except ValueError as e:
         message = str(e) if str(e).startswith(f"{name}.") else f"{name}.{e}" if re.match(r"\w+=", str(e)) else f"{name}: {e}"
         raise ValueError(f"{where}: {message}") from None
+
+# %% ../nbs/22_pipeline.ipynb #0e7a91c4
+OUTPUT_PROVIDERS = {"output_gcs": ("gs", "gcs_bucket_name", "gcs_base_path"),
+                    "output_s3": ("s3", "s3_bucket_name", "s3_base_path")}
+
+def output_provider(params: dict, where: str = "params") -> dict:
+    """`params` with Maou's output keys (`output_gcs: true` + `gcs_bucket_name` [+ `gcs_base_path`], or the `s3` ones)
+    replaced by the `output_uri` they name; two providers, or a half-given one, are refused naming the keys."""
+    out, given = dict(params), ["output_uri"] if params.get("output_uri") is not None else []
+    for flag, (scheme, bucket_key, base_key) in OUTPUT_PROVIDERS.items():
+        flag_value, bucket, base = (out.pop(k, None) for k in (flag, bucket_key, base_key))
+        if flag_value is not None and not isinstance(flag_value, bool):
+            raise ValueError(f"{where}: {flag}={flag_value!r}: give true (mirror the run there) or false.")
+        if flag_value is None and (bucket is not None or base is not None):
+            raise ValueError(f"{where}: {bucket_key if bucket is not None else base_key} is given without {flag}: "
+                             f"add `{flag}: true` to mirror the run there, or remove it.")
+        if not flag_value:
+            continue
+        if not isinstance(bucket, str) or not bucket:
+            raise ValueError(f"{where}: {flag}: true needs {bucket_key} (the bucket's name; {base_key}, the prefix "
+                             "below it, is optional): add it, or set the flag to false.")
+        if base is not None and not isinstance(base, str):
+            raise ValueError(f"{where}: {base_key}={base!r}: give the prefix below the bucket as text, e.g. runs/maou.")
+        given.append(flag)
+        out["output_uri"] = f"{scheme}://{bucket}/{(base or '').strip('/')}".rstrip("/")
+    if len(given) > 1:
+        raise ValueError(f"{where}: {' and '.join(given)} each say where the run is mirrored: keep one of them.")
+    if out.get("output_uri") is not None:
+        parse_uri(out["output_uri"])   # a malformed URI or bucket name is refused here, before anything runs
+    return out
 
 # %% ../nbs/22_pipeline.ipynb #a52ea75d
 def check_split(params: dict, where: str = "params") -> None:
@@ -504,7 +542,7 @@ def _run_steps(params, steps, run, run_id, meta, folder, cache, mirror, echo) ->
         if step.done_file(run).is_file():
             echo(f"[{k}/{len(steps)}] {name}: complete, skipped")
             continue
-        injected = {**step.wire(run), **(params.get(name) or {}), "out_dir": str(run / step.out_dir)}
+        injected = step.parameters(run, params.get(name))
         if name == "train" and "device" not in (params.get("train") or {}):
             injected["device"] = setting("device", params=params)
         if name == "train" and (run / "checkpoints/last.pt").is_file():
@@ -528,21 +566,17 @@ def _run_steps(params, steps, run, run_id, meta, folder, cache, mirror, echo) ->
 MIRROR_WAIT_SECONDS = 600.0   # how long a returning run waits for its pending uploads
 
 def input_cache(params: dict) -> ShardCache:
-    """The shard cache for the run's remote inputs, from the train section's knobs (TrainConfig's defaults)."""
+    """The shard cache for the run's remote inputs, from the train section's checked config (TrainConfig's knobs)."""
     from maou_nb.config import TrainConfig
-    train = params.get("train") or {}
-    root = train.get("input_local_cache_dir") or Path(setting("data_root", params=params)) / "cache"
-    return ShardCache(Path(root).resolve(), max_workers=train.get("input_max_workers", TrainConfig.input_max_workers),
-                      max_cached_bytes=train.get("input_max_cached_bytes", TrainConfig.input_max_cached_bytes),
-                      batch_size=train.get("input_batch_size", TrainConfig.input_batch_size),
-                      partition_date=train.get("input_partitioning_key_date", TrainConfig.input_partitioning_key_date),
-                      bundle_bytes=int(train.get("input_bundle_size_gb", TrainConfig.input_bundle_size_gb) * 1e9)
-                      if train.get("input_enable_bundling", TrainConfig.input_enable_bundling) else None)
+    c = TrainConfig.from_dict(params.get("train") or {}, check_files=False)
+    root = c.input_local_cache_dir or Path(setting("data_root", params=params)) / "cache"
+    return ShardCache(Path(root).resolve(), max_workers=c.input_max_workers, max_cached_bytes=c.input_max_cached_bytes,
+                      batch_size=c.input_batch_size, partition_date=c.input_partitioning_key_date,
+                      bundle_bytes=int(c.input_bundle_size_gb * 1e9) if c.input_enable_bundling else None)
 
 def _remote_targets(key: str, uri: str) -> str:
     """What to fetch for `uri`: a run's `checkpoints/` for a resume URI that names no checkpoint file."""
     return f"{uri.rstrip('/')}/checkpoints" if key.startswith("resume") and not uri.endswith(".pt") else uri
-
 
 # %% ../nbs/22_pipeline.ipynb #928fa908
 PROVIDER_KEYS = ("stage3_data", "input_gcs", "input_s3", "input_dataset_id")
@@ -578,20 +612,40 @@ def input_provider(section: dict, where: str = "params") -> dict:
     return out
 
 # %% ../nbs/22_pipeline.ipynb #3d383745
+STREAMED = {"preprocess": ("hcpe_inputs",), "stage_data": ("hcpe_train", "hcpe_val")}   # read through HcpeInputs
+
+def _streamed(name: str, values: dict, cache: ShardCache) -> list[tuple[str, str]]:
+    """The (parameter, URI) pairs of step `name`'s HCPE inputs in gs:// / s3:// that hold more than the cache's cap:
+    the step streams those through the cache itself, a window at a time, instead of having them copied first."""
+    if cache.max_cached_bytes is None:
+        return []
+    return [(key, uri) for key in STREAMED.get(name, ()) for uri in _as_list(values.get(key))
+            if is_uri(uri) and not uri.startswith("bq://")
+            and sum(o.size for o in list_uri(uri, cache.timeout)[1]) > cache.max_cached_bytes]
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
 def materialise_inputs(name: str, values: dict, cache: ShardCache, echo: Callable[[str], None] = print) -> dict:
-    """Step `name`'s parameters with each gs:// / s3:// data path replaced by its local copy in `cache`."""
-    wanted = [(key, uri) for key in URI_PARAMS.get(name, ()) for uri in
-              (values.get(key) if isinstance(values.get(key), list) else [values.get(key)]) if is_uri(uri)]
+    """Step `name`'s parameters with each gs:// / s3:// data path replaced by its local copy in `cache`, except the
+    HCPE inputs larger than the cache (`_streamed`): those stay URIs, and the step gets the cache's arguments (`cache`)."""
+    streamed = _streamed(name, values, cache)
+    out = dict(values, cache={"root": str(cache.root), "max_workers": cache.max_workers, "timeout": cache.timeout,
+                                    "max_cached_bytes": cache.max_cached_bytes}) if streamed else dict(values)
+    for key, uri in streamed:
+        echo(f"  {name}: {key} {uri} holds more than input_max_cached_bytes={cache.max_cached_bytes}: streamed "
+             f"through {cache.root} a window at a time")
+    wanted = [(key, uri) for key in URI_PARAMS.get(name, ()) for uri in _as_list(values.get(key))
+              if is_uri(uri) and (key, uri) not in streamed]
     if not wanted:
-        return values
+        return out
     t0, before = time.time(), cache.downloaded
     paths = dict(zip(wanted, cache.materialise([_remote_targets(k, u) for k, u in wanted])))
     echo(f"  {name}: {len(wanted)} remote input(s) in {cache.root} ({cache.downloaded - before} object(s) "
          f"downloaded, {time.time() - t0:.1f}s)")
-    out = dict(values)
     for key in dict.fromkeys(k for k, _ in wanted):
         def local(uri):
-            if not is_uri(uri):
+            if not is_uri(uri) or (key, uri) in streamed:
                 return uri
             path = paths[(key, uri)]
             if _remote_targets(key, uri) == uri:
@@ -603,10 +657,16 @@ def materialise_inputs(name: str, values: dict, cache: ShardCache, echo: Callabl
 
 # %% ../nbs/22_pipeline.ipynb #32fd4ec6
 def start_mirror(run: Path, output_uri: str | None, echo: Callable[[str], None] = print) -> Mirror | None:
-    """Mirror `run` to `<output_uri>/<run id>/` in the background (None without an output_uri)."""
+    """Mirror `run` to `<output_uri>/<run id>/` in the background (None without an output_uri, or, with a warning
+    naming the install command, when the client library of its scheme is not installed: the run stays local)."""
     if not output_uri:
         return None
     target = f"{output_uri.rstrip('/')}/{run.name}"
+    try:
+        require(parse_uri(target).scheme)
+    except CloudError as e:
+        echo(f"warning: the run is not mirrored to {target}, it stays in {run}: {e}")
+        return None
     mirror = Mirror(run, target).start()    # lists the target first: a missing bucket stops the run here
     echo(f"mirroring {run} to {target} ({len(mirror.there)} object(s) already there)")
     return mirror

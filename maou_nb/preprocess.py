@@ -14,12 +14,12 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import cshogi
 import numpy as np
 
-from .storage import (HCPE_DTYPE, RAW_HCPE_SUFFIX, mix64, ShardError, list_shards, load_game_ids, load_hcpe, read_manifest, save_array,
+from .storage import (HCPE_DTYPE, RAW_HCPE_SUFFIX, _is_shard, mix64, ShardError, list_shards, load_game_ids, load_hcpe, read_manifest, save_array,
                              save_hcpe, sidecar_path, split_by_game, write_manifest, Rule, check_params)
 from .encoding import (MOVE_LABELS_NUM, encode_hcps, encode_position, hcp_turns, legal_moves_labels,
                               move16_labels, reachable_squares_label, reachable_squares_labels)
@@ -27,11 +27,11 @@ from .settings import progress as progress_bar
 
 # %% auto #0
 __all__ = ['POSITION_DTYPE', 'MOVE_DTYPE', 'ROW_DTYPE', 'MERGE_RULES', 'PREPROCESS_RULES', 'STAGE_DATA_RULES', 'STAGE1_PIECES',
-           'STAGE1_HAND_PIECES', 'hcp_keys', 'hcpe_rows', 'hcpe_shards', 'tqdm_disable', 'bucket_of', 'n_buckets_for',
-           'partition_rows', 'check_positions', 'merge_rows', 'ShardWriter', 'preprocess', 'split_ids', 'split_hcpe',
-           'check_preprocess_params', 'labelled_dtype', 'unique_rows', 'make_labelled_data', 'make_stage2_data',
-           'make_stage1_data_from_hcpe', 'reachable_squares_flat', 'check_stage_data_params', 'stage1_sfens',
-           'make_stage1_data']
+           'STAGE1_HAND_PIECES', 'hcp_keys', 'hcpe_rows', 'hcpe_shards', 'HcpeInputs', 'tqdm_disable', 'bucket_of',
+           'n_buckets_for', 'partition_rows', 'check_positions', 'merge_rows', 'ShardWriter', 'preprocess', 'split_ids',
+           'split_hcpe', 'check_preprocess_params', 'labelled_dtype', 'unique_rows', 'make_labelled_data',
+           'make_stage2_data', 'make_stage1_data_from_hcpe', 'reachable_squares_flat', 'check_stage_data_params',
+           'stage1_sfens', 'make_stage1_data']
 
 # %% ../nbs/05_preprocess.ipynb #927b0aba
 POSITION_DTYPE = np.dtype([
@@ -121,6 +121,62 @@ def hcpe_shards(inputs) -> list[Path]:
             shards += list_shards(p)
     return list(dict.fromkeys(shards))
 
+# %% ../nbs/05_preprocess.ipynb #6a0b1c02
+class HcpeInputs:
+    """The HCPE shards of files, folders and `gs://` / `s3://` prefixes, listed once. Local shards are read in place;
+    remote ones come through `cache` (a `maou_nb.cloud.ShardCache`, or the dict of its arguments) a window at a time:
+    as many shards (with their game-id sidecars) as its `max_cached_bytes` holds, so a corpus larger than the cache
+    streams through it; a window's copies stay until the next window is fetched."""
+    def __init__(self, inputs, cache=None):
+        from maou_nb.cloud import ShardCache, is_uri, list_uri
+        inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+        local, remote = [p for p in inputs if not is_uri(p)], [str(u) for u in inputs if is_uri(u)]
+        self.local = hcpe_shards(local) if local else []
+        self.remote = []                                # (uri of the shard, uris of its objects, their bytes)
+        for uri in remote:
+            r, objects, _ = list_uri(uri)
+            keys = {o.key: o for o in objects}
+            for o in sorted(objects, key=lambda o: o.key):
+                name = Path(o.key).name
+                npy = name.endswith(".npy") and _is_shard(Path(name), ".npy")      # X.games.npy is a sidecar
+                if name.startswith(".") or not (npy or name.endswith(RAW_HCPE_SUFFIX)):
+                    continue
+                side = keys.get(o.key[: -len(".npy")] + ".games.npy") if npy else None
+                parts = [o] + ([side] if side else [])
+                self.remote.append((f"{r.scheme}://{r.bucket}/{o.key}",
+                                    [f"{r.scheme}://{r.bucket}/{p.key}" for p in parts], sum(p.size for p in parts)))
+        if remote and not self.remote:
+            raise ShardError(f"{', '.join(remote)}: no .npy or .hcpe HCPE shards there. Check the prefix.")
+        if self.remote and cache is None:
+            raise ValueError(f"{remote[0]}: remote HCPE inputs need a shard cache (cache=ShardCache(...) or its arguments).")
+        self.cache = ShardCache(**cache) if isinstance(cache, dict) else cache
+        self.names = [str(p) for p in self.local] + [uri for uri, _, _ in self.remote]
+        self.nbytes = sum(p.stat().st_size for p in self.local) + sum(size for _, _, size in self.remote)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def windows(self) -> list[list[int]]:
+        """The remote shards' indices grouped so that each group fits in the cache (one group when it has no cap)."""
+        cap, out, used = self.cache.max_cached_bytes if self.cache else None, [], 0
+        for i, (uri, _, size) in enumerate(self.remote):
+            if cap is not None and size > cap:
+                raise ShardError(f"{uri}: {size} bytes (with its sidecar) do not fit in input_max_cached_bytes={cap}. "
+                                 "Raise input_max_cached_bytes, or write the corpus in smaller shards.")
+            if not out or (cap is not None and used + size > cap):
+                out.append([]); used = 0
+            out[-1].append(i); used += size
+        return out
+
+    def __iter__(self) -> Iterator[Path]:
+        """Each shard's local path, in `names` order (remote ones fetched a window at a time)."""
+        yield from self.local
+        for window in self.windows():
+            uris = [u for i in window for u in self.remote[i][1]]
+            paths = dict(zip(uris, self.cache.materialise(uris)))
+            for i in window:
+                yield paths[self.remote[i][1][0]]
+
 # %% ../nbs/05_preprocess.ipynb #0785362a
 def tqdm_disable(progress: bool | None) -> bool | None:
     """tqdm's `disable` for a `progress` flag: None shows a bar only on a terminal, True always, False never."""
@@ -141,15 +197,16 @@ def _read_hcpe_shards(shards: list[Path]) -> list[np.ndarray]:
     """Open every input shard (memory-mapped), refusing a wrong dtype before any work."""
     return [load_hcpe(p) for p in shards]
 
-def partition_rows(arrays: list[np.ndarray], names: list[str], bucket_dir: Path, n_buckets: int, *,
+def partition_rows(arrays, names: list[str], bucket_dir: Path, n_buckets: int, *,
                    moves: bool = True, chunk_rows: int = 1 << 18, progress: bool | None = None) -> list[Path]:
-    """Write each input row's merge record into bucket file `bucket_dir/bucket-XXXXX.bin` by position hash."""
+    """Write each input row's merge record into bucket file `bucket_dir/bucket-XXXXX.bin` by position hash. `arrays`
+    holds HCPE arrays or shard paths (an iterable: each shard is opened when reached and let go after it)."""
     bucket_dir.mkdir(parents=True, exist_ok=True)
     paths = [bucket_dir / f"bucket-{b:05d}.bin" for b in range(n_buckets)]
     for p in paths: p.write_bytes(b"")
-    total = sum(len(a) for a in arrays)
-    with progress_bar(total=total, desc="partition", unit="pos", show=progress, leave=False) as bar:
+    with progress_bar(total=len(names), desc="partition", unit="shard", show=progress, leave=False) as bar:
         for s, (array, name) in enumerate(zip(arrays, names)):
+            array = load_hcpe(array) if isinstance(array, (str, os.PathLike)) else array
             for start in range(0, len(array), chunk_rows):
                 rows = hcpe_rows(np.asarray(array[start:start + chunk_rows]), s, start, name, moves=moves)
                 buckets = bucket_of(rows["hash"], n_buckets)
@@ -158,7 +215,8 @@ def partition_rows(arrays: list[np.ndarray], names: list[str], bucket_dir: Path,
                 for b in np.flatnonzero(np.diff(bounds)):
                     with open(paths[b], "ab") as f:
                         rows[bounds[b]:bounds[b + 1]].tofile(f)
-                bar.update(len(rows))
+            del array                      # a memory-mapped shard's pages go with it: memory stays flat
+            bar.update(1)
     return paths
 
 # %% ../nbs/05_preprocess.ipynb #e70130c4
@@ -317,24 +375,25 @@ def _in_order(fn: Callable, items: list, workers: int):
             yield pending.popleft().result()
 
 # %% ../nbs/05_preprocess.ipynb #56b1a6ad
-def _merged_buckets(shards: list[Path], out_dir: Path, memory_bytes: int, moves: bool, merge: Callable,
+def _merged_buckets(source: HcpeInputs, out_dir: Path, memory_bytes: int, moves: bool, merge: Callable,
                     progress: bool | None, workers: int = 1):
-    """Yield each bucket's merge result in hash order, partitioning through disk when the input exceeds the budget."""
-    arrays = _read_hcpe_shards(shards)
-    names = [str(p) for p in shards]
-    n_rows = sum(len(a) for a in arrays)
+    """Yield each bucket's merge result in hash order, partitioning through disk when the input exceeds the budget
+    (the shards are read one at a time, so memory stays within the budget whatever the input's size)."""
+    names = source.names
+    n_rows = source.nbytes // HCPE_DTYPE.itemsize            # at most this many rows (headers aside)
     workers = max(1, int(workers or 1))
     n_buckets = n_buckets_for(n_rows, memory_bytes // workers)  # every worker holds one bucket
     if workers > 1 and n_rows:
         n_buckets = max(n_buckets, 4 * workers)
     if n_buckets == 1:
-        rows = [hcpe_rows(np.asarray(a), s, 0, names[s], moves=moves)
-                for s, a in enumerate(progress_bar(arrays, desc="read", unit="shard", show=progress, leave=False))]
+        rows = [hcpe_rows(np.asarray(load_hcpe(p)), s, 0, names[s], moves=moves)
+                for s, p in enumerate(progress_bar(source, total=len(names), desc="read", unit="shard", show=progress,
+                                                   leave=False))]
         yield merge(np.concatenate(rows) if rows else np.zeros(0, ROW_DTYPE), names)
         return
     bucket_dir = Path(tempfile.mkdtemp(prefix=".buckets-", dir=out_dir))
     try:
-        paths = partition_rows(arrays, names, bucket_dir, n_buckets, moves=moves, progress=progress)
+        paths = partition_rows(source, names, bucket_dir, n_buckets, moves=moves, progress=progress)
         results = _in_order(partial(_merge_bucket_file, names=names, merge=merge), paths, workers)
         yield from progress_bar(results, total=len(paths), desc="merge", unit="bucket", show=progress, leave=False)
     finally:
@@ -342,22 +401,24 @@ def _merged_buckets(shards: list[Path], out_dir: Path, memory_bytes: int, moves:
 
 # %% ../nbs/05_preprocess.ipynb #673de215
 def preprocess(hcpe_inputs, out_dir, *, rows_per_shard: int = 1 << 20, memory_bytes: int = 2 << 30,
-               workers: int = 1, check: bool = True, progress: bool | None = None) -> list[Path]:
-    """Merge identical positions of HCPE shards into `out_dir` (kind "preprocessed"); returns the shard paths."""
-    shards = hcpe_shards(hcpe_inputs)
-    _read_hcpe_shards(shards)                  # a file that is no HCPE is refused before anything is written
+               workers: int = 1, check: bool = True, progress: bool | None = None, cache=None) -> list[Path]:
+    """Merge identical positions of HCPE shards into `out_dir` (kind "preprocessed"); returns the shard paths.
+    `gs://` / `s3://` inputs stream through `cache` (see `HcpeInputs`); memory stays within `memory_bytes` plus
+    one output shard (`rows_per_shard` positions) whatever the input's size."""
+    source = HcpeInputs(hcpe_inputs, cache)
+    _read_hcpe_shards(source.local)            # a local file that is no HCPE is refused before anything is written
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, shards)
+    _prepare_out_dir(out_dir, source.local)
     writer = ShardWriter(out_dir, rows_per_shard)
     n_input = 0
-    for positions, moves in _merged_buckets(shards, out_dir, memory_bytes, True,
+    for positions, moves in _merged_buckets(source, out_dir, memory_bytes, True,
                                             partial(merge_rows, check=check), progress, workers):
         n_input += int(positions["count"].sum())
         writer.add(positions, moves)
     writer.flush()
     write_manifest(out_dir, "preprocessed", writer.shards, rows=writer.rows, input_rows=n_input,
                    move_rows=writer.move_rows, bytes_per_position=round(writer.bytes / max(writer.rows, 1), 1),
-                   sources=[str(p) for p in shards])
+                   sources=source.names)
     return writer.shards
 
 # %% ../nbs/05_preprocess.ipynb #6138aba7
@@ -388,29 +449,36 @@ def split_ids(shards: list[Path], arrays: list[np.ndarray]) -> tuple[list[np.nda
     return ids, " and ".join(k for k in ("game", "position") if k in kinds) or "game"
 
 # %% ../nbs/05_preprocess.ipynb #87c33520
-def split_hcpe(hcpe_inputs, out_dir, test_ratio: float = 0.1, seed: int = 0) -> tuple[Path, Path]:
+def split_hcpe(hcpe_inputs, out_dir, test_ratio: float = 0.1, seed: int = 0, cache=None) -> tuple[Path, Path]:
     """Split HCPE shards by game into `out_dir/train` and `out_dir/val` (each kind "hcpe"); returns both folders.
     Rows of a shard without a game-id sidecar (a raw `.hcpe` file) are split by position instead; the manifests
-    say which (`split_by`)."""
-    shards = hcpe_shards(hcpe_inputs)
-    arrays = _read_hcpe_shards(shards)
-    ids, by = split_ids(shards, arrays)
-    masks = [split_by_game(i, test_ratio, seed) for i in ids]
-    _check_split(ids, masks, test_ratio, seed, by)  # before anything is written
+    say which (`split_by`). One shard is in memory at a time: a first pass checks the split (keeping only the
+    distinct ids), a second writes it; `gs://` / `s3://` inputs stream through `cache` (see `HcpeInputs`; a
+    corpus larger than the cache is fetched once per pass)."""
+    source = HcpeInputs(hcpe_inputs, cache)
+    distinct, kinds = np.zeros(0, np.int64), set()
+    for path in source:                            # pass 1: the split's check, before anything is written
+        [ids], by = split_ids([path], [load_hcpe(path)])
+        distinct, kinds = np.union1d(distinct, ids), kinds | {by}
+    by = " and ".join(k for k in ("game", "position") if any(k in b for b in kinds)) or "game"
+    _check_split([distinct], [split_by_game(distinct, test_ratio, seed)], test_ratio, seed, by)
     out_dir = Path(out_dir)
     train_dir, val_dir = out_dir / "train", out_dir / "val"
     for d in (train_dir, val_dir):
-        _prepare_out_dir(d, shards, pattern="[0-9][0-9][0-9][0-9][0-9]-*.npy")
+        _prepare_out_dir(d, source.local, pattern="[0-9][0-9][0-9][0-9][0-9]-*.npy")
     written = {train_dir: [], val_dir: []}
     rows = {train_dir: 0, val_dir: 0}
-    for i, (path, hcpe) in enumerate(zip(shards, arrays)):
-        for d, mask in ((train_dir, ~masks[i]), (val_dir, masks[i])):
+    for i, path in enumerate(source):              # pass 2: each shard's rows to their side
+        hcpe = np.asarray(load_hcpe(path))
+        [ids], _ = split_ids([path], [hcpe])
+        val = split_by_game(ids, test_ratio, seed)
+        for d, mask in ((train_dir, ~val), (val_dir, val)):
             if mask.any():
-                written[d].append(save_hcpe(d / f"{i:05d}-{path.stem}.npy", np.asarray(hcpe)[mask], ids[i][mask]))
+                written[d].append(save_hcpe(d / f"{i:05d}-{path.stem}.npy", hcpe[mask], ids[mask]))
                 rows[d] += int(mask.sum())
     for d in (train_dir, val_dir):
         write_manifest(d, "hcpe", written[d], rows=rows[d], test_ratio=test_ratio, seed=seed, split_by=by,
-                       side=d.name, sources=[str(p) for p in shards])
+                       side=d.name, sources=source.names)
     return train_dir, val_dir
 
 # %% ../nbs/05_preprocess.ipynb #9351b0a6
@@ -418,6 +486,7 @@ MERGE_RULES = {
     "rows_per_shard": Rule(int, min=1),
     "memory_bytes": Rule(int, min=1 << 20),        # at least 1 MiB; larger inputs go through disk buckets
     "check": Rule(bool),
+    "cache": Rule(dict, optional=True),           # ShardCache arguments for gs:// / s3:// inputs (the pipeline sets it)
 }
 PREPROCESS_RULES = {
     "hcpe_inputs": Rule(list),                     # HCPE files or folders
@@ -464,19 +533,20 @@ def unique_rows(rows: np.ndarray, shard_names: list[str], label_fn: Callable, n_
 # %% ../nbs/05_preprocess.ipynb #bb29eb8c
 def make_labelled_data(hcpe_inputs, out_dir, kind: str, label_fn: Callable, n_labels: int, *,
                        rows_per_shard: int = 1 << 20, memory_bytes: int = 2 << 30, workers: int = 1,
-                       check: bool = True, progress: bool | None = None) -> list[Path]:
-    """Distinct positions of HCPE shards with bit-packed labels from `label_fn`, as a data folder of `kind`."""
-    shards = hcpe_shards(hcpe_inputs)
-    _read_hcpe_shards(shards)                  # a file that is no HCPE is refused before anything is written
+                       check: bool = True, progress: bool | None = None, cache=None) -> list[Path]:
+    """Distinct positions of HCPE shards with bit-packed labels from `label_fn`, as a data folder of `kind`;
+    `gs://` / `s3://` inputs stream through `cache` (see `HcpeInputs`), within `memory_bytes` as `preprocess`."""
+    source = HcpeInputs(hcpe_inputs, cache)
+    _read_hcpe_shards(source.local)            # a local file that is no HCPE is refused before anything is written
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, shards)
+    _prepare_out_dir(out_dir, source.local)
     writer = ShardWriter(out_dir, rows_per_shard, prefix="positions")
     merge = partial(unique_rows, label_fn=label_fn, n_labels=n_labels, check=check)
-    for records, _ in _merged_buckets(shards, out_dir, memory_bytes, False, merge, progress, workers):
+    for records, _ in _merged_buckets(source, out_dir, memory_bytes, False, merge, progress, workers):
         writer.add(records)
     writer.flush()
     write_manifest(out_dir, kind, writer.shards, rows=writer.rows, n_labels=n_labels,
-                   bytes_per_position=labelled_dtype(n_labels).itemsize, sources=[str(p) for p in shards])
+                   bytes_per_position=labelled_dtype(n_labels).itemsize, sources=source.names)
     return writer.shards
 
 # %% ../nbs/05_preprocess.ipynb #4fed254c

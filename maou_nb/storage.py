@@ -16,20 +16,20 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import cshogi
 import numpy as np
 
 from . import __version__
 
-
 # %% auto #0
-__all__ = ['HCPE_DTYPE', 'SIDECAR_SUFFIXES', 'RAW_HCPE_SUFFIX', 'DATA_KINDS', 'CHECKPOINT_FORMAT', 'ShardError', 'StorageError',
-           'disk_error', 'atomic_path', 'remove_stale_temps', 'write_json', 'read_json', 'read_yaml', 'save_array',
-           'load_array', 'sidecar_path', 'game_id', 'save_hcpe', 'load_hcpe', 'load_game_ids', 'load_raw_hcpe',
-           'list_shards', 'mix64', 'split_by_game', 'write_manifest', 'read_manifest', 'manifest_shards', 'ParamError',
-           'Rule', 'check_params', 'sha256_file', 'save_checkpoint', 'load_checkpoint', 'LocalStorage']
+__all__ = ['HCPE_DTYPE', 'FINALISED_JOURNAL', 'SIDECAR_SUFFIXES', 'RAW_HCPE_SUFFIX', 'DATA_KINDS', 'CHECKPOINT_FORMAT',
+           'ShardError', 'StorageError', 'disk_error', 'on_finalised', 'finalised', 'atomic_path', 'remove_stale_temps',
+           'write_json', 'read_json', 'read_yaml', 'save_array', 'load_array', 'sidecar_path', 'game_id', 'save_hcpe',
+           'load_hcpe', 'load_game_ids', 'load_raw_hcpe', 'list_shards', 'mix64', 'split_by_game', 'write_manifest',
+           'read_manifest', 'manifest_shards', 'ParamError', 'Rule', 'check_params', 'sha256_file', 'save_checkpoint',
+           'load_checkpoint', 'LocalStorage']
 
 # %% ../nbs/04_storage.ipynb #285ca7a1
 HCPE_DTYPE = np.dtype(cshogi.HuffmanCodedPosAndEval)
@@ -74,10 +74,40 @@ def disk_error(path: str | os.PathLike, e: BaseException) -> StorageError | None
     code = _write_cause(path.parent, e)
     return None if code is None else _storage_error(path, code, e)
 
+# %% ../nbs/04_storage.ipynb #5f1a0c02
+FINALISED_JOURNAL = "MAOU_NB_FINALISED"   # environment: the journal a mirrored run's processes append finalised paths to
+_FINALISED_HOOKS: list[Callable[[Path], None]] = []
+
+def on_finalised(hook: Callable[[Path], None]) -> Callable[[], None]:
+    """Call `hook(path)` each time a kit writer gives a file its final name; returns the function that unsubscribes."""
+    _FINALISED_HOOKS.append(hook)
+    return lambda: _FINALISED_HOOKS.remove(hook) if hook in _FINALISED_HOOKS else None
+
+def finalised(path: str | os.PathLike) -> None:
+    """Tell every hook that `path` is complete under its final name; a failing hook is ignored."""
+    path = Path(path).absolute()
+    for hook in list(_FINALISED_HOOKS):
+        with contextlib.suppress(Exception):
+            hook(path)
+
+def _append_to_journal(path: Path) -> None:
+    """The hook of a process started by a mirrored run: one line per finalised file of the run, one write each."""
+    journal = os.environ.get(FINALISED_JOURNAL)
+    if journal and Path(journal).parent in path.parents:
+        fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, os.fsencode(path) + b"\n")   # O_APPEND: lines of concurrent writers do not interleave
+        finally:
+            os.close(fd)
+
+if os.environ.get(FINALISED_JOURNAL):
+    on_finalised(_append_to_journal)
+
 # %% ../nbs/04_storage.ipynb #501bace2
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it onto `path` on success, delete it on error.
+    """Yield a temp path beside `path`; rename it onto `path` on success (then tell `on_finalised`'s hooks), delete it
+    on error.
     A full or read-only disk raises `StorageError` naming `path` and the cause."""
     path = Path(path)
     try:
@@ -92,6 +122,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         try:
             yield tmp_path
             os.replace(tmp_path, path)
+            finalised(path)
         except (OSError, RuntimeError) as e:
             if isinstance(e, StorageError):
                 raise

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .config import TrainConfig
 from .settings import _duration, progress_form
-from .storage import atomic_path, disk_error, write_json
+from .storage import atomic_path, disk_error, finalised, write_json
 
 # %% auto #0
 __all__ = ['RunLog']
@@ -60,6 +60,7 @@ class RunLog:
                 f.write(json.dumps(rec) + "\n")
         except OSError as e:
             raise disk_error(self.dir / "metrics.jsonl", e) or e from None
+        finalised(self.dir / "metrics.jsonl")             # a complete line more: the run mirror may upload it
         position = {k: rec[k] for k in ("stage", "epoch", "step", "global_step", "lr", "elapsed_s", "timestamp")}
         write_json(self.dir / "stats.json", {**self.latest_train, **position, "val": self.latest_val})
         for k, v in info.items():
@@ -105,6 +106,8 @@ class RunLog:
                 self.writer.add_histogram(name, p.detach().float().cpu(), global_step)
 
     def close(self) -> None:
-        """Flush TensorBoard."""
+        """Flush TensorBoard (its event files are then complete: the run mirror may upload them)."""
         if self.writer is not None:
             self.writer.close()
+            for events in Path(self.writer.log_dir).glob("events.out.tfevents.*"):
+                finalised(events)
