@@ -14,14 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cloud import check_uri, is_uri
+from .cloud import ShardCache, check_uri, is_uri
 from .model import resolve_config
 from .preprocess import hcpe_shards
+from .settings import setting
 from .storage import ParamError, Rule, ShardError, check_params, load_hcpe, read_manifest, read_yaml
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'MODEL_NAMES', 'DATA_KIND', 'PART_KEYS', 'knob', 'check_fields', 'ConfigError', 'TrainConfig',
-           'scheduler_name', 'check_config', 'check_model_config', 'check_files_exist', 'resolve_checkpoint']
+           'scheduler_name', 'check_config', 'check_model_config', 'check_files_exist', 'resolve_checkpoint',
+           'shard_cache']
 
 # %% ../nbs/11_config.ipynb #afd2c609
 def knob(default, **rule):
@@ -342,3 +344,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
     if p.is_dir() and (p / "checkpoints" / "last.pt").is_file():
         return p / "checkpoints" / "last.pt"
     return None
+
+# %% ../nbs/11_config.ipynb #56b448b6
+def shard_cache(c: TrainConfig, data_root: str | os.PathLike | None = None) -> ShardCache:
+    """The shard cache `c`'s remote data paths are read through, from its `input_*` knobs."""
+    root = c.input_local_cache_dir or Path(data_root or setting("data_root")) / "cache"
+    return ShardCache(Path(root).resolve(), max_workers=c.input_max_workers, max_cached_bytes=c.input_max_cached_bytes,
+                      batch_size=c.input_batch_size, partition_date=c.input_partitioning_key_date,
+                      bundle_bytes=int(c.input_bundle_size_gb * 1e9) if c.input_enable_bundling else None)

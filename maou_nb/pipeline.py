@@ -612,10 +612,13 @@ def input_provider(section: dict, where: str = "params") -> dict:
     return out
 
 # %% ../nbs/22_pipeline.ipynb #3d383745
-STREAMED = {"preprocess": ("hcpe_inputs",), "stage_data": ("hcpe_train", "hcpe_val")}   # read through HcpeInputs
+# the inputs a step streams itself when they exceed the cache: HCPE through HcpeInputs, training data through the
+# engine's shard window (maou_nb.datasets.StreamedShards)
+STREAMED = {"preprocess": ("hcpe_inputs",), "stage_data": ("hcpe_train", "hcpe_val"),
+            "train": ("stage1_data", "stage2_data", "stage3_data")}
 
 def _streamed(name: str, values: dict, cache: ShardCache) -> list[tuple[str, str]]:
-    """The (parameter, URI) pairs of step `name`'s HCPE inputs in gs:// / s3:// that hold more than the cache's cap:
+    """The (parameter, URI) pairs of step `name`'s data inputs in gs:// / s3:// that hold more than the cache's cap:
     the step streams those through the cache itself, a window at a time, instead of having them copied first."""
     if cache.max_cached_bytes is None:
         return []
@@ -628,10 +631,13 @@ def _as_list(value) -> list:
 
 def materialise_inputs(name: str, values: dict, cache: ShardCache, echo: Callable[[str], None] = print) -> dict:
     """Step `name`'s parameters with each gs:// / s3:// data path replaced by its local copy in `cache`, except the
-    HCPE inputs larger than the cache (`_streamed`): those stay URIs, and the step gets the cache's arguments (`cache`)."""
+    inputs larger than the cache (`_streamed`): those stay URIs, and the step gets the cache's folder (train's
+    `input_local_cache_dir`) or its arguments (`cache`, for preprocess and stage_data)."""
     streamed = _streamed(name, values, cache)
-    out = dict(values, cache={"root": str(cache.root), "max_workers": cache.max_workers, "timeout": cache.timeout,
-                                    "max_cached_bytes": cache.max_cached_bytes}) if streamed else dict(values)
+    where = {"input_local_cache_dir": str(cache.root)} if name == "train" else {"cache": {
+        "root": str(cache.root), "max_workers": cache.max_workers, "timeout": cache.timeout,
+        "max_cached_bytes": cache.max_cached_bytes}}
+    out = dict(values, **where) if streamed else dict(values)
     for key, uri in streamed:
         echo(f"  {name}: {key} {uri} holds more than input_max_cached_bytes={cache.max_cached_bytes}: streamed "
              f"through {cache.root} a window at a time")

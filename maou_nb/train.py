@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,9 +26,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
-from .cloud import ShardCache
-from .config import (
-    PART_KEYS, ConfigError, TrainConfig, check_config, check_files_exist, resolve_checkpoint, scheduler_name)
+from maou_nb.config import (
+    PART_KEYS, ConfigError, TrainConfig, check_config, check_files_exist, resolve_checkpoint, scheduler_name,
+    shard_cache)
 from .datasets import make_loader, stage_datasets
 from .distributed import Dist, check_world, start_distributed
 from .model import (
@@ -44,7 +43,7 @@ __all__ = ['NORM_TYPES', 'multilabel_loss', 'policy_loss_rows', 'multilabel_metr
            'summarise', 'StageSpec', 'stage_spec', 'stage_gate', 'StageThresholdError', 'NonFiniteLossError',
            'param_groups', 'make_optimizer', 'make_scheduler', 'EMA', 'rng_state', 'set_rng_state', 'seed_everything',
            'StageTrainer', 'position_sampler', 'fit_stage', 'run_token', 'TrainRun', 'progress_of', 'resume_checkpoint',
-           'TrainResult', 'as_config', 'conv_channels_last', 'data_cache', 'stage_trainer', 'train']
+           'TrainResult', 'as_config', 'conv_channels_last', 'stage_trainer', 'train']
 
 # %% ../nbs/12_train.ipynb #24601214
 def multilabel_loss(logits: torch.Tensor, target: torch.Tensor, *, pos_weight: float = 1.0,
@@ -595,13 +594,6 @@ def conv_channels_last(model: nn.Module) -> nn.Module:
             m.to(memory_format=torch.channels_last)
     return model
 
-# %% ../nbs/12_train.ipynb #7fa964c3
-def data_cache(c: TrainConfig) -> ShardCache:
-    """The local shard cache that gs://, s3:// and bq:// data paths are read through, from the `input_*` knobs."""
-    root = c.input_local_cache_dir or Path(setting("data_root")) / "cache"
-    return ShardCache(Path(root).resolve(), max_workers=c.input_max_workers, max_cached_bytes=c.input_max_cached_bytes,
-                      batch_size=c.input_batch_size, partition_date=c.input_partitioning_key_date)
-
 # %% ../nbs/12_train.ipynb #df8de4e6
 def stage_trainer(stage: str, c: TrainConfig, model: nn.Module, log: RunLog, device: str, progress: bool,
                   dist: Dist | None = None) -> StageTrainer:
@@ -613,7 +605,7 @@ def stage_trainer(stage: str, c: TrainConfig, model: nn.Module, log: RunLog, dev
         model.requires_grad_(True)
     data = stage_datasets(stage, getattr(c, f"stage{stage}_data"), getattr(c, f"stage{stage}_val_data"),
                           test_ratio=c.test_ratio, seed=c.seed, input_format=c.input_format, policy_target=c.policy_target,
-                          cache=data_cache(c), stream=c.input_stream, cache_mode=c.input_cache_mode,
+                          cache=shard_cache(c), stream=c.input_stream, cache_mode=c.input_cache_mode,
                           cache_transforms=c.cache_transforms)
     return StageTrainer(stage_spec(stage, c), model, c, log, device, data, progress, dist)
 

@@ -186,3 +186,17 @@ def test_train_reads_a_gs_path_streamed_and_resumes_mid_epoch(uploaded, hcpe, tm
     fits = open_data("3", uploaded["gs"], cache=ShardCache(tmp_path / "cache", max_workers=2, max_cached_bytes=None),
                      input_format="hcpe")
     assert isinstance(fits, HcpeDataset) and fits.paths[0].parent == local   # fits: copied whole, memory-mapped
+
+
+def test_pipeline_leaves_a_corpus_over_the_cap_to_the_engines_shard_window(uploaded, hcpe, tmp_path):
+    """The pipeline copies a train step's remote data that fits, and hands one that exceeds the cap to the engine
+    (URI kept, the same cache folder), which then streams it: nothing is downloaded before the step."""
+    from maou_nb.pipeline import materialise_inputs
+    uri, echo = uploaded["gs"], []
+    big = ShardCache(tmp_path / "cache", max_workers=2, max_cached_bytes=3 * shard_bytes(hcpe))
+    values = materialise_inputs("train", {"stage3_data": uri, "input_format": "hcpe"}, big, echo.append)
+    assert values["stage3_data"] == uri and values["input_local_cache_dir"] == str(big.root)
+    assert big.downloaded == 0 and "streamed" in echo[0]
+    fits = ShardCache(tmp_path / "cache2", max_workers=2, max_cached_bytes=None)
+    values = materialise_inputs("train", {"stage3_data": uri, "input_format": "hcpe"}, fits, echo.append)
+    assert Path(values["stage3_data"]).is_dir() and "input_local_cache_dir" not in values and fits.downloaded > 0
