@@ -4,6 +4,8 @@ OpenMP runtime starts). The competitor is one busy process per core (pure Python
 
 Usage: python benchmarks/contention.py [--threads 1,2] [--policies default,active,passive] [--batch 64] [--steps 6]
 (`default`: OMP_WAIT_POLICY unset, the OpenMP runtime's own choice).
+`--quiet-only --rounds 5` measures only without competitors, the policies in alternating rounds (the cost of a
+policy on an idle machine: medians, each policy against the first), with the load average before and after.
 """
 from __future__ import annotations
 
@@ -46,6 +48,23 @@ def measure(data: Path, threads: int, policy: str, batch: int, steps: int, tmp: 
     return json.loads(out.strip().splitlines()[-1])
 
 
+def quiet_rounds(pre: Path, args, tmp: Path) -> dict:
+    """Each (threads, policy) without competitors, in alternating rounds; medians and ratios to the first policy."""
+    import statistics
+    load_before, policies = os.getloadavg(), args.policies.split(",")
+    out = {"benchmark": "contention_quiet", "rounds": args.rounds, "batch": args.batch, "results": []}
+    for threads in map(int, args.threads.split(",")):
+        rates = {p: [] for p in policies}
+        for _ in range(args.rounds):
+            for policy in policies:
+                rates[policy].append(measure(pre, threads, policy, args.batch, args.steps, tmp, 0)["samples_per_s"])
+        first = statistics.median(rates[policies[0]])
+        out["results"].append({"threads": threads, **{p: {"median_samples_per_s": round(statistics.median(r), 1),
+                                                           "vs_" + policies[0]: round(statistics.median(r) / first, 3),
+                                                           "rounds": [round(x, 1) for x in r]} for p, r in rates.items()}})
+    return {**out, "load_average_before": load_before, "load_average_after": os.getloadavg()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", default="1,2")
@@ -53,6 +72,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--games", type=int, default=20)
+    ap.add_argument("--quiet-only", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     from training import make_data
@@ -61,6 +82,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pre, _ = make_data(tmp / "data", args.games)
+        if args.quiet_only:
+            return print(json.dumps(quiet_rounds(pre, args, tmp), indent=1))
         for threads in map(int, args.threads.split(",")):
             for policy in args.policies.split(","):
                 quiet = measure(pre, threads, policy, args.batch, args.steps, tmp, 0)["samples_per_s"]

@@ -16,7 +16,7 @@ from maou_nb.train import stage3_losses
 torch.manual_seed(0)
 B = int(sys.argv[1]) if len(sys.argv) > 1 else 64
 which = sys.argv[2].split(",") if len(sys.argv) > 2 else ["ref", "cl", "bf16", "cl_bf16", "foreach", "fused"]
-net0 = build_train_model("resnet", ["3"], {"resnet_widths": [29, 58, 116, 174]})
+net0 = build_train_model("resnet", ["3"], {"resnet_widths": [29, 58, 116, 174], "resnet_blocks": [2, 2, 2, 1]})
 print("params", sum(p.numel() for p in net0.parameters()))
 board = torch.randint(0, 29, (B, 9, 9)); hand = torch.randint(0, 3, (B, 14))
 pol = torch.rand(B, 1496); val = torch.rand(B)

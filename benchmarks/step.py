@@ -31,7 +31,7 @@ from maou_nb.config import TrainConfig
 from maou_nb.model import build_train_model, count_parameters
 from maou_nb.train import TrainRun, conv_channels_last, seed_everything, stage_trainer
 
-SIZES = {"maou": ("resnet", None, {"resnet_widths": [29, 58, 116, 174]}),   # Maou 0.2.0's size
+SIZES = {"maou": ("resnet", None, {"resnet_widths": [29, 58, 116, 174], "resnet_blocks": [2, 2, 2, 1]}),  # Maou 0.2.0: 2,566,635
          "small": ("resnet", "small", {}), "default": ("resnet", None, {})}
 VARIANTS = {"kit": {"channels_last": False}, "channels_last": {"channels_last": True}, "bf16": {"amp": True, "channels_last": False},
             "channels_last+bf16": {"channels_last": True, "amp": True}}   # kit: the settings before channels_last was the default

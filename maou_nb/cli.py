@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .pipeline import STEPS, kit_folder, load_params, resolve_run_id, run_pipeline
 from .settings import setting
-from .storage import ShardError, atomic_path
+from .storage import ShardError, atomic_path, write_json
 
 # %% auto #0
 __all__ = ['COMMANDS', 'init', 'init_command', 'train_config', 'train_command', 'loader_sweep', 'benchmark_dataloader_command',
@@ -83,12 +83,13 @@ def train_config(params: str | os.PathLike | dict, run_id: str | None = None, ru
 
 # %% ../nbs/23_cli.ipynb #d52f6cf6
 def train_command(argv: list[str] | None = None) -> int:
-    """`maou-nb train PARAMS --run-id ID [--runs-root DIR]`."""
+    """`maou-nb train PARAMS --run-id ID [--runs-root DIR] [--result FILE]`."""
     parser = argparse.ArgumentParser(prog="maou-nb train", description="Run the train step of a run (also as the "
                                      "script torchrun starts: torchrun --nproc_per_node=N $(command -v maou-nb) train ...).")
     parser.add_argument("params", help="a params YAML file, or the name of a bundled one")
     parser.add_argument("--run-id", required=True, help="the run whose data it trains on and whose folder it writes")
     parser.add_argument("--runs-root", help="overrides settings.ini's runs_root")
+    parser.add_argument("--result", help="also write the result JSON to this file (rank 0; how a hand-off reads it)")
     args = parser.parse_args(argv)
     from maou_nb.train import NonFiniteLossError, train
     try:
@@ -98,12 +99,16 @@ def train_command(argv: list[str] | None = None) -> int:
         return 2
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result.to_dict(), indent=1))
+        if args.result:
+            write_json(args.result, result.to_dict())
     return 0
 
 # %% ../nbs/23_cli.ipynb #6d679064
-def loader_sweep(config: dict, *, workers=(0, 1, 2), pin_memory=(False, True), prefetch=(2, 4),
+def loader_sweep(config: dict, *, workers=(0, 1, 2), pin_memory=None, prefetch=(2, 4),
                  batch_sizes=(256, 1024), batches: int = 20) -> dict:
-    """Samples/s of the train loader of the config's last stage for each setting (iterator start-up included)."""
+    """Samples/s of the train loader of the config's last stage for each setting (iterator start-up included);
+    pin memory is tried only where a GPU can use it (`pin_memory=None`: both with CUDA, off without)."""
+    import torch
     from maou_nb.config import TrainConfig
     from maou_nb.datasets import make_loader, stage_datasets
     c = TrainConfig.from_dict(config)
@@ -111,7 +116,7 @@ def loader_sweep(config: dict, *, workers=(0, 1, 2), pin_memory=(False, True), p
     train_ds, _ = stage_datasets(stage, getattr(c, f"stage{stage}_data"), getattr(c, f"stage{stage}_val_data"),
                                  test_ratio=c.test_ratio, seed=c.seed, input_format=c.input_format,
                                  policy_target=c.policy_target)
-    rows = []
+    rows, pin_memory = [], pin_memory or ((False, True) if torch.cuda.is_available() else (False,))
     for w, pin, pf, bs in itertools.product(workers, pin_memory, prefetch, batch_sizes):
         if w == 0 and pf != prefetch[0]:
             continue                                       # prefetch applies to workers only

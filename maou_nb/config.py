@@ -79,7 +79,7 @@ class TrainConfig:
     stage2_batch_size: int | None = knob(None, min=1)  # None: batch_size
     gradient_accumulation_steps: int = knob(1, min=1)
     dataloader_workers: int = knob(0, min=0)
-    pin_memory: bool = False
+    pin_memory: bool | None = None        # page-locked batches for fast host-to-GPU copies; None: on CUDA only (never on CPU)
     prefetch_factor: int | None = knob(None, min=1)
     test_ratio: float = knob(0.1, above=0, below=1)
     # Stages 1 and 2
@@ -117,7 +117,14 @@ class TrainConfig:
     seed: int = knob(0, min=0)
     device: str = "auto"                  # auto | cpu | cuda | cuda:N | mps
     # distributed and speed (torchrun ... maou-nb train: batch_size is the global batch, each of W ranks computes 1/W)
+    nproc_per_node: int = knob(1, min=1)  # > 1 (or nnodes > 1): train() starts torchrun with this many processes here
+    nnodes: int = knob(1, min=1)          # > 1: one launcher per node, meeting at rdzv_endpoint (c10d)
+    rdzv_endpoint: str | None = None      # host:port of the rendezvous when nnodes > 1, e.g. "node0:29500"
+    max_restarts: int = knob(0, min=0)    # torchrun restarts the group after a failed rank this often (resuming last.pt)
     ddp_backend: str = knob("auto", choices=("auto", "nccl", "gloo"))  # auto: nccl on CUDA, gloo on CPU
+    lr_scaling: str = knob("none", choices=("none", "linear", "sqrt"))  # learning_rate x (batch per step / lr_reference_batch)^1 or ^0.5
+    lr_reference_batch: int = knob(256, min=1)  # the batch per optimiser step that learning_rate was chosen for
+    compile_cache_dir: str | None = None  # compilation: inductor's kernel cache (a later run starts warm); None: <data_root>/cache/inductor
     channels_last: bool = True            # conv weights (ResNet) channels-last: same maths, 1.2-1.7x faster on CPU
     # outputs, resume
     out_dir: str | None = None            # None: <runs_root>/train
@@ -263,6 +270,9 @@ def check_config(config: TrainConfig) -> None:
         low, high = getattr(config, f"stage{s}_min_epochs"), getattr(config, f"stage{s}_max_epochs")
         if low > high:
             raise ConfigError(f"stage{s}_min_epochs={low} exceeds stage{s}_max_epochs={high}: raise the cap or lower the minimum")
+    if config.nnodes > 1 and not re.fullmatch(r"[^\s:]+:\d+", config.rdzv_endpoint or ""):
+        raise ConfigError(f"nnodes={config.nnodes} needs rdzv_endpoint='host:port' (the first node's address, the "
+                          f"same on every node), got {config.rdzv_endpoint!r}")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.device):
         raise ConfigError(f"device={config.device!r}: allowed auto, cpu, cuda, cuda:N, mps")
     check_model_config(config)

@@ -7,16 +7,25 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import yaml
 
 from .config import ConfigError, TrainConfig
+from .settings import setting
+from .storage import atomic_path, read_json
 
 # %% auto #0
-__all__ = ['Dist', 'start_distributed', 'check_world']
+__all__ = ['Dist', 'start_distributed', 'check_world', 'launched', 'torchrun_command', 'failed_rank_log', 'torchrun_train']
 
 # %% ../nbs/14_distributed.ipynb #53596271
 @dataclass
@@ -101,3 +110,68 @@ def check_world(c: TrainConfig, d: Dist) -> None:
             raise ConfigError(f"{key}={bs} is the global batch of stage {stage} and must split evenly over the "
                               f"{d.world_size} processes: set it to a multiple of {d.world_size} (e.g. "
                               f"{d.world_size * max(1, round(bs / d.world_size))}) or change --nproc_per_node.")
+
+# %% ../nbs/14_distributed.ipynb #152f8d78
+def launched() -> bool:
+    """Whether this process is one of a distributed run's: a started process group, or torchrun's environment."""
+    return (dist.is_available() and dist.is_initialized()) or "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ
+
+# %% ../nbs/14_distributed.ipynb #929204a8
+def torchrun_command(c: TrainConfig, run_dir: Path) -> list[str]:
+    """The `torchrun ... maou-nb train` launch of `c` on the run folder `run_dir`."""
+    box = Path(run_dir) / "torchrun"
+    where = (["--standalone"] if c.nnodes == 1 else [f"--nnodes={c.nnodes}", "--rdzv-backend=c10d",
+                                                      f"--rdzv-endpoint={c.rdzv_endpoint}", f"--rdzv-id={run_dir.name}"])
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={c.nproc_per_node}",
+            f"--max-restarts={c.max_restarts}", f"--log-dir={box / 'logs'}", "--redirects=3", "--tee=3",
+            "--local-ranks-filter=0", "-m", "maou_nb.cli", "train", str(box / "params.yaml"), "--run-id", run_dir.name,
+            "--runs-root", str(run_dir.parent), "--result", str(box / "result.json")]
+
+# %% ../nbs/14_distributed.ipynb #45058311
+def failed_rank_log(log_dir: Path) -> Path | None:
+    """The rank log of torchrun's latest attempt that reports an error (else its latest log); None if none."""
+    logs = sorted(Path(log_dir).rglob("*.log"), key=lambda p: (p.stat().st_mtime, str(p)))
+    if not logs:
+        return None
+    attempt = logs[-1].parent.parent
+    here = sorted(p for p in logs if p.parent.parent == attempt)
+    failing = [p for p in here if any(w in p.read_text(errors="replace") for w in ("Traceback", "error:", "Error:"))]
+    return (failing or here)[0]
+
+# %% ../nbs/14_distributed.ipynb #c143eafd
+def torchrun_train(c: TrainConfig, echo: Callable[[str], None] | None = print) -> dict:
+    """Train `c` as `torchrun ... maou-nb train` in a child process (its lines to `echo`); the result rank 0 wrote."""
+    check_world(c, Dist(world_size=c.nproc_per_node * c.nnodes))
+    run_dir = Path(c.out_dir or Path(setting("runs_root")) / "train").resolve()
+    box, cmd = run_dir / "torchrun", torchrun_command(c, run_dir)
+    unused = {f"stage{s}_{kind}data" for s in "123" if s not in c.stages() for kind in ("", "val_")}
+    section = {k: None if k in unused else v for k, v in c.to_dict().items() if k != "out_dir"}
+    with atomic_path(box / "params.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump({"steps": ["train"], "train": section}, sort_keys=False))
+    if c.nnodes == 1:
+        (box / "result.json").unlink(missing_ok=True)
+    started = time.time()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                         start_new_session=True)
+    try:
+        for line in p.stdout:
+            if echo:
+                echo(line.rstrip("\n"))
+        rc = p.wait()
+    except BaseException:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait()
+        raise
+    if rc:
+        log = failed_rank_log(box / "logs")
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-12:]) if log else ""
+        raise RuntimeError(f"torchrun ({c.nnodes * c.nproc_per_node} processes) failed with exit status {rc}; the "
+                           f"failing rank's log: {log} (all rank logs under {box / 'logs'}); it ends:\n{tail}")
+    result, deadline = box / "result.json", time.time() + 60
+    while not (result.is_file() and result.stat().st_mtime >= started - 1):   # another node's rank 0 may still write it
+        if time.time() > deadline:
+            raise RuntimeError(f"torchrun ended cleanly but rank 0 wrote no {result}: is {run_dir} on a file system "
+                               "that every node shares?")
+        time.sleep(0.5)
+    return read_json(result)

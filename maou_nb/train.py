@@ -30,7 +30,7 @@ from maou_nb.config import (
     PART_KEYS, ConfigError, TrainConfig, check_config, check_files_exist, resolve_checkpoint, scheduler_name,
     shard_cache)
 from .datasets import make_loader, stage_datasets
-from .distributed import Dist, check_world, start_distributed
+from .distributed import Dist, check_world, launched, start_distributed, torchrun_train
 from .model import (
     apply_freezing, build_model, build_train_model, checkpoint_payload, clean_state_dict, load_parts, unwrap_model)
 from .settings import progress, resolve_device, setting
@@ -39,11 +39,12 @@ from .storage import (
     ShardError, atomic_path, load_checkpoint, remove_stale_temps, save_checkpoint, write_json)
 
 # %% auto #0
-__all__ = ['NORM_TYPES', 'multilabel_loss', 'policy_loss_rows', 'multilabel_metrics', 'stage3_losses', 'stage3_metrics',
-           'summarise', 'StageSpec', 'stage_spec', 'stage_gate', 'StageThresholdError', 'NonFiniteLossError',
-           'param_groups', 'make_optimizer', 'make_scheduler', 'EMA', 'rng_state', 'set_rng_state', 'seed_everything',
-           'StageTrainer', 'position_sampler', 'fit_stage', 'run_token', 'TrainRun', 'progress_of', 'resume_checkpoint',
-           'TrainResult', 'as_config', 'conv_channels_last', 'stage_trainer', 'train']
+__all__ = ['NORM_TYPES', 'LAUNCH_KEYS', 'multilabel_loss', 'policy_loss_rows', 'multilabel_metrics', 'stage3_losses',
+           'stage3_metrics', 'summarise', 'StageSpec', 'stage_spec', 'stage_gate', 'StageThresholdError',
+           'NonFiniteLossError', 'param_groups', 'make_optimizer', 'scaled_lr', 'make_scheduler', 'EMA', 'rng_state',
+           'set_rng_state', 'seed_everything', 'StageTrainer', 'position_sampler', 'fit_stage', 'run_token', 'TrainRun',
+           'progress_of', 'resume_checkpoint', 'TrainResult', 'as_config', 'conv_channels_last', 'compile_cache',
+           'stage_trainer', 'train']
 
 # %% ../nbs/12_train.ipynb #24601214
 def multilabel_loss(logits: torch.Tensor, target: torch.Tensor, *, pos_weight: float = 1.0,
@@ -189,12 +190,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 # %% ../nbs/12_train.ipynb #672eb66b
-def make_optimizer(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD over the trainable parameters."""
-    groups = param_groups(model, c.weight_decay)
+def make_optimizer(model: nn.Module, c: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters, at `lr` (default `c.learning_rate`)."""
+    groups, lr = param_groups(model, c.weight_decay), c.learning_rate if lr is None else lr
     if c.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=c.learning_rate, momentum=c.momentum)
-    return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.optimizer_beta1, c.optimizer_beta2), eps=c.optimizer_eps)
+        return torch.optim.SGD(groups, lr=lr, momentum=c.momentum)
+    return torch.optim.AdamW(groups, lr=lr, betas=(c.optimizer_beta1, c.optimizer_beta2), eps=c.optimizer_eps)
+
+# %% ../nbs/12_train.ipynb #a04aaeac
+def scaled_lr(c: TrainConfig, batch_per_step: int) -> float:
+    """`c.learning_rate` scaled for `batch_per_step` rows an optimiser step by `c.lr_scaling`."""
+    ratio = batch_per_step / c.lr_reference_batch
+    return c.learning_rate * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[c.lr_scaling]
 
 # %% ../nbs/12_train.ipynb #9b286b8e
 def make_scheduler(optimizer, name: str, steps_per_epoch: int, total_steps: int, warmup_ratio: float | None = None):
@@ -262,13 +269,14 @@ class StageTrainer:
             log.echo = None                                   # progress=False: no bars and no log lines
         self.train_ds, self.val_ds = data
         bs = c.batch_size_of(spec.stage)
-        kw = dict(workers=c.dataloader_workers, pin_memory=c.pin_memory, prefetch_factor=c.prefetch_factor,
+        pin = c.pin_memory is not False and torch.device(device).type == "cuda"   # page-locked memory on CUDA only
+        kw = dict(workers=c.dataloader_workers, pin_memory=pin, prefetch_factor=c.prefetch_factor,
                   rank=d.rank, world_size=d.world_size)
         self.loader, self.sampler = make_loader(self.train_ds, bs, shuffle=True, seed=c.seed, **kw)
         self.val_loader, self.val_sampler = make_loader(self.val_ds, bs, shuffle=False, seed=c.seed, **kw)
         self.batches_per_epoch = len(self.loader)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / c.gradient_accumulation_steps)
-        self.optimizer = make_optimizer(model, c)
+        self.optimizer = make_optimizer(model, c, scaled_lr(c, bs * c.gradient_accumulation_steps))
         self.scheduler = make_scheduler(self.optimizer, c.lr_scheduler, self.steps_per_epoch,
                                         self.steps_per_epoch * spec.max_epochs, c.warmup_ratio)
         self.device_type = torch.device(device).type
@@ -277,6 +285,8 @@ class StageTrainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
         self.ema = EMA(model, c.ema_decay) if c.ema_decay else None
         self.ddp = self.wrap(model) if d.world_size > 1 else None
+        if c.compilation:
+            compile_cache(c)                                  # kernels cached where a later run finds them
         self.forward = torch.compile(self.ddp or model) if c.compilation else (self.ddp or model)
         self.share = (1.0, bs)          # (loss weight of this rank, rows of the global batch) of the current batch
         self.epoch, self.batch, self.step, self.accumulated = spec.start_epoch, 0, 0, 0
@@ -449,10 +459,13 @@ def fit_stage(tr: StageTrainer, run: TrainRun) -> dict:
     return {"metrics": metrics, "epochs": tr.epoch, "stopped": "threshold" if spec.threshold else "epochs"}
 
 # %% ../nbs/12_train.ipynb #fa6c6d93
+LAUNCH_KEYS = ("ddp_backend", "nproc_per_node", "nnodes", "rdzv_endpoint", "max_restarts", "pin_memory",
+               "compile_cache_dir")  # where and how it runs, not the maths
+
 def run_token(c: TrainConfig) -> str:
     """A short digest of the parameters a fresh run starts from: runs with the same ones reach the same states,
     and a rerun writes byte-identical checkpoints (the loop's registry knows a model by its bytes)."""
-    params = {k: v for k, v in c.to_dict().items() if k not in ("resume_from", "max_steps", "ddp_backend")}
+    params = {k: v for k, v in c.to_dict().items() if k not in ("resume_from", "max_steps", *LAUNCH_KEYS)}
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 # %% ../nbs/12_train.ipynb #646e6be1
@@ -575,6 +588,12 @@ class TrainResult:
         """JSON-able summary."""
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainResult:
+        """The result `to_dict` described (e.g. the one rank 0 of a torchrun launch wrote)."""
+        path = lambda p: None if p is None else Path(p)
+        return cls(Path(d["out_dir"]), d["stages"], path(d["last_checkpoint"]), path(d["best_checkpoint"]), d.get("stopped"))
+
 # %% ../nbs/12_train.ipynb #1c8087c4
 def as_config(config: TrainConfig | dict | str | os.PathLike) -> TrainConfig:
     """A checked TrainConfig from a config, a dict or a YAML path (files checked too)."""
@@ -593,6 +612,20 @@ def conv_channels_last(model: nn.Module) -> nn.Module:
         if isinstance(m, nn.Conv2d):
             m.to(memory_format=torch.channels_last)
     return model
+
+# %% ../nbs/12_train.ipynb #779c6556
+def compile_cache(c: TrainConfig) -> Path | None:
+    """With `c.compilation`: the folder inductor caches its kernels in (set as `TORCHINDUCTOR_CACHE_DIR` for this
+    process and its children: `c.compile_cache_dir`, else the variable you set, else `<data_root>/cache/inductor`)."""
+    if not c.compilation:
+        return None
+    if c.compile_cache_dir:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(c.compile_cache_dir).resolve())
+    else:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str((Path(setting("data_root")) / "cache" / "inductor").resolve()))
+    folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 # %% ../nbs/12_train.ipynb #df8de4e6
 def stage_trainer(stage: str, c: TrainConfig, model: nn.Module, log: RunLog, device: str, progress: bool,
@@ -613,8 +646,14 @@ def stage_trainer(stage: str, c: TrainConfig, model: nn.Module, log: RunLog, dev
 def train(config: TrainConfig | dict | str | os.PathLike, *, progress: bool = True,
           callback: Callable[[dict], None] | None = None) -> TrainResult:
     """Train the stages of `config` (all parameters and files checked first); `callback(info)` after each step.
-    Under torchrun (or in a started process group) every rank runs this; rank 0 writes the files."""
+    Under torchrun (or in a started process group) every rank runs this; rank 0 writes the files. Elsewhere, with
+    `nproc_per_node` or `nnodes` > 1 it hands the run to `torchrun ... maou-nb train` and returns rank 0's result."""
     c = as_config(config)
+    if c.nproc_per_node * c.nnodes > 1 and not launched():
+        if callback is not None:
+            raise ConfigError("callback: a hand-off to torchrun (nproc_per_node/nnodes > 1) trains in other processes, "
+                              "which cannot call it; set nproc_per_node: 1 and nnodes: 1, or read metrics.jsonl instead")
+        return TrainResult.from_dict(torchrun_train(c, print if progress else None))
     d, device = start_distributed(resolve_device(c.device), c.ddp_backend)
     ok = False
     try:

@@ -3,6 +3,7 @@
 In pytest, `torch.multiprocessing.spawn` with a file:// rendezvous needs no TCP store; the torchrun tests run inside
 a private network namespace (`unshare -n`), because torchrun's rendezvous store listens on every interface."""
 import json
+import re
 import os
 import shutil
 import signal
@@ -44,12 +45,14 @@ def pre(tmp_path_factory):
     return root / "pre"
 
 
-def _worker(rank: int, world: int, init_file: str, params: dict, rows_file: str | None) -> None:
+def _worker(rank: int, world: int, init_file: str, runs: list[dict], rows_file: str | None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        train(params, progress=False)
-        if rows_file:       # the rows this rank's trainer feeds it in an epoch
+        for params in runs:     # one process group for several runs: each process starts once (the costly part)
+            train(params, progress=False)
+        if rows_file:
+            params = runs[0]       # the rows this rank's trainer feeds it in an epoch
             d, _ = start_distributed("cpu")
             c = TrainConfig.from_dict(params)
             tr = stage_trainer("3", c, build_train_model(c.model, ["3"], c.model_config, c.preset),
@@ -66,10 +69,12 @@ def _worker(rank: int, world: int, init_file: str, params: dict, rows_file: str 
         dist.destroy_process_group()
 
 
-def spawn_train(params: dict, world: int, tmp_path: Path, rows_file: Path | None = None) -> None:
-    """`train(params)` on `world` processes joined by a file:// rendezvous (no sockets listen)."""
+def spawn_train(runs: list[dict], world: int, tmp_path: Path, rows_file: Path | None = None) -> None:
+    """`train(params)` for each of `runs` in turn on `world` processes joined by a file:// rendezvous (no sockets
+    listen); forked, so they start with this process's imports instead of loading torch again."""
     init_file = tmp_path / f"rendezvous-{time.monotonic_ns()}"
-    mp.spawn(_worker, args=(world, str(init_file), params, rows_file and str(rows_file)), nprocs=world, join=True)
+    mp.start_processes(_worker, args=(world, str(init_file), runs, rows_file and str(rows_file)), nprocs=world,
+                       join=True, start_method="fork")
 
 
 def weights(run: Path, name: str = "last.pt") -> dict:
@@ -92,7 +97,10 @@ def test_two_processes_of_batch_b_match_one_process_of_2b_and_resume_on_another_
     one = train({**params, "out_dir": str(tmp_path / "one")}, progress=False)
     steps = one.stages["3"]["steps"]
     assert steps >= 10
-    spawn_train({**params, "out_dir": str(tmp_path / "two")}, 2, tmp_path, rows_file=tmp_path / "rows")
+    mixed = {**params, "out_dir": str(tmp_path / "mixed")}     # 1 -> 2 -> 1 processes, stopped mid-epoch each time
+    train({**mixed, "max_steps": 3}, progress=False)
+    spawn_train([{**params, "out_dir": str(tmp_path / "two")}, {**mixed, "max_steps": 4, "resume_from": mixed["out_dir"]}],
+                2, tmp_path, rows_file=tmp_path / "rows")
     ranks = [json.loads(Path(f"{tmp_path / 'rows'}.{r}").read_text()) for r in range(2)]
     c = TrainConfig.from_dict(params)
     alone = stage_trainer("3", c, build_train_model(c.model, ["3"], c.model_config, c.preset),
@@ -108,10 +116,7 @@ def test_two_processes_of_batch_b_match_one_process_of_2b_and_resume_on_another_
     assert b[-1]["lr"] == a[-1]["lr"]                                # the same schedule at any world size
     val = lambda run: [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "val"]
     assert val(tmp_path / "two")[-1]["top1"] == pytest.approx(val(tmp_path / "one")[-1]["top1"])  # validation reduced
-    # 1 -> 2 -> 1 processes: stop mid-epoch, resume on the other world size, and land on the same weights
-    mixed = {**params, "out_dir": str(tmp_path / "mixed")}
-    train({**mixed, "max_steps": 3}, progress=False)
-    spawn_train({**mixed, "max_steps": 4, "resume_from": str(tmp_path / "mixed")}, 2, tmp_path)
+    # the 1 -> 2 -> 1 run resumed on the other world size each time, and lands on the same weights
     assert load_checkpoint(tmp_path / "mixed/checkpoints/last.pt")["global_step"] == 7
     train({**mixed, "resume_from": str(tmp_path / "mixed")}, progress=False)
     assert_same_weights(weights(tmp_path / "mixed"), weights(tmp_path / "one"))
@@ -178,25 +183,74 @@ def test_torchrun_two_nodes_match_one_process(launch, tmp_path):
     assert_same_weights(weights(runs / "nodes"), one)
 
 
-def _children(pid: int) -> list[int]:
-    return [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, nearest first."""
+    out, todo = [], [pid]
+    while todo:
+        kids = [int(k) for p in todo for k in Path(f"/proc/{p}/task/{p}/children").read_text().split()
+                if Path(f"/proc/{p}/task/{p}/children").exists()]
+        out, todo = out + kids, kids
+    return out
+
+
+def _rank_processes(pid: int) -> dict[int, int]:
+    """rank -> pid of the `maou-nb train` ranks below `pid` (not their torchrun launcher)."""
+    ranks = {}
+    for child in _descendants(pid):
+        try:
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{child}/environ").read_bytes().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if b"maou_nb.cli" in cmd and b"torch.distributed.run" not in cmd and b"RANK" in env:
+            ranks[int(env[b"RANK"])] = child
+    return ranks
 
 
 @needs_loopback
-def test_torchrun_with_a_killed_rank_restarts_and_resumes_to_the_weights_of_one_process(launch, tmp_path):
-    """`torchrun --standalone --nproc_per_node=2 maou-nb train ...`; rank 1 is killed once training has checkpointed."""
+def test_the_train_stage_hands_off_to_torchrun_and_a_killed_rank_restarts(launch, tmp_path):
+    """`maou-nb run` of a params file whose train section says nproc_per_node: 2: the stage notebook's `train` runs
+    `torchrun ... maou-nb train` as a child; rank 1 is killed once training has checkpointed, torchrun restarts the
+    group, which resumes; the notebook goes on with rank 0's result as after a single process."""
     params, runs, one = launch
-    p = in_private_net(torchrun(launch, "killed", "--standalone", "--nproc_per_node=2", "--max-restarts=1"), tmp_path)
-    deadline = time.time() + 120
-    while not (runs / "killed" / "checkpoints" / "last.pt").is_file():   # training has written a checkpoint
+    spec = yaml.safe_load(params.read_text())
+    spec["train"].update(nproc_per_node=2, max_restarts=1, stage3_val_data=None)   # val: a slice, as in `one`
+    hand = tmp_path / "hand.yaml"
+    hand.write_text(yaml.safe_dump(spec))
+    p = in_private_net(f"exec {sys.executable} -m maou_nb.cli run {hand} --run-id hand --runs-root {runs}", tmp_path)
+    deadline = time.time() + 180
+    while not (runs / "hand" / "checkpoints" / "last.pt").is_file():   # training has written a checkpoint
         assert p.poll() is None and time.time() < deadline, p.communicate()[0]
         time.sleep(0.05)
-    workers = _children(p.pid)                                       # sh exec'd torchrun: its children are the ranks
-    assert len(workers) == 2
-    os.kill(workers[1], signal.SIGKILL)                              # rank 1 dies mid-run
+    ranks = _rank_processes(p.pid)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGKILL)                                # rank 1 dies mid-run
     out, _ = p.communicate(timeout=240)
     assert p.returncode == 0, out
-    assert "exitcode: -9" in out and out.count("{\n \"out_dir\"") == 1, out   # torchrun saw the kill; one result
-    assert_same_weights(weights(runs / "killed"), one)
-    lines = train_lines(runs / "killed")
+    assert "exitcode: -9" in out, out                                # torchrun saw the kill and restarted
+    done = json.loads((runs / "hand" / "train.done.json").read_text())
+    assert done["best_checkpoint"] == str(runs / "hand" / "checkpoints" / "best.pt")   # rank 0's result, in the notebook
+    assert_same_weights(weights(runs / "hand"), one)
+    lines = train_lines(runs / "hand")
     assert [r["global_step"] for r in lines] == list(range(1, len(lines) + 1))   # the telemetry rewound, no duplicates
+    assert lines[-1]["world_size"] == 2
+
+
+@needs_loopback
+def test_a_failed_hand_off_names_the_failing_rank_log(launch, tmp_path):
+    """`maou-nb train` (not under torchrun) with nproc_per_node: 2 hands off too; the ranks fail on a corrupt
+    `last.pt` to resume from, and the error names the failing rank's log and quotes the cause."""
+    params, runs, _ = launch
+    spec = yaml.safe_load(params.read_text())
+    spec["train"]["nproc_per_node"] = 2
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(spec))
+    (runs / "broken" / "checkpoints").mkdir(parents=True)
+    (runs / "broken" / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    p = in_private_net(f"exec {sys.executable} -m maou_nb.cli train {broken} --run-id broken --runs-root {runs}", tmp_path)
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode == 2, out
+    error = out[out.index("maou-nb train: error: torchrun (2 processes) failed"):]
+    log = Path(re.search(r"the failing rank's log: (\S+)", error).group(1))
+    assert log.is_file() and log.is_relative_to(runs / "broken" / "torchrun" / "logs"), error
+    assert "last.pt" in log.read_text() and "last.pt" in error, error    # the cause, in the log and quoted

@@ -564,3 +564,27 @@ def test_the_command_makes_waiting_openmp_threads_sleep_unless_told_otherwise():
     out = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == "ACTIVE"
+
+
+def test_pinned_memory_is_for_cuda_only_and_the_cpu_step_is_unchanged(data, tmp_path):
+    """`pin_memory: true` on CPU: no page-locked batches (a CPU-only torch warns on them and gains nothing)."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pinned = _step_losses(data, tmp_path, "pinned", pin_memory=True, max_steps=2)
+    assert not [w for w in caught if "pin_memory" in str(w.message)], [str(w.message) for w in caught]
+    assert len(pinned) == 2 and pinned == _step_losses(data, tmp_path, "default", max_steps=2)   # the same CPU step, bit for bit
+
+
+def test_lr_scaling_scales_the_rate_with_the_batch_of_a_step(data, tmp_path):
+    lrs = {}
+    for scaling in ("none", "linear", "sqrt"):
+        seen = []
+        train(run_config(data, tmp_path / scaling, max_steps=1, lr_scaling=scaling, lr_reference_batch=32,
+                         gradient_accumulation_steps=2), progress=False, callback=lambda info: seen.append(info["lr"]))
+        lrs[scaling] = seen[0]
+    batch_per_step = TINY["batch_size"] * 2                           # 256 rows an optimiser step, 8x the reference
+    assert lrs["linear"] == pytest.approx(lrs["none"] * batch_per_step / 32)
+    assert lrs["sqrt"] == pytest.approx(lrs["none"] * math.sqrt(batch_per_step / 32))
+    line = json.loads((tmp_path / "linear" / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["lr"] == pytest.approx(lrs["linear"])                  # the logged rate is the scaled one
