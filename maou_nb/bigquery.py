@@ -189,17 +189,53 @@ def _preprocessed_shard(t, path: Path) -> int:
     save_array(path, pos)
     return len(moves)
 
-# %% ../nbs/08_bigquery.ipynb #6cfd9a9e
-def read_table(uri: str, folder: str | os.PathLike, *, batch_size: int = 100_000, partition_date: str | None = None) -> Path:
-    """Read the table `uri` (only `partition_date`'s rows if given) through the Storage Read API into shards of at
-    most `batch_size` rows and a manifest in `folder`: HCPE shards or preprocessed shards, as its columns say."""
+# %% ../nbs/08_bigquery.ipynb #bca8dcd1
+def _pages(b: BigQueryBackend, uri: str, fields, where: str):
+    """The rows of table `uri` restricted to `where`, as Arrow record batches of one Storage Read session."""
     bqs, pa = require("bqs"), importlib.import_module("pyarrow")
     project, dataset, table = parse_table(uri)
-    b, folder = bq_backend(project), Path(folder)
-    kind = table_kind(uri, [f.name for f in b.table(uri).schema])
-    where = f"partitioningKey = DATE '{_dt.date.fromisoformat(partition_date)}'" if partition_date else ""
     request = bqs.types.ReadSession(table=f"projects/{project}/datasets/{dataset}/tables/{table}", data_format=bqs.types.DataFormat.ARROW,
-                                    read_options=bqs.types.ReadSession.TableReadOptions(selected_fields=list(TABLE_KINDS[kind]), row_restriction=where))
+                                    read_options=bqs.types.ReadSession.TableReadOptions(selected_fields=list(fields), row_restriction=where))
+    session = b.read.create_read_session(parent=f"projects/{project}", read_session=request, max_stream_count=1,
+                                         retry=b.retry, timeout=b.timeout)
+    schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
+    for stream in session.streams:
+        for response in b.read.read_rows(stream.name, retry=b.retry, timeout=b.timeout):
+            yield pa.ipc.read_record_batch(pa.py_buffer(response.arrow_record_batch.serialized_record_batch), schema)
+
+# %% ../nbs/08_bigquery.ipynb #b7ebe511
+def _literal(value) -> str:
+    """`value` as a GoogleSQL literal for a row restriction."""
+    if isinstance(value, _dt.date):
+        return f"DATE '{value.isoformat()}'"
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(value).upper() if isinstance(value, bool) else str(value)
+
+def _clusters(b: BigQueryBackend, uri: str, key: str | None, columns, where: str) -> list[str]:
+    """The row restrictions to read `uri` by: `where` alone, or with `key`, one per value of that column."""
+    if key is None:
+        return [where]
+    if key not in columns:
+        raise CloudError(f"{uri}: input_clustering_key={key!r} is not a column of the table ({', '.join(columns)}). "
+                         "Name one of them (e.g. gameId), or leave it unset.")
+    project, dataset, table = parse_table(uri)
+    sql = f"SELECT DISTINCT `{key}` AS v FROM `{project}.{dataset}.{table}`" + (f" WHERE {where}" if where else "")
+    values = sorted(r["v"] for r in b.client.query(sql, retry=b.retry, timeout=b.timeout).result(timeout=b.timeout))
+    return [" AND ".join(filter(None, [where, f"{key} = {_literal(v)}"])) for v in values]
+
+# %% ../nbs/08_bigquery.ipynb #6cfd9a9e
+def read_table(uri: str, folder: str | os.PathLike, *, batch_size: int = 100_000, partition_date: str | None = None,
+               clustering_key: str | None = None) -> Path:
+    """Read the table `uri` (only `partition_date`'s rows if given) through the Storage Read API into shards of at
+    most `batch_size` rows and a manifest in `folder`: HCPE shards or preprocessed shards, as its columns say. With
+    `clustering_key` it is read one value of that column at a time and a shard is closed only between values: shards
+    of about `batch_size` rows that never split a cluster (with gameId, whole games)."""
+    pa = importlib.import_module("pyarrow")
+    b, folder = bq_backend(parse_table(uri)[0]), Path(folder)
+    columns = [f.name for f in b.table(uri).schema]
+    kind = table_kind(uri, columns)
+    where = f"partitioningKey = DATE '{_dt.date.fromisoformat(partition_date)}'" if partition_date else ""
     shards, pending, rows, move_rows = [], [], 0, 0
     def flush():
         nonlocal pending, move_rows
@@ -207,35 +243,35 @@ def read_table(uri: str, folder: str | os.PathLike, *, batch_size: int = 100_000
         move_rows += (_hcpe_shard if kind == "hcpe" else _preprocessed_shard)(pa.Table.from_batches(pending), shards[-1])
         pending = []
     with b.errors(uri):
-        session = b.read.create_read_session(parent=f"projects/{project}", read_session=request, max_stream_count=1,
-                                             retry=b.retry, timeout=b.timeout)
-        schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
-        for stream in session.streams:
-            for response in b.read.read_rows(stream.name, retry=b.retry, timeout=b.timeout):
-                page = pa.ipc.read_record_batch(pa.py_buffer(response.arrow_record_batch.serialized_record_batch), schema)
+        for restriction in _clusters(b, uri, clustering_key, columns, where):
+            for page in _pages(b, uri, TABLE_KINDS[kind], restriction):
                 start = 0
                 while start < page.num_rows:       # pages of the server's size, shards of batch_size rows
-                    pending.append(page.slice(start, batch_size - sum(p.num_rows for p in pending)))
+                    room = page.num_rows if clustering_key else batch_size - sum(p.num_rows for p in pending)
+                    pending.append(page.slice(start, room))
                     start, rows = start + pending[-1].num_rows, rows + pending[-1].num_rows
-                    if sum(p.num_rows for p in pending) == batch_size:
+                    if not clustering_key and sum(p.num_rows for p in pending) == batch_size:
                         flush()
+            if clustering_key and sum(p.num_rows for p in pending) >= batch_size:
+                flush()                            # between clusters only
     if pending:
         flush()
     if not shards:
         raise CloudError(f"{uri}: no rows" + (f" in partition {partition_date}" if partition_date else "") +
                          ". Check input_partitioning_key_date, or load the data first (write_hcpe_table, write_preprocessed_table).")
     extra = {"move_rows": move_rows} if kind == "preprocessed" else {}
-    write_manifest(folder, kind, shards, rows=rows, source=uri, partition_date=partition_date, **extra)
+    write_manifest(folder, kind, shards, rows=rows, source=uri, partition_date=partition_date,
+                   clustering_key=clustering_key, **extra)
     return folder
 
 # %% ../nbs/08_bigquery.ipynb #fe103468
 def _materialise_table(self, uri: str, keep: set[str]) -> Path:
     """`materialise` for a `bq://` table: read into a temporary folder, renamed into place when complete; reused
-    while the table's ETag (and the read's filter and page size) are unchanged."""
+    while the table's ETag (and the read's filter, page size and clustering key) are unchanged."""
     project, dataset, table = parse_table(uri)
     meta = bq_backend(project, self.timeout).table(uri)
     name = f"{project}.{dataset}.{table}" + (f"@{self.partition_date}" if self.partition_date else "")
-    rel, version = f"bq/{name}", f"{meta.etag}|{meta.num_rows}|{self.batch_size}"
+    rel, version = f"bq/{name}", f"{meta.etag}|{meta.num_rows}|{self.batch_size}|{self.clustering_key}"
     view, files = self.root / rel, self._index()
     if files.get(rel, {}).get("version") == version and (view / "manifest.json").is_file():
         files[rel]["used"] = time.time()
@@ -245,7 +281,8 @@ def _materialise_table(self, uri: str, keep: set[str]) -> Path:
     self._evict(files, keep | {rel}, int(meta.num_bytes or 0))
     partial = self.root / "bq" / f".{name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    read_table(uri, partial, batch_size=self.batch_size, partition_date=self.partition_date)
+    read_table(uri, partial, batch_size=self.batch_size, partition_date=self.partition_date,
+               clustering_key=self.clustering_key)
     shutil.rmtree(view, ignore_errors=True)
     os.replace(partial, view)
     self.downloaded += 1

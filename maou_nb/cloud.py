@@ -369,14 +369,17 @@ class ShardCache:
     """Remote objects kept as verified local files under `root`, reused while the server's version is unchanged."""
     def __init__(self, root: str | os.PathLike, *, max_workers: int, max_cached_bytes: int | None,
                  timeout: float = TIMEOUT_SECONDS, batch_size: int = 100_000, partition_date: str | None = None,
-                 bundle_bytes: int | None = None):
+                 bundle_bytes: int | None = None, clustering_key: str | None = None):
         """`max_workers` parallel downloads; `max_cached_bytes` the cap (None: none); BigQuery tables are read
-        `batch_size` rows a page, only `partition_date`'s partition when given; `bundle_bytes`: a data folder's shards
+        `batch_size` rows a page, only `partition_date`'s partition when given, cluster by cluster of the column
+        `clustering_key` when given; `bundle_bytes`: a data folder's shards
         are packed into bundles of about that size (None: kept one file per object). The pipeline passes TrainConfig's
-        `input_max_workers`, `input_max_cached_bytes`, `input_batch_size`, `input_partitioning_key_date` and
+        `input_max_workers`, `input_max_cached_bytes`, `input_batch_size`, `input_partitioning_key_date`,
+        `input_clustering_key` and
         `input_bundle_size_gb` (with `input_enable_bundling`)."""
         self.root, self.max_workers, self.max_cached_bytes = Path(root), max_workers, max_cached_bytes
         self.batch_size, self.partition_date, self.bundle_bytes = batch_size, partition_date, bundle_bytes
+        self.clustering_key = clustering_key
         self.timeout, self.downloaded = timeout, 0        # objects fetched by this cache object (reuse shows as 0)
         self._index_lock = threading.Lock()
 

@@ -152,6 +152,7 @@ class TrainConfig:
     input_max_cached_bytes: int | None = knob(None, min=1)  # evict least recently used shards beyond this; None: no cap
     input_batch_size: int = knob(100_000, min=1)  # bq:// tables: rows per Storage Read page and per cached shard
     input_partitioning_key_date: str | None = None  # bq:// tables: read only this partitioningKey DATE (YYYY-MM-DD)
+    input_clustering_key: str | None = None  # bq:// tables: read cluster by cluster on this column (e.g. gameId); shards never split one
     input_enable_bundling: bool = False   # pack a remote data folder's small shards into local bundles when cached
     input_bundle_size_gb: float = knob(1.0, above=0)  # about this many GB a bundle (with input_enable_bundling)
     input_stream: bool | None = knob(None)  # true: stream remote data, false: copy it whole; null: stream when it exceeds input_max_cached_bytes
@@ -361,4 +362,5 @@ def shard_cache(c: TrainConfig, data_root: str | os.PathLike | None = None) -> S
     root = c.input_local_cache_dir or Path(data_root or setting("data_root")) / "cache"
     return ShardCache(Path(root).resolve(), max_workers=c.input_max_workers, max_cached_bytes=c.input_max_cached_bytes,
                       batch_size=c.input_batch_size, partition_date=c.input_partitioning_key_date,
+                      clustering_key=c.input_clustering_key,
                       bundle_bytes=int(c.input_bundle_size_gb * 1e9) if c.input_enable_bundling else None)

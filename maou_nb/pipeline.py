@@ -566,13 +566,11 @@ def _run_steps(params, steps, run, run_id, meta, folder, cache, mirror, echo) ->
 MIRROR_WAIT_SECONDS = 600.0   # how long a returning run waits for its pending uploads
 
 def input_cache(params: dict) -> ShardCache:
-    """The shard cache for the run's remote inputs, from the train section's checked config (TrainConfig's knobs)."""
-    from maou_nb.config import TrainConfig
-    c = TrainConfig.from_dict(params.get("train") or {}, check_files=False)
-    root = c.input_local_cache_dir or Path(setting("data_root", params=params)) / "cache"
-    return ShardCache(Path(root).resolve(), max_workers=c.input_max_workers, max_cached_bytes=c.input_max_cached_bytes,
-                      batch_size=c.input_batch_size, partition_date=c.input_partitioning_key_date,
-                      bundle_bytes=int(c.input_bundle_size_gb * 1e9) if c.input_enable_bundling else None)
+    """The shard cache for the run's remote inputs: `shard_cache` of the train section's config, under the run's
+    `data_root`."""
+    from maou_nb.config import TrainConfig, shard_cache
+    return shard_cache(TrainConfig.from_dict(params.get("train") or {}, check_files=False),
+                       setting("data_root", params=params))
 
 def _remote_targets(key: str, uri: str) -> str:
     """What to fetch for `uri`: a run's `checkpoints/` for a resume URI that names no checkpoint file."""

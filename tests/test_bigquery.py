@@ -45,6 +45,30 @@ def test_bigquery_writer_and_reader_round_trip(bigquery, hcpe, tmp_path):
         check_uri(f"bq://{bigquery}.maou.nothing", "train.stage3_data")
 
 
+
+def test_clustering_key_reads_cluster_by_cluster_and_never_splits_one(bigquery, hcpe, tmp_path):
+    """input_clustering_key=gameId: a session per game, shards closed only between games, the same rows as one read;
+    a key that is not a column is refused naming the columns; the cache reads again when the key changes."""
+    uri = f"bq://{bigquery}.maou.clustered"
+    rows = write_hcpe_table(hcpe, uri, partition_date="2026-01-01", clustering_key="gameId")
+    def read(key, folder):
+        shards = manifest_shards(read_table(uri, tmp_path / folder, batch_size=40, clustering_key=key), "hcpe")
+        return [(load_hcpe(p), load_game_ids(p)) for p in shards]
+    plain, clustered = read(None, "plain"), read("gameId", "clustered")
+    def rows_of(shards):
+        return sorted((bytes(h["hcp"]), int(h["bestMove16"]), int(g)) for a, ids in shards for h, g in zip(a, ids))
+    assert rows_of(clustered) == rows_of(plain) and len(rows_of(plain)) == rows
+    games = [set(ids.tolist()) for _, ids in clustered]
+    assert len(games) > 1 and all(not (a & b) for i, a in enumerate(games) for b in games[i + 1:])  # no game split
+    assert any(len(set(ids.tolist()) & set(other.tolist())) for (_, ids), (_, other) in zip(plain, plain[1:]))
+    with pytest.raises(CloudError, match=r"input_clustering_key='gameid' is not a column .*gameId"):
+        read_table(uri, tmp_path / "bad", clustering_key="gameid")
+    cache = ShardCache(tmp_path / "cache", max_workers=1, max_cached_bytes=None, batch_size=40)
+    cache.materialise(uri)
+    cache.clustering_key = "gameId"
+    cache.materialise(uri)
+    assert cache.downloaded == 2
+
 def _objects(uri: str) -> set[str]:
     r, objects, _ = list_uri(uri)
     return {o.key[len(r.key) + 1:] for o in objects}
