@@ -9,6 +9,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape
 
 import cshogi
@@ -21,6 +22,9 @@ from IPython.display import display
 from .encoding import MOVE_LABELS_NUM, move_label, mover_square, reachable_squares_label
 from .settings import setting
 from .storage import atomic_path, load_hcpe
+
+if TYPE_CHECKING:                 # for annotations only: importing export would load torch and onnxruntime
+    from maou_nb.export import Evaluator
 
 # %% auto #0
 __all__ = ['CELL', 'BOARD_ORIGIN', 'VIEWBOX', 'PIECE_STYLES', 'square_corner', 'BoardSvg', 'save_svg', 'destination_weights',
@@ -363,7 +367,7 @@ def _position_info(pos: Position, board: cshogi.Board, probs: dict[int, float] |
 # %% ../nbs/21_viz.ipynb #122ef651
 class PositionExplorer:
     """Widgets stepping through positions: board with heat map and overlays, value, model's top moves."""
-    def __init__(self, positions: Sequence[Position], policy: "Evaluator | None" = None, *, scale: float = 1.6):
+    def __init__(self, positions: Sequence[Position], policy: Evaluator | None = None, *, scale: float = 1.6):
         if not positions:
             raise ValueError("PositionExplorer needs at least one position")
         self.positions, self.policy, self.scale = list(positions), policy, scale
