@@ -126,7 +126,8 @@ def ray_index(steps: int) -> torch.Tensor:
 
 # %% ../nbs/10_model.ipynb #dcfd4284
 class RayBlock(nn.Module):
-    """Gated sums along the 8 lines through every square (ranks, files, diagonals), 1x1 conv back, residual."""
+    """Gated sums along the 8 lines through every square (ranks, files, diagonals) and the board's maximum,
+    1x1 conv back, residual."""
 
     def __init__(self, channels: int, ray_channels: int = 8):
         super().__init__()
@@ -134,6 +135,7 @@ class RayBlock(nn.Module):
         self.value = nn.Conv2d(channels, 8 * ray_channels, 1)
         self.gate = nn.Conv2d(channels, 8 * ray_channels, 1)
         self.out = nn.Conv2d(8 * ray_channels, channels, 1, bias=False)
+        self.board = nn.Linear(channels, channels, bias=False)   # the board's max, to every square (e.g. "in check")
         self.bn = nn.BatchNorm2d(channels)
         for steps in (1, 2, 4):
             self.register_buffer(f"shift{steps}", ray_index(steps), persistent=False)
@@ -159,7 +161,7 @@ class RayBlock(nn.Module):
         v = self.value(x).reshape(b, self.k, 8, 81)
         g = torch.sigmoid(self.gate(x)).reshape(b, self.k, 8, 81)
         rays = self.line_sums(v, g).reshape(b, 8 * self.k, 9, 9)
-        return F.relu(x + self.bn(self.out(rays)))
+        return F.relu(x + self.bn(self.out(rays) + self.board(x.amax(dim=(2, 3)))[:, :, None, None]))
 
 # %% ../nbs/10_model.ipynb #98f8bc7b
 class ResNetBackbone(nn.Module):
@@ -340,6 +342,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                           "resnet_block": "basic", "head_layout": "spatial", "value_head_hidden": 256},
         "spatial-tiny": {"resnet_widths": [32] * 4, "resnet_blocks": [1] * 4, "resnet_strides": [1] * 4, "resnet_expansion": 1,
                          "resnet_block": "basic", "head_layout": "spatial", "value_head_hidden": 128, "legal_head_hidden": 128},
+        # the quick start's: two basic blocks 32 wide, each followed by a RayBlock (the lines of the board in one layer)
+        "spatial-rays": {"resnet_widths": [32] * 2, "resnet_blocks": [1] * 2, "resnet_strides": [1] * 2, "resnet_expansion": 1,
+                         "resnet_block": "basic", "resnet_rays": 8, "head_layout": "spatial", "value_head_hidden": 128,
+                         "legal_head_hidden": 64},
     },
     "vit": {
         "default": {"vit_embed_dim": 512, "vit_num_layers": 6, "vit_num_heads": 8, "vit_mlp_ratio": 4.0, "vit_dropout": 0.1},

@@ -301,3 +301,24 @@ def test_ray_block_sums_match_a_walk_along_each_line():
     with pytest.raises(ValueError, match=r"resnet_strides=\[1, 2, 2, 2\].*all 1 with resnet_rays=4"):
         build_model("resnet", preset="small", resnet_rays=4)
     assert resolve_config("resnet")["resnet_rays"] == 0       # Maou's default shapes: no rays
+
+
+def test_spatial_rays_preset_runs_the_heads_and_exports_to_onnx(tmp_path):
+    """The quick start's `spatial-rays` preset: stride 1, a RayBlock ending each layer, all four heads per square with
+    Maou's output shapes, rebuilt from its JSON config, and exported to ONNX that matches PyTorch (the fixed gathers
+    of the rays included)."""
+    from maou_nb.export import export_onnx
+    from maou_nb.model import RayBlock
+    model = build_model("resnet", preset="spatial-rays").eval()
+    assert [type(layer[-1]) for layer in model.backbone.layers] == [RayBlock, RayBlock]
+    board, hand = real_batch()
+    out = model(board.int(), hand)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"policy": (len(board), 1496), "value": (len(board), 1),
+                                                           "reachable": (len(board), 81), "legal": (len(board), 1496)}
+    twin = build_model(model.arch, **json.loads(json.dumps(model.config)))
+    twin.load_state_dict(model.state_dict())
+    assert torch.equal(twin.eval()(board.int(), hand)["legal"], out["legal"])
+    assert count_parameters(model)["reference"] < 100_000
+    figures = export_onnx(build_model("resnet", preset="spatial-rays", heads=["policy", "value"]), tmp_path / "m.onnx",
+                          n_default_positions=16, fp16=False)
+    assert figures["fp32"]["real"]["within_tolerance"] and figures["fp32"]["scrambled"]["within_tolerance"]
