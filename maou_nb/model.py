@@ -342,7 +342,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                           "resnet_block": "basic", "head_layout": "spatial", "value_head_hidden": 256},
         "spatial-tiny": {"resnet_widths": [32] * 4, "resnet_blocks": [1] * 4, "resnet_strides": [1] * 4, "resnet_expansion": 1,
                          "resnet_block": "basic", "head_layout": "spatial", "value_head_hidden": 128, "legal_head_hidden": 128},
-        # the quick start's: two basic blocks 32 wide, each followed by a RayBlock (the lines of the board in one layer)
+        # two basic blocks 32 wide, each followed by a RayBlock (the lines of the board in one layer); issue 16's trial
         "spatial-rays": {"resnet_widths": [32] * 2, "resnet_blocks": [1] * 2, "resnet_strides": [1] * 2, "resnet_expansion": 1,
                          "resnet_block": "basic", "resnet_rays": 8, "head_layout": "spatial", "value_head_hidden": 128,
                          "legal_head_hidden": 64},

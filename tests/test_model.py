@@ -304,7 +304,7 @@ def test_ray_block_sums_match_a_walk_along_each_line():
 
 
 def test_spatial_rays_preset_runs_the_heads_and_exports_to_onnx(tmp_path):
-    """The quick start's `spatial-rays` preset: stride 1, a RayBlock ending each layer, all four heads per square with
+    """The `spatial-rays` preset (issue 16's trial for the quick start): stride 1, a RayBlock ending each layer, all four heads per square with
     Maou's output shapes, rebuilt from its JSON config, and exported to ONNX that matches PyTorch (the fixed gathers
     of the rays included)."""
     from maou_nb.export import export_onnx
