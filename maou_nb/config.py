@@ -141,6 +141,8 @@ class TrainConfig:
     stage2_min_epochs: int = knob(1, min=1)
     warmup_ratio: float | None = knob(None, min=0, max=1)  # Warmup+CosineDecay warm-up share of a stage's steps; null: Maou's max(1 epoch, 10%)
     keep_epochs: int = knob(0, min=0)      # keep the last N Stage 3 epochs as checkpoints/epoch<E>.pt (0: none)
+    mirror: float = knob(0.0, min=0, max=1)  # Stage 3: chance that a training row is mirrored left-right (files, labels)
+    label_smoothing: float = knob(0.0, min=0, below=1)  # Stage 3 policy target mixed with uniform over the 1496 labels
     # telemetry
     log_every: int = knob(50, min=1)
     tensorboard_histogram_frequency: int = knob(0, min=0)  # weight histograms every N steps; 0 = off

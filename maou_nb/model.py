@@ -19,12 +19,13 @@ from .storage import load_checkpoint
 
 # %% auto #0
 __all__ = ['BOARD_VOCAB', 'BOARD_EMBED_DIM', 'HAND_SIZE', 'HAND_EMBED_DIM', 'STEM_CHANNELS', 'NUM_SQUARES', 'HEAD_NAMES', 'ARCHS',
-           'HEAD_LAYOUTS', 'RESNET_BLOCKS', 'COMMON_DEFAULTS', 'PRESETS', 'PARTS', 'STAGE_HEADS', 'Stem', 'shortcut',
-           'Bottleneck', 'BasicBlock', 'ResNetBackbone', 'SelfAttention', 'TransformerBlock', 'ViTBackbone',
-           'MixerBlock', 'MixerBackbone', 'MeanPool', 'SpatialHead', 'make_head', 'model_config_keys', 'resolve_config',
-           'ShogiNet', 'build_model', 'unwrap_model', 'count_parameters', 'model_summary', 'apply_freezing',
-           'clean_state_dict', 'model_state_dict', 'part_state_dict', 'load_part_state_dict', 'checkpoint_payload',
-           'model_from_payload', 'load_model', 'build_train_model', 'load_parts']
+           'HEAD_LAYOUTS', 'RESNET_BLOCKS', 'RAY_DIRECTIONS', 'COMMON_DEFAULTS', 'PRESETS', 'PARTS', 'STAGE_HEADS',
+           'Stem', 'shortcut', 'Bottleneck', 'BasicBlock', 'ray_index', 'RayBlock', 'ResNetBackbone', 'SelfAttention',
+           'TransformerBlock', 'ViTBackbone', 'MixerBlock', 'MixerBackbone', 'MeanPool', 'SpatialHead', 'make_head',
+           'model_config_keys', 'resolve_config', 'ShogiNet', 'build_model', 'unwrap_model', 'count_parameters',
+           'model_summary', 'apply_freezing', 'clean_state_dict', 'model_state_dict', 'part_state_dict',
+           'load_part_state_dict', 'checkpoint_payload', 'model_from_payload', 'load_model', 'build_train_model',
+           'load_parts']
 
 # %% ../nbs/10_model.ipynb #74ccdf1f
 BOARD_VOCAB = 256  # rows of the board-ID embedding (IDs 0-28 are used)
@@ -108,12 +109,66 @@ class BasicBlock(nn.Module):
         y = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
 
+# %% ../nbs/10_model.ipynb #df9116b7
+RAY_DIRECTIONS = ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))  # (rank, file) steps
+
+def ray_index(steps: int) -> torch.Tensor:
+    """int64[8 * 82]: for direction d and cell c (< 81), the cell `steps` squares along d, as an index into the
+    (8, 82) rays-by-cells layout (cell 81 of each direction is a zero pad, used past the board's edge)."""
+    out = torch.empty(8, 82, dtype=torch.long)
+    for d, (dr, df) in enumerate(RAY_DIRECTIONS):
+        for cell in range(82):
+            r, f = divmod(cell, 9)
+            r2, f2 = r + steps * dr, f + steps * df
+            inside = cell < 81 and 0 <= r2 < 9 and 0 <= f2 < 9
+            out[d, cell] = d * 82 + (r2 * 9 + f2 if inside else 81)
+    return out.flatten()
+
+# %% ../nbs/10_model.ipynb #dcfd4284
+class RayBlock(nn.Module):
+    """Gated sums along the 8 lines through every square (ranks, files, diagonals) and the board's maximum,
+    1x1 conv back, residual."""
+
+    def __init__(self, channels: int, ray_channels: int = 8):
+        super().__init__()
+        self.k = ray_channels
+        self.value = nn.Conv2d(channels, 8 * ray_channels, 1)
+        self.gate = nn.Conv2d(channels, 8 * ray_channels, 1)
+        self.out = nn.Conv2d(8 * ray_channels, channels, 1, bias=False)
+        self.board = nn.Linear(channels, channels, bias=False)   # the board's max, to every square (e.g. "in check")
+        self.bn = nn.BatchNorm2d(channels)
+        for steps in (1, 2, 4):
+            self.register_buffer(f"shift{steps}", ray_index(steps), persistent=False)
+
+    def _shift(self, t: torch.Tensor, steps: int) -> torch.Tensor:
+        """(B, k, 8, 82) -> the same, each direction's cells moved `steps` squares along it (zeros past the edge)."""
+        b = t.shape[0]
+        return t.reshape(b, self.k, 8 * 82).index_select(2, getattr(self, f"shift{steps}")).reshape(b, self.k, 8, 82)
+
+    def line_sums(self, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """(B, k, 8, 81) values and gates -> per square s and direction d, sum over t = s+d, s+2d, ... (to the edge)
+        of v(t) times the gates of the squares strictly between s and t."""
+        v, g = F.pad(v, (0, 1)), F.pad(g, (0, 1))
+        v, g = self._shift(v, 1), self._shift(g, 1)          # start one square along: what lies beyond s
+        for steps in (1, 2, 4):
+            v = v + g * self._shift(v, steps)
+            g = g * self._shift(g, steps)
+        return v[..., :81]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, 9, 9) -> (B, C, 9, 9)."""
+        b = x.shape[0]
+        v = self.value(x).reshape(b, self.k, 8, 81)
+        g = torch.sigmoid(self.gate(x)).reshape(b, self.k, 8, 81)
+        rays = self.line_sums(v, g).reshape(b, 8 * self.k, 9, 9)
+        return F.relu(x + self.bn(self.out(rays) + self.board(x.amax(dim=(2, 3)))[:, :, None, None]))
+
 # %% ../nbs/10_model.ipynb #98f8bc7b
 class ResNetBackbone(nn.Module):
     """Stacked residual layers (bottleneck or basic blocks) on the 9x9 stem features; `layers` are the freezing groups."""
 
     def __init__(self, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), strides=(1, 2, 2, 2), expansion: int = 4,
-                 block: str = "bottleneck"):
+                 block: str = "bottleneck", rays: int = 0):
         super().__init__()
         make = (lambda i, w, s: Bottleneck(i, w, s, expansion)) if block == "bottleneck" else BasicBlock
         layers, in_ch = [], STEM_CHANNELS
@@ -121,6 +176,7 @@ class ResNetBackbone(nn.Module):
             group = [make(in_ch, width, stride)]
             in_ch = width * expansion if block == "bottleneck" else width
             group += [make(in_ch, width, 1) for _ in range(n_blocks - 1)]
+            group += [RayBlock(in_ch, rays)] if rays else []
             layers.append(nn.Sequential(*group))
         self.layers = nn.ModuleList(layers)
         self.feature_dim = in_ch
@@ -279,13 +335,17 @@ COMMON_DEFAULTS: dict[str, Any] = {"heads": list(HEAD_NAMES), "legal_head_hidden
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "resnet": {
         "default": {"resnet_widths": [64, 128, 256, 512], "resnet_blocks": [2, 2, 2, 2], "resnet_strides": [1, 2, 2, 2], "resnet_expansion": 4,
-                    "resnet_block": "bottleneck"},
+                    "resnet_block": "bottleneck", "resnet_rays": 0},
         "small": {"resnet_widths": [16, 32, 32, 32], "resnet_blocks": [1, 1, 1, 1], "resnet_strides": [1, 2, 2, 2], "resnet_expansion": 4},
         # the kit's own: the whole 9x9 board to the heads, moves predicted per square (issue 16's measurements)
         "spatial-small": {"resnet_widths": [64] * 5, "resnet_blocks": [1] * 5, "resnet_strides": [1] * 5, "resnet_expansion": 1,
                           "resnet_block": "basic", "head_layout": "spatial", "value_head_hidden": 256},
         "spatial-tiny": {"resnet_widths": [32] * 4, "resnet_blocks": [1] * 4, "resnet_strides": [1] * 4, "resnet_expansion": 1,
                          "resnet_block": "basic", "head_layout": "spatial", "value_head_hidden": 128, "legal_head_hidden": 128},
+        # two basic blocks 32 wide, each followed by a RayBlock (the lines of the board in one layer); issue 16's trial
+        "spatial-rays": {"resnet_widths": [32] * 2, "resnet_blocks": [1] * 2, "resnet_strides": [1] * 2, "resnet_expansion": 1,
+                         "resnet_block": "basic", "resnet_rays": 8, "head_layout": "spatial", "value_head_hidden": 128,
+                         "legal_head_hidden": 64},
     },
     "vit": {
         "default": {"vit_embed_dim": 512, "vit_num_layers": 6, "vit_num_heads": 8, "vit_mlp_ratio": 4.0, "vit_dropout": 0.1},
@@ -357,6 +417,10 @@ def _validate(name: str, cfg: dict) -> None:
         _check_int(cfg, "resnet_expansion")
         if cfg["resnet_block"] not in RESNET_BLOCKS:
             raise _bad("resnet_block", cfg["resnet_block"], f"one of {list(RESNET_BLOCKS)}")
+        _check_int(cfg, "resnet_rays", low=0)
+        if cfg["resnet_rays"] and any(s != 1 for s in cfg["resnet_strides"]):
+            raise _bad("resnet_strides", cfg["resnet_strides"], f"all 1 with resnet_rays={cfg['resnet_rays']} (the rays "
+                       "follow the lines of the 9x9 board), or set resnet_rays=0")
         if cfg["head_layout"] == "spatial" and any(s != 1 for s in cfg["resnet_strides"]):
             raise _bad("resnet_strides", cfg["resnet_strides"], "all 1 with head_layout='spatial' (its heads read the "
                        "9x9 board), or set head_layout='pooled'")
@@ -403,7 +467,7 @@ class ShogiNet(nn.Module):
         if arch == "resnet":
             self.stem = Stem("broadcast")
             self.backbone = ResNetBackbone(config["resnet_widths"], config["resnet_blocks"], config["resnet_strides"],
-                                           config["resnet_expansion"], config["resnet_block"])
+                                           config["resnet_expansion"], config["resnet_block"], config["resnet_rays"])
             self.pool = MeanPool("spatial")
         elif arch == "vit":
             self.stem = Stem("corner")

@@ -30,6 +30,7 @@ from maou_nb.config import (
     PART_KEYS, ConfigError, TrainConfig, check_config, check_files_exist, resolve_checkpoint, scheduler_name,
     shard_cache)
 from .datasets import make_loader, stage_datasets
+from .encoding import MIRROR_LABEL
 from .distributed import Dist, check_world, launched, start_distributed, torchrun_train
 from .model import (
     apply_freezing, build_model, build_train_model, checkpoint_payload, clean_state_dict, load_parts, unwrap_model)
@@ -40,7 +41,7 @@ from .storage import (
 
 # %% auto #0
 __all__ = ['NORM_TYPES', 'LAUNCH_KEYS', 'multilabel_loss', 'policy_loss_rows', 'multilabel_metrics', 'stage3_losses',
-           'stage3_metrics', 'summarise', 'StageSpec', 'stage_spec', 'stage_gate', 'StageThresholdError',
+           'mirror_rows', 'stage3_metrics', 'summarise', 'StageSpec', 'stage_spec', 'stage_gate', 'StageThresholdError',
            'NonFiniteLossError', 'param_groups', 'make_optimizer', 'scaled_lr', 'make_scheduler', 'EMA', 'rng_state',
            'set_rng_state', 'seed_everything', 'StageTrainer', 'position_sampler', 'fit_stage', 'run_token', 'TrainRun',
            'progress_of', 'resume_checkpoint', 'TrainResult', 'as_config', 'conv_channels_last', 'compile_cache',
@@ -63,10 +64,13 @@ def multilabel_loss(logits: torch.Tensor, target: torch.Tensor, *, pos_weight: f
     return -(pos + neg).mean()
 
 # %% ../nbs/12_train.ipynb #a9cafea8
-def policy_loss_rows(logits: torch.Tensor, target: torch.Tensor, q: float = 0.0) -> torch.Tensor:
-    """Per-row policy loss against a soft target: cross-entropy (q=0) or generalised cross-entropy."""
+def policy_loss_rows(logits: torch.Tensor, target: torch.Tensor, q: float = 0.0, smoothing: float = 0.0) -> torch.Tensor:
+    """Per-row policy loss against a soft target (mixed with the uniform one by `smoothing`): cross-entropy (q=0)
+    or generalised cross-entropy."""
     total = target.sum(1, keepdim=True)
     target = target / total.clamp(min=1e-12)
+    if smoothing:
+        target = (1 - smoothing) * target + smoothing / target.shape[1]
     log_p = F.log_softmax(logits.float(), dim=1)
     if q == 0:
         return -(target * log_p).sum(1)
@@ -84,13 +88,23 @@ def multilabel_metrics(logits: torch.Tensor, target: torch.Tensor, loss: torch.T
             "exact": ((wrong == 0).sum().item(), rows), "f1": (f1.sum().item(), rows)}
 
 # %% ../nbs/12_train.ipynb #95425ce1
-def stage3_losses(out: dict, batch: dict, q: float, policy_ratio: float, value_ratio: float) -> dict:
+def stage3_losses(out: dict, batch: dict, q: float, policy_ratio: float, value_ratio: float,
+                  smoothing: float = 0.0) -> dict:
     """Policy, value and total loss of one batch (tensors)."""
     target = batch["policy"]
     has_policy = (target.sum(1) > 0).float()
-    policy = (policy_loss_rows(out["policy"], target, q) * has_policy).sum() / has_policy.sum().clamp(min=1)
+    policy = (policy_loss_rows(out["policy"], target, q, smoothing) * has_policy).sum() / has_policy.sum().clamp(min=1)
     value = F.binary_cross_entropy_with_logits(out["value"].float().reshape(-1), batch["value"].float())
     return {"loss": policy_ratio * policy + value_ratio * value, "policy_loss": policy, "value_loss": value}
+
+# %% ../nbs/12_train.ipynb #928570de
+def mirror_rows(batch: dict, p: float) -> dict:
+    """A Stage 3 batch with each row mirrored left-right with probability `p` (board files reversed, policy labels
+    through `MIRROR_LABEL`); the other fields unchanged."""
+    flip = (torch.rand(len(batch["board"])) < p).to(batch["board"].device)
+    index = torch.as_tensor(MIRROR_LABEL, device=batch["policy"].device)
+    return {**batch, "board": torch.where(flip[:, None, None], batch["board"].flip(-1), batch["board"]),
+            "policy": torch.where(flip[:, None], batch["policy"].index_select(1, index), batch["policy"])}
 
 # %% ../nbs/12_train.ipynb #a32c8340
 def stage3_metrics(out: dict, batch: dict, losses: dict) -> dict:
@@ -132,6 +146,7 @@ class StageSpec:
     min_epochs: int = 1                       # the gate is not tried before this many epochs
     start_epoch: int = 0
     best_key: str = "loss"                    # validation metric (lower is better) that picks `best`
+    augment: Callable[[dict], dict] | None = None  # training batches only (e.g. `mirror_rows`)
 
     def reached(self, metrics: dict, epochs: int | None = None) -> bool:
         """Whether validation `metrics` meet the threshold (never without a threshold, before any validation, or
@@ -145,9 +160,11 @@ def stage_spec(stage: str, config: TrainConfig) -> StageSpec:
     c = config
     if stage == "3":
         return StageSpec("3", ("policy", "value"),
-                         lambda out, b: stage3_losses(out, b, c.gce_parameter, c.policy_loss_ratio, c.value_loss_ratio),
+                         lambda out, b: stage3_losses(out, b, c.gce_parameter, c.policy_loss_ratio, c.value_loss_ratio,
+                                                                 c.label_smoothing),
                          stage3_metrics, None, max_epochs=c.epoch, start_epoch=c.start_epoch,
-                         best_key={"total": "loss", "policy": "policy_loss", "value": "value_loss"}[c.early_stopping_metric])
+                         best_key={"total": "loss", "policy": "policy_loss", "value": "value_loss"}[c.early_stopping_metric],
+                         augment=(lambda b: mirror_rows(b, c.mirror)) if c.mirror else None)
     head, label = ("reachable", "reachable") if stage == "1" else ("legal", "legal")
     kw = ({"pos_weight": c.stage1_pos_weight} if stage == "1" else
           {"gamma_neg": c.stage2_gamma_neg, "gamma_pos": c.stage2_gamma_pos, "clip": c.stage2_clip})
@@ -332,6 +349,7 @@ class StageTrainer:
         """Forward, loss, backward of one batch (this rank's part; gradients are reduced over the ranks on the last
         micro-batch of an accumulation only); a non-finite loss on any rank stops every rank here."""
         weight, rows = self.share
+        batch = self.spec.augment(batch) if self.spec.augment else batch
         last = self.accumulated + 1 == self.c.gradient_accumulation_steps or self.batch == self.batches_per_epoch
         with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
             with self.autocast():

@@ -361,3 +361,30 @@ def test_mirror_labels_match_cshogi_on_mirrored_positions(boards):
             flip = lambda sq: str(10 - int(sq[0])) + sq[1]
             m_usi = (usi[:2] + flip(usi[2:4]) if usi[1] == "*" else flip(usi[:2]) + flip(usi[2:4])) + usi[4:]
             assert move_label(mirrored, mirrored.move_from_usi(m_usi)) == MIRROR_LABEL[move_label(board, move)]
+
+
+def test_mirror_augmentation_gives_the_mirrored_position_and_move(boards):
+    """`train.mirror_rows` (the `mirror` knob) turns the encoding of a real position and its one-hot move into the
+    encoding of the position mirrored by cshogi (SFEN files reversed) and the label of the mirrored move."""
+    import torch
+    from maou_nb.train import mirror_rows
+    rows, mirrored_rows, mirrored = [], [], cshogi.Board()
+    for board in boards[:300]:
+        moves = list(board.legal_moves)
+        if not moves:
+            continue
+        move = moves[len(moves) // 2]
+        usi = cshogi.move_to_usi(move)
+        flip = lambda sq: str(10 - int(sq[0])) + sq[1]
+        m_usi = (usi[:2] + flip(usi[2:4]) if usi[1] == "*" else flip(usi[:2]) + flip(usi[2:4])) + usi[4:]
+        mirrored.set_sfen(mirrored_sfen(board.sfen()))
+        rows.append((*encode_position(board), move_label(board, move)))
+        mirrored_rows.append((*encode_position(mirrored), move_label(mirrored, mirrored.move_from_usi(m_usi))))
+    def batch(items):
+        return {"board": torch.from_numpy(np.stack([b for b, _, _ in items])), "hand": torch.from_numpy(np.stack([h for _, h, _ in items])),
+                "policy": torch.eye(MOVE_LABELS_NUM)[[label for _, _, label in items]], "value": torch.rand(len(items))}
+    given, want = batch(rows), batch(mirrored_rows)
+    out = mirror_rows(given, 1.0)
+    assert torch.equal(out["board"], want["board"]) and torch.equal(out["hand"], want["hand"])
+    assert torch.equal(out["policy"], want["policy"]) and torch.equal(out["value"], given["value"])
+    assert torch.equal(mirror_rows(given, 0.0)["board"], given["board"])

@@ -278,3 +278,47 @@ def test_spatial_presets_and_heads_export_to_onnx(tmp_path):
     assert vit(board.int(), hand)["legal"].shape == (len(board), 1496)
     with pytest.raises(ValueError, match=r"resnet_strides=\[1, 2, 2, 2\].*all 1 with head_layout='spatial'"):
         build_model("resnet", preset="small", head_layout="spatial")
+
+
+def test_ray_block_sums_match_a_walk_along_each_line():
+    """RayBlock's three doublings of a fixed gather give, at every square and for each of the 8 lines (ranks,
+    files, diagonals), the plain walk to the board's edge: the sum of v(t) times the gates strictly between."""
+    from maou_nb.model import RAY_DIRECTIONS, RayBlock
+    g_ = torch.Generator().manual_seed(0)
+    v, g = torch.randn(1, 2, 8, 81, generator=g_), torch.rand(1, 2, 8, 81, generator=g_)
+    got = RayBlock(4, 2).line_sums(v, g)
+    want = torch.zeros_like(v)
+    for d, (dr, df) in enumerate(RAY_DIRECTIONS):
+        for cell in range(81):
+            r, f = divmod(cell, 9)
+            gate = torch.ones(1, 2)
+            r, f = r + dr, f + df
+            while 0 <= r < 9 and 0 <= f < 9:
+                want[:, :, d, cell] += gate * v[:, :, d, r * 9 + f]
+                gate = gate * g[:, :, d, r * 9 + f]
+                r, f = r + dr, f + df
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match=r"resnet_strides=\[1, 2, 2, 2\].*all 1 with resnet_rays=4"):
+        build_model("resnet", preset="small", resnet_rays=4)
+    assert resolve_config("resnet")["resnet_rays"] == 0       # Maou's default shapes: no rays
+
+
+def test_spatial_rays_preset_runs_the_heads_and_exports_to_onnx(tmp_path):
+    """The `spatial-rays` preset (issue 16's trial for the quick start): stride 1, a RayBlock ending each layer, all four heads per square with
+    Maou's output shapes, rebuilt from its JSON config, and exported to ONNX that matches PyTorch (the fixed gathers
+    of the rays included)."""
+    from maou_nb.export import export_onnx
+    from maou_nb.model import RayBlock
+    model = build_model("resnet", preset="spatial-rays").eval()
+    assert [type(layer[-1]) for layer in model.backbone.layers] == [RayBlock, RayBlock]
+    board, hand = real_batch()
+    out = model(board.int(), hand)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"policy": (len(board), 1496), "value": (len(board), 1),
+                                                           "reachable": (len(board), 81), "legal": (len(board), 1496)}
+    twin = build_model(model.arch, **json.loads(json.dumps(model.config)))
+    twin.load_state_dict(model.state_dict())
+    assert torch.equal(twin.eval()(board.int(), hand)["legal"], out["legal"])
+    assert count_parameters(model)["reference"] < 100_000
+    figures = export_onnx(build_model("resnet", preset="spatial-rays", heads=["policy", "value"]), tmp_path / "m.onnx",
+                          n_default_positions=16, fp16=False)
+    assert figures["fp32"]["real"]["within_tolerance"] and figures["fp32"]["scrambled"]["within_tolerance"]
