@@ -255,25 +255,34 @@ def test_resolve_config_fills_preset_and_none_means_default():
     assert cfg["mixer_dim"] == 64 and cfg["mixer_num_layers"] == 2 and cfg["heads"] == list(HEAD_NAMES)
 
 
-def test_spatial_presets_and_heads_export_to_onnx(tmp_path):
-    """The kit's spatial preset keeps the 9x9 board (stride 1, basic blocks), predicts all four heads per square
-    with the same output shapes as Maou's, rebuilds from its config, and exports to verified ONNX; Maou's default
-    shapes are untouched; a spatial head on a strided ResNet is refused naming the key and the fix."""
+def check_spatial_preset(preset: str, tmp_path) -> torch.nn.Module:
+    """A spatial preset predicts all four heads per square with Maou's output shapes, rebuilds bit-exactly from its
+    JSON config, and exports (policy + value) to ONNX that matches PyTorch; the model, for more checks."""
     from maou_nb.export import export_onnx
-    assert count_parameters(build_model("resnet"))["reference"] == 17_012_665
-    assert resolve_config("resnet")["head_layout"] == "pooled" and resolve_config("resnet")["resnet_block"] == "bottleneck"
-    model = build_model("resnet", preset="spatial-small").eval()
-    assert model.backbone(torch.zeros(1, 64, 9, 9)).shape[-2:] == (9, 9)
+    model = build_model("resnet", preset=preset).eval()
     board, hand = real_batch()
     out = model(board.int(), hand)
     assert {k: tuple(v.shape) for k, v in out.items()} == {"policy": (len(board), 1496), "value": (len(board), 1),
                                                            "reachable": (len(board), 81), "legal": (len(board), 1496)}
     twin = build_model(model.arch, **json.loads(json.dumps(model.config)))
     twin.load_state_dict(model.state_dict())
-    assert torch.equal(twin.eval()(board.int(), hand)["policy"], out["policy"])
-    figures = export_onnx(build_model("resnet", preset="spatial-small", heads=["policy", "value"]), tmp_path / "m.onnx",
+    twin_out = twin.eval()(board.int(), hand)
+    assert all(torch.equal(twin_out[k], out[k]) for k in out)
+    figures = export_onnx(build_model("resnet", preset=preset, heads=["policy", "value"]), tmp_path / f"{preset}.onnx",
                           n_default_positions=16, fp16=False)
     assert figures["fp32"]["real"]["within_tolerance"] and figures["fp32"]["scrambled"]["within_tolerance"]
+    return model
+
+
+def test_spatial_presets_and_heads_export_to_onnx(tmp_path):
+    """The kit's spatial preset keeps the 9x9 board (stride 1, basic blocks), predicts all four heads per square
+    with the same output shapes as Maou's, rebuilds from its config, and exports to verified ONNX; Maou's default
+    shapes are untouched; a spatial head on a strided ResNet is refused naming the key and the fix."""
+    assert count_parameters(build_model("resnet"))["reference"] == 17_012_665
+    assert resolve_config("resnet")["head_layout"] == "pooled" and resolve_config("resnet")["resnet_block"] == "bottleneck"
+    model = check_spatial_preset("spatial-small", tmp_path)
+    assert model.backbone(torch.zeros(1, 64, 9, 9)).shape[-2:] == (9, 9)
+    board, hand = real_batch()
     vit = build_model("vit", preset="small", head_layout="spatial").eval()
     assert vit(board.int(), hand)["legal"].shape == (len(board), 1496)
     with pytest.raises(ValueError, match=r"resnet_strides=\[1, 2, 2, 2\].*all 1 with head_layout='spatial'"):
@@ -304,21 +313,9 @@ def test_ray_block_sums_match_a_walk_along_each_line():
 
 
 def test_spatial_rays_preset_runs_the_heads_and_exports_to_onnx(tmp_path):
-    """The `spatial-rays` preset (issue 16's trial for the quick start): stride 1, a RayBlock ending each layer, all four heads per square with
-    Maou's output shapes, rebuilt from its JSON config, and exported to ONNX that matches PyTorch (the fixed gathers
-    of the rays included)."""
-    from maou_nb.export import export_onnx
+    """The `spatial-rays` preset (issue 16's trial for the quick start): stride 1, a RayBlock ending each layer, the
+    checks of `check_spatial_preset` (the fixed gathers of the rays in ONNX included), under 100k parameters."""
     from maou_nb.model import RayBlock
-    model = build_model("resnet", preset="spatial-rays").eval()
+    model = check_spatial_preset("spatial-rays", tmp_path)
     assert [type(layer[-1]) for layer in model.backbone.layers] == [RayBlock, RayBlock]
-    board, hand = real_batch()
-    out = model(board.int(), hand)
-    assert {k: tuple(v.shape) for k, v in out.items()} == {"policy": (len(board), 1496), "value": (len(board), 1),
-                                                           "reachable": (len(board), 81), "legal": (len(board), 1496)}
-    twin = build_model(model.arch, **json.loads(json.dumps(model.config)))
-    twin.load_state_dict(model.state_dict())
-    assert torch.equal(twin.eval()(board.int(), hand)["legal"], out["legal"])
     assert count_parameters(model)["reference"] < 100_000
-    figures = export_onnx(build_model("resnet", preset="spatial-rays", heads=["policy", "value"]), tmp_path / "m.onnx",
-                          n_default_positions=16, fp16=False)
-    assert figures["fp32"]["real"]["within_tolerance"] and figures["fp32"]["scrambled"]["within_tolerance"]
