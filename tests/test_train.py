@@ -275,7 +275,7 @@ def test_stage_all_hands_one_backbone_on(data, tmp_path):
 # a checkpoint is one such rename, so each k is one write boundary. A job's out_dir is rerun the way the pipeline
 # reruns a command: with resume_from when checkpoints/last.pt exists.
 KILL_DRIVER = r'''
-import fnmatch, json, os, signal, sys, traceback
+import fnmatch, itertools, json, os, signal, sys, traceback
 from pathlib import Path
 import torch
 from maou_nb.train import train
@@ -311,19 +311,40 @@ def run(config, kill):
     _, status = os.waitpid(pid, 0)
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
-config, pattern, before, only = json.loads(sys.argv[1])
-results, k = [], 1
-while not only or k <= max(only):
-    if only and k not in only:
-        k += 1
-        continue
+def job(config, pattern, before, k):
+    """[k, status of the run killed at write k, status of its rerun (None if it was not killed)]."""
     job = {**config, "out_dir": f"{config['out_dir']}/k{k}"}
     killed = run(job, (pattern, k, before))
-    resumed = run(job, None) if killed == -signal.SIGKILL else None
-    results.append([k, killed, resumed])
-    if killed != -signal.SIGKILL:
-        break                                   # k is past the run's last write: job k ran uninterrupted
-    k += 1
+    return [k, killed, run(job, None) if killed == -signal.SIGKILL else None]
+
+def start(*args):
+    """job(*args) in a forked child, its answer coming back through a pipe."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.write(w, json.dumps(job(*args)).encode())
+        os._exit(0)
+    os.close(w)
+    return pid, r
+
+def answer(pid, r):
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data) if data else [None, 1, None]
+
+# Two jobs at a time (one thread each): a 2-core machine sweeps in about half the time. The sweep ends with the
+# first k past the run's last write (job k ran uninterrupted: the reference); answers after it are dropped.
+config, pattern, before, only = json.loads(sys.argv[1])
+ks, results = iter(sorted(only)) if only else itertools.count(1), []
+while not results or results[-1][1] == -signal.SIGKILL:
+    batch = list(itertools.islice(ks, 2))
+    if not batch:
+        break
+    for k, killed, resumed in [answer(*c) for c in [start(config, pattern, before, k) for k in batch]]:
+        if not results or results[-1][1] == -signal.SIGKILL:
+            results.append([k, killed, resumed])
 print(json.dumps(results))
 '''
 
