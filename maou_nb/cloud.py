@@ -398,6 +398,13 @@ class ShardCache:
         """Bytes of the files the index holds."""
         return sum(e["size"] for e in self._index().values())
 
+    def exceeds(self, uri: str) -> bool:
+        """Whether the gs:// / s3:// data at `uri` holds more than the cap (one listing; never with no cap, never
+        for a bq:// table): such data is streamed through the cache, not copied into it."""
+        if self.max_cached_bytes is None or str(uri).startswith("bq://"):
+            return False
+        return sum(o.size for o in list_uri(uri, self.timeout)[1]) > self.max_cached_bytes
+
 # %% ../nbs/07_cloud.ipynb #19362a26
 _PARTIAL = re.compile(r"\.(.+)\.([0-9a-f]{12})\.partial")
 

@@ -357,8 +357,8 @@ def open_data(stage: str, path, *, cache=None, stream: bool | None = None, input
     if cache is None:
         raise ValueError(f"{path}: a remote data path is read through a local shard cache: pass cache=ShardCache(...)")
     table = str(path).startswith("bq://")
-    if stream is None and not table and cache.max_cached_bytes is not None:
-        stream = sum(o.size for o in cloud.list_uri(path, cache.timeout)[1]) > cache.max_cached_bytes
+    if stream is None:
+        stream = cache.exceeds(path)
     if not stream or table:
         [local] = cache.materialise(path)
         return open_stage_data(int(stage), local, **kw)

@@ -25,7 +25,7 @@ import yaml
 
 import maou_nb
 from . import __version__
-from .cloud import (CloudError, Mirror, ShardCache, check_pointer, check_uri, is_uri, list_uri, parse_uri, require,
+from .cloud import (CloudError, Mirror, ShardCache, check_pointer, check_uri, is_uri, parse_uri, require,
                            upload_file)
 from .selfplay import game_name
 from .settings import setting
@@ -618,11 +618,8 @@ STREAMED = {"preprocess": ("hcpe_inputs",), "stage_data": ("hcpe_train", "hcpe_v
 def _streamed(name: str, values: dict, cache: ShardCache) -> list[tuple[str, str]]:
     """The (parameter, URI) pairs of step `name`'s data inputs in gs:// / s3:// that hold more than the cache's cap:
     the step streams those through the cache itself, a window at a time, instead of having them copied first."""
-    if cache.max_cached_bytes is None:
-        return []
     return [(key, uri) for key in STREAMED.get(name, ()) for uri in _as_list(values.get(key))
-            if is_uri(uri) and not uri.startswith("bq://")
-            and sum(o.size for o in list_uri(uri, cache.timeout)[1]) > cache.max_cached_bytes]
+            if is_uri(uri) and cache.exceeds(uri)]
 
 def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
