@@ -14,7 +14,7 @@ import cshogi
 import numpy as np
 
 from .export import load_policy, masked_softmax
-from .selfplay import ILLEGAL, RESIGN, BaselineEngine, game_end
+from .selfplay import ILLEGAL, RESIGN, BaselineEngine, game_end, random_move
 
 # %% auto #0
 __all__ = ['PLAYER_KINDS', 'Player', 'RandomPlayer', 'BaselinePlayer', 'pick_labels', 'mate_in_one', 'mate_in_one_or',
@@ -53,9 +53,8 @@ class RandomPlayer(Player):
     name = "random"
 
     def choose(self, board: cshogi.Board) -> int:
-        """A uniformly random legal move."""
-        moves = list(board.legal_moves)
-        return moves[int(self.rng.integers(len(moves)))] if moves else RESIGN
+        """A uniformly random legal move (`maou_nb.selfplay.random_move`)."""
+        return random_move(board, self.rng)
 
 # %% ../nbs/30_players.ipynb #7083ad46
 class BaselinePlayer(Player):

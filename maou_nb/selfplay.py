@@ -25,7 +25,8 @@ __all__ = ['MATE', 'PIECE_VALUES', 'UNPROMOTED', 'HAND_VALUES', 'CAPTURE_SWING',
            'GUARD_WEIGHT', 'DANGER_WEIGHT', 'REPLY_THREAT_WEIGHT', 'RESIGN', 'ILLEGAL', 'SELFPLAY_RULES', 'king_zones',
            'feature_planes', 'static_evals', 'static_eval', 'decode_moves', 'legal_moves', 'search_scores',
            'BaselineEngine', 'GameRecord', 'game_end', 'play_pairs', 'play_game', 'write_csa', 'game_seed', 'game_name',
-           'available_cpus', 'play_games', 'check_selfplay_params']
+           'random_move', 'RandomMover', 'teacher_labelled_hcpe', 'random_side', 'available_cpus', 'play_games',
+           'check_selfplay_params']
 
 # %% ../nbs/03_selfplay.ipynb #701e180e
 MATE = 30_000   # the score of a won position; mate in one scores MATE - 1, allowing mate in one -(MATE - 2)
@@ -392,18 +393,63 @@ def game_name(seed: int, index: int) -> str:
     """The name (and game-id key) of game `index` of a self-play run."""
     return f"selfplay-{seed}-{index}"
 
+# %% ../nbs/03_selfplay.ipynb #8c105504
+def random_move(board: cshogi.Board, rng: np.random.Generator) -> int:
+    """A uniformly random legal move of `board` drawn with `rng`, or `RESIGN` when there is none."""
+    moves = legal_moves(board)
+    return int(moves[rng.integers(len(moves))]) if len(moves) else RESIGN
+
+# %% ../nbs/03_selfplay.ipynb #58f31d2e
+class RandomMover:
+    """A side that plays uniformly random legal moves (`random_move`) from its own seeded generator."""
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+
+    def choose(self, board: cshogi.Board) -> int:
+        """A uniformly random legal move."""
+        return random_move(board, self.rng)
+
+# %% ../nbs/03_selfplay.ipynb #b1f31887
+def teacher_labelled_hcpe(game: GameRecord, side: int, teacher: BaselineEngine) -> np.ndarray:
+    """The game's HCPE rows with each position where `side` moved labelled by `teacher`: its move (`bestMove16`)
+    and its evaluation (`eval`) in place of the move played there; the other side's rows and the result are kept."""
+    hcpe, board = game.to_hcpe(), cshogi.Board(game.start_sfen)
+    for ply, move in enumerate(game.moves):
+        if board.turn == side:
+            label, value = teacher.pick(board)
+            hcpe["bestMove16"][ply], hcpe["eval"][ply] = cshogi.move16(label), np.clip(value, -32767, 32767)
+        board.push(move)
+    return hcpe
+
+# %% ../nbs/03_selfplay.ipynb #05d49786
+def random_side(index: int, share: float) -> int | None:
+    """The colour that moves at random in game `index` of a run where `share` of the games are against a random
+    mover (spread evenly over the run, alternately White and Black), or None for a baseline-against-baseline game."""
+    before = math.floor(index * share)
+    if math.floor((index + 1) * share) == before:
+        return None
+    return cshogi.WHITE if before % 2 == 0 else cshogi.BLACK
+
 # %% ../nbs/03_selfplay.ipynb #7a6c4bdf
 def _play_selfplay_game(job: tuple) -> tuple[int, np.ndarray]:
-    """Worker: play one seeded baseline-vs-baseline game, write its CSA file, return (index, hcpe rows)."""
-    index, seed, depth, temperature, max_moves, csa_dir = job
+    """Worker: play one seeded game (baseline against baseline, or against a random mover with the random side's
+    positions labelled by the baseline), write its CSA file, return (index, hcpe rows)."""
+    index, seed, depth, temperature, max_moves, random_share, csa_dir = job
     base = game_seed(seed, index)
-    black = BaselineEngine(depth=depth, temperature=temperature, seed=base)
-    white = BaselineEngine(depth=depth, temperature=temperature, seed=base + 1)
+    sides = [BaselineEngine(depth=depth, temperature=temperature, seed=base + k) for k in (0, 1)]
     name = f"baseline-d{depth}-t{temperature:g}"
-    game = play_game(black, white, max_moves=max_moves, names=(name, name))
+    names = [name, name]
+    weak = random_side(index, random_share)
+    if weak is not None:
+        sides[weak], names[weak] = RandomMover(seed=base + 2), RandomMover.name
+    game = play_game(*sides, max_moves=max_moves, names=tuple(names))
     game.info = {"EVENT": "maou_nb selfplay"}
     write_csa(game, Path(csa_dir) / f"{game_name(seed, index)}.csa", comment=f"game {game_name(seed, index)}")
-    return index, game.to_hcpe()
+    if weak is None:
+        return index, game.to_hcpe()
+    return index, teacher_labelled_hcpe(game, weak, BaselineEngine(depth=depth, temperature=temperature, seed=base + 3))
 
 # %% ../nbs/03_selfplay.ipynb #21e7ef8b
 def _check_int(name: str, value, minimum: int) -> None:
@@ -425,20 +471,25 @@ def available_cpus() -> int:
 
 # %% ../nbs/03_selfplay.ipynb #d954872b
 def play_games(n: int, out_dir: str | os.PathLike, *, seed: int = 0, depth: int = 1, temperature: float = 40.0,
-               max_moves: int = 256, workers: int | None = None, games_per_shard: int = 1000,
-               progress: bool = True) -> list[Path]:
-    """Self-play `n` baseline games: CSA files in out_dir/csa, HCPE shards + sidecars + manifest in out_dir/hcpe."""
+               max_moves: int = 256, random_opponent_share: float = 0.0, workers: int | None = None,
+               games_per_shard: int = 1000, progress: bool = True) -> list[Path]:
+    """Self-play `n` baseline games (`random_opponent_share` of them against a random mover, teacher-labelled):
+    CSA files in out_dir/csa, HCPE shards + sidecars + manifest in out_dir/hcpe."""
     _check_int("n", n, 0); _check_int("seed", seed, 0); _check_int("max_moves", max_moves, 1)
     _check_int("games_per_shard", games_per_shard, 1)
     if workers is not None:
         _check_int("workers", workers, 1)
     BaselineEngine(depth=depth, temperature=temperature)            # validates depth and temperature
+    if (isinstance(random_opponent_share, bool) or not isinstance(random_opponent_share, (int, float))
+            or not 0 <= random_opponent_share <= 1):
+        raise ValueError(f"random_opponent_share={random_opponent_share!r}: must be a number from 0 (no games "
+                         "against the random mover) to 1 (all of them).")
     out_dir = Path(out_dir)
     csa_dir, hcpe_dir = out_dir / "csa", out_dir / "hcpe"
     csa_dir.mkdir(parents=True, exist_ok=True); hcpe_dir.mkdir(parents=True, exist_ok=True)
     (hcpe_dir / "manifest.json").unlink(missing_ok=True)           # the folder is incomplete until we finish
     workers = min(workers or available_cpus(), max(n, 1))
-    jobs = [(i, seed, depth, temperature, max_moves, str(csa_dir)) for i in range(n)]
+    jobs = [(i, seed, depth, temperature, max_moves, random_opponent_share, str(csa_dir)) for i in range(n)]
     shards, pending, rows = [], [], 0
     def flush(first: int) -> None:
         hcpe = np.concatenate(pending) if pending else np.zeros(0, HCPE_DTYPE)
@@ -452,7 +503,7 @@ def play_games(n: int, out_dir: str | os.PathLike, *, seed: int = 0, depth: int 
                 if len(pending) == games_per_shard or index == n - 1:
                     flush(index + 1 - len(pending))
     write_manifest(hcpe_dir, "hcpe", shards, rows=rows, games=n, source="selfplay", seed=seed, depth=depth,
-                   temperature=temperature, max_moves=max_moves)
+                   temperature=temperature, max_moves=max_moves, random_opponent_share=random_opponent_share)
     return shards
 
 # %% ../nbs/03_selfplay.ipynb #98f32b57
@@ -462,6 +513,7 @@ SELFPLAY_RULES = {
     "depth": Rule(int, choices=(1, 2)),            # the baseline searches 1 or 2 plies
     "temperature": Rule(float, min=0),             # centipawns; 0 plays the best move
     "max_moves": Rule(int, min=1),
+    "random_opponent_share": Rule(float, min=0, max=1),  # share of games against a random mover (teacher-labelled)
     "workers": Rule(int, min=1, optional=True),    # None: one per CPU core
     "games_per_shard": Rule(int, min=1),
 }
