@@ -154,6 +154,7 @@ class HcpeInputs:
         self.cache = ShardCache(**cache) if isinstance(cache, dict) else cache
         self.names = [str(p) for p in self.local] + [uri for uri, _, _ in self.remote]
         self.nbytes = sum(p.stat().st_size for p in self.local) + sum(size for _, _, size in self.remote)
+        self.check_fetched: Callable[[Path, str], None] | None = None   # called with (path, uri) as each remote shard arrives
 
     def __len__(self) -> int:
         return len(self.names)
@@ -171,13 +172,17 @@ class HcpeInputs:
         return out
 
     def __iter__(self) -> Iterator[Path]:
-        """Each shard's local path, in `names` order (remote ones fetched a window at a time)."""
+        """Each shard's local path, in `names` order (remote ones fetched a window at a time, each given to
+        `check_fetched` first when it is set)."""
         yield from self.local
         for window in self.windows():
             uris = [u for i in window for u in self.remote[i][1]]
             paths = dict(zip(uris, self.cache.materialise(uris)))
             for i in window:
-                yield paths[self.remote[i][1][0]]
+                path = paths[self.remote[i][1][0]]
+                if self.check_fetched is not None:
+                    self.check_fetched(path, self.remote[i][0])
+                yield path
 
 # %% ../nbs/05_preprocess.ipynb #0785362a
 def tqdm_disable(progress: bool | None) -> bool | None:
@@ -439,8 +444,9 @@ def preprocess(hcpe_inputs, out_dir, *, rows_per_shard: int = 1 << 20, memory_by
     check_params({"value_eval_weight": value_eval_weight, "eval_scale": eval_scale}, VALUE_TARGET_RULES, "preprocess")
     source = HcpeInputs(hcpe_inputs, cache)
     arrays = _read_hcpe_shards(source.local)   # a local file that is no HCPE is refused before anything is written
-    if value_eval_weight:
+    if value_eval_weight:                      # local inputs now; remote ones as they arrive, before any shard is written
         _refuse_missing_evals(arrays, source.names)
+        source.check_fetched = lambda path, uri: _refuse_missing_evals([load_hcpe(path)], [uri])
     del arrays
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, source.local)
