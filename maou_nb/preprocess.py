@@ -75,7 +75,7 @@ def _mover_half_points(game_result: np.ndarray, turns: np.ndarray) -> np.ndarray
 
 # %% ../nbs/05_preprocess.ipynb #ea7c5f81
 def hcpe_rows(hcpe: np.ndarray, shard_index: int, first_row: int, shard_name: str, *, moves: bool = True) -> np.ndarray:
-    """HCPE rows as merge records (hash, key, move, label, mover's result, eval, provenance); refuses bad rows by name."""
+    """HCPE rows as merge records (hash, key, move, label, mover's result, eval, provenance); refuses bad rows."""
     hcps = np.asarray(hcpe["hcp"])
     black_king, white_king = hcps[:, 0] >> 1, hcps[:, 1] & 0x7F  # cshogi crashes on off-board king squares
     bad = np.flatnonzero((black_king >= 81) | (white_king >= 81) | (black_king == white_king))
@@ -154,7 +154,7 @@ class HcpeInputs:
         self.cache = ShardCache(**cache) if isinstance(cache, dict) else cache
         self.names = [str(p) for p in self.local] + [uri for uri, _, _ in self.remote]
         self.nbytes = sum(p.stat().st_size for p in self.local) + sum(size for _, _, size in self.remote)
-        self.check_fetched: Callable[[Path, str], None] | None = None   # called with (path, uri) as each remote shard arrives
+        self.check_fetched: Callable[[Path, str], None] | None = None   # (path, uri) of each remote shard on arrival
 
     def __len__(self) -> int:
         return len(self.names)
@@ -444,7 +444,7 @@ def preprocess(hcpe_inputs, out_dir, *, rows_per_shard: int = 1 << 20, memory_by
     check_params({"value_eval_weight": value_eval_weight, "eval_scale": eval_scale}, VALUE_TARGET_RULES, "preprocess")
     source = HcpeInputs(hcpe_inputs, cache)
     arrays = _read_hcpe_shards(source.local)   # a local file that is no HCPE is refused before anything is written
-    if value_eval_weight:                      # local inputs now; remote ones as they arrive, before any shard is written
+    if value_eval_weight:                      # local inputs now, remote ones as they arrive: before any output
         _refuse_missing_evals(arrays, source.names)
         source.check_fetched = lambda path, uri: _refuse_missing_evals([load_hcpe(path)], [uri])
     del arrays

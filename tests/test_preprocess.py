@@ -303,7 +303,8 @@ def engine_blend_truth(rows: np.ndarray, w: float, scale: float) -> dict:
     groups, board = {}, cshogi.Board()
     for row in rows:
         board.set_hcp(row["hcp"])
-        result = {0: 0.5, 1: float(board.turn == cshogi.BLACK), 2: float(board.turn == cshogi.WHITE)}[int(row["gameResult"])]
+        won = {0: None, 1: cshogi.BLACK, 2: cshogi.WHITE}[int(row["gameResult"])]
+        result = 0.5 if won is None else float(board.turn == won)
         groups.setdefault(row["hcp"].tobytes(), []).append((result, 1 / (1 + math.exp(-int(row["eval"]) / scale))))
     return {k: (1 - w) * sum(r for r, _ in g) / len(g) + w * sum(e for _, e in g) / len(g) for k, g in groups.items()}
 
@@ -365,7 +366,8 @@ def test_shared_real_games_carry_no_eval_and_are_refused_for_the_blend(shared_di
 
 @pytest.mark.parametrize("key, value, allowed", [("value_eval_weight", 1.5, "a number >= 0 and <= 1"),
                                                  ("value_eval_weight", -0.1, "a number >= 0 and <= 1"),
-                                                 ("eval_scale", 0.0, "a number > 0"), ("eval_scale", -600, "a number > 0")])
+                                                 ("eval_scale", 0.0, "a number > 0"),
+                                                 ("eval_scale", -600, "a number > 0")])
 def test_bad_value_target_is_refused_by_the_step_and_by_preprocess(hcpe_dir, tmp_path, key, value, allowed):
     from maou_nb.pipeline import load_params
     from maou_nb.storage import ParamError
