@@ -26,12 +26,13 @@ from .encoding import (MOVE_LABELS_NUM, encode_hcps, encode_position, hcp_turns,
 from .settings import progress as progress_bar
 
 # %% auto #0
-__all__ = ['POSITION_DTYPE', 'MOVE_DTYPE', 'ROW_DTYPE', 'MERGE_RULES', 'PREPROCESS_RULES', 'STAGE_DATA_RULES', 'STAGE1_PIECES',
-           'STAGE1_HAND_PIECES', 'hcp_keys', 'hcpe_rows', 'hcpe_shards', 'HcpeInputs', 'tqdm_disable', 'bucket_of',
-           'n_buckets_for', 'partition_rows', 'check_positions', 'merge_rows', 'ShardWriter', 'preprocess', 'split_ids',
-           'split_hcpe', 'check_preprocess_params', 'labelled_dtype', 'unique_rows', 'make_labelled_data',
-           'make_stage2_data', 'make_stage1_data_from_hcpe', 'reachable_squares_flat', 'check_stage_data_params',
-           'stage1_sfens', 'make_stage1_data']
+__all__ = ['POSITION_DTYPE', 'MOVE_DTYPE', 'ROW_DTYPE', 'VALUE_TARGET_RULES', 'MERGE_RULES', 'PREPROCESS_RULES',
+           'STAGE_DATA_RULES', 'STAGE1_PIECES', 'STAGE1_HAND_PIECES', 'hcp_keys', 'hcpe_rows', 'hcpe_shards',
+           'HcpeInputs', 'tqdm_disable', 'bucket_of', 'n_buckets_for', 'partition_rows', 'check_positions',
+           'eval_win_rate', 'merge_rows', 'ShardWriter', 'preprocess', 'split_ids', 'split_hcpe',
+           'check_preprocess_params', 'labelled_dtype', 'unique_rows', 'make_labelled_data', 'make_stage2_data',
+           'make_stage1_data_from_hcpe', 'reachable_squares_flat', 'check_stage_data_params', 'stage1_sfens',
+           'make_stage1_data']
 
 # %% ../nbs/05_preprocess.ipynb #927b0aba
 POSITION_DTYPE = np.dtype([
@@ -39,7 +40,7 @@ POSITION_DTYPE = np.dtype([
     ("board", "u1", (9, 9)),   # encoded board, mover's frame (maou_nb.encoding)
     ("hand", "u1", (14,)),     # mover's hand then opponent's hand
     ("count", "<u4"),          # how many input rows had this position
-    ("value", "<f4"),          # the mover's mean result: win 1, draw 0.5, loss 0
+    ("value", "<f4"),          # (1-w) mover's mean result (win 1, draw 0.5, loss 0) + w mean sigmoid(eval/scale)
     ("move_start", "<u4"),     # first row of this position's moves in the shard's .moves.npy
     ("move_count", "<u2"),     # how many distinct moves were played here
 ])
@@ -64,7 +65,7 @@ def hcp_keys(hcps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # %% ../nbs/05_preprocess.ipynb #af4c6c1e
 ROW_DTYPE = np.dtype([("hash", "<u8"), ("key", "<u8", (_KEY_WORDS,)), ("move16", "<u2"), ("label", "<i2"),
-                      ("half_points", "u1"), ("shard", "<u4"), ("row", "<u8")])
+                      ("half_points", "u1"), ("eval", "<i2"), ("shard", "<u4"), ("row", "<u8")])
 
 # %% ../nbs/05_preprocess.ipynb #2ae31410
 def _mover_half_points(game_result: np.ndarray, turns: np.ndarray) -> np.ndarray:
@@ -74,7 +75,7 @@ def _mover_half_points(game_result: np.ndarray, turns: np.ndarray) -> np.ndarray
 
 # %% ../nbs/05_preprocess.ipynb #ea7c5f81
 def hcpe_rows(hcpe: np.ndarray, shard_index: int, first_row: int, shard_name: str, *, moves: bool = True) -> np.ndarray:
-    """HCPE rows as merge records (hash, key, move, label, mover's result, provenance); refuses bad rows by name."""
+    """HCPE rows as merge records (hash, key, move, label, mover's result, eval, provenance); refuses bad rows."""
     hcps = np.asarray(hcpe["hcp"])
     black_king, white_king = hcps[:, 0] >> 1, hcps[:, 1] & 0x7F  # cshogi crashes on off-board king squares
     bad = np.flatnonzero((black_king >= 81) | (white_king >= 81) | (black_king == white_king))
@@ -101,6 +102,7 @@ def hcpe_rows(hcpe: np.ndarray, shard_index: int, first_row: int, shard_name: st
                          "(no label). Drop that row or regenerate the shard.")
     rows["move16"], rows["label"] = move16, labels
     rows["half_points"] = _mover_half_points(results, turns)
+    rows["eval"] = hcpe["eval"]
     return rows
 
 # %% ../nbs/05_preprocess.ipynb #655b8b78
@@ -152,6 +154,7 @@ class HcpeInputs:
         self.cache = ShardCache(**cache) if isinstance(cache, dict) else cache
         self.names = [str(p) for p in self.local] + [uri for uri, _, _ in self.remote]
         self.nbytes = sum(p.stat().st_size for p in self.local) + sum(size for _, _, size in self.remote)
+        self.check_fetched: Callable[[Path, str], None] | None = None   # (path, uri) of each remote shard on arrival
 
     def __len__(self) -> int:
         return len(self.names)
@@ -169,13 +172,17 @@ class HcpeInputs:
         return out
 
     def __iter__(self) -> Iterator[Path]:
-        """Each shard's local path, in `names` order (remote ones fetched a window at a time)."""
+        """Each shard's local path, in `names` order (remote ones fetched a window at a time, each given to
+        `check_fetched` first when it is set)."""
         yield from self.local
         for window in self.windows():
             uris = [u for i in window for u in self.remote[i][1]]
             paths = dict(zip(uris, self.cache.materialise(uris)))
             for i in window:
-                yield paths[self.remote[i][1][0]]
+                path = paths[self.remote[i][1][0]]
+                if self.check_fetched is not None:
+                    self.check_fetched(path, self.remote[i][0])
+                yield path
 
 # %% ../nbs/05_preprocess.ipynb #0785362a
 def tqdm_disable(progress: bool | None) -> bool | None:
@@ -267,11 +274,19 @@ def check_positions(rows: np.ndarray, pos_starts: np.ndarray, pair_starts: np.nd
                 raise ShardError(f"{where(pair_starts[q])}: best move {cshogi.move_to_usi(move)} is not legal in "
                                  f"position {board.sfen()}. Drop that row or regenerate the shard.")
 
+# %% ../nbs/05_preprocess.ipynb #a7e1c202
+def eval_win_rate(evals: np.ndarray, eval_scale: float) -> np.ndarray:
+    """float64 win probability `sigmoid(eval / eval_scale)` of evaluations in centipawns (mover's view)."""
+    return 0.5 + 0.5 * np.tanh(np.asarray(evals, dtype=np.float64) / (2 * eval_scale))
+
 # %% ../nbs/05_preprocess.ipynb #88b52304
 _ENCODE_CHUNK = 1 << 16  # positions encoded (or labelled) at a time
 
-def merge_rows(rows: np.ndarray, shard_names: list[str], *, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Merge one bucket's rows into (positions, moves) records, sorted by (hash, key); `move_start` is bucket-local."""
+def merge_rows(rows: np.ndarray, shard_names: list[str], *, value_eval_weight: float, eval_scale: float,
+               check: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Merge one bucket's rows into (positions, moves) records, sorted by (hash, key); `move_start` is bucket-local.
+    `value` = (1 - w) mean result + w mean `eval_win_rate(eval, eval_scale)` over a position's rows,
+    w = `value_eval_weight` (0: the results alone)."""
     if len(rows) == 0:
         return np.zeros(0, POSITION_DTYPE), np.zeros(0, MOVE_DTYPE)
     rows = _sort_rows(rows, by_move=True)
@@ -290,7 +305,11 @@ def merge_rows(rows: np.ndarray, shard_names: list[str], *, check: bool = True) 
         positions["board"][chunk], positions["hand"][chunk] = encode_hcps(positions["hcp"][chunk])
     counts = np.diff(np.append(pos_starts, len(rows)))
     positions["count"] = counts
-    positions["value"] = np.add.reduceat(half, pos_starts) / (2 * counts)
+    value = np.add.reduceat(half, pos_starts) / (2 * counts)
+    if value_eval_weight:                          # w = 0: the results alone, bit for bit as before evals were kept
+        engine = np.add.reduceat(eval_win_rate(rows["eval"], eval_scale), pos_starts) / counts
+        value = (1 - value_eval_weight) * value + value_eval_weight * engine
+    positions["value"] = value
     move_starts = np.searchsorted(pair_starts, pos_starts)
     positions["move_start"] = move_starts
     positions["move_count"] = np.diff(np.append(move_starts, len(pair_starts)))
@@ -399,26 +418,49 @@ def _merged_buckets(source: HcpeInputs, out_dir: Path, memory_bytes: int, moves:
     finally:
         shutil.rmtree(bucket_dir, ignore_errors=True)
 
+# %% ../nbs/05_preprocess.ipynb #a7e1c207
+VALUE_TARGET_RULES = {
+    "value_eval_weight": Rule(float, min=0, max=1),  # 0: value = mean game result; 1: mean sigmoid(eval / eval_scale)
+    "eval_scale": Rule(float, above=0),              # centipawns of evaluation per unit of the logistic's argument
+}
+
+# %% ../nbs/05_preprocess.ipynb #a7e1c20a
+def _refuse_missing_evals(arrays: list[np.ndarray], names: list[str]) -> None:
+    """Refuse, by file, an HCPE input whose rows all carry eval 0, for a value target that blends in the evaluation."""
+    for array, name in zip(arrays, names):
+        if len(array) and not np.any(array["eval"]):
+            raise ValueError(f"{name}: eval is 0 in all {len(array)} rows: these rows carry no engine evaluation; set "
+                             "value_eval_weight: 0 (the value then learns from game results alone), or give HCPE whose "
+                             "rows carry the engine's evaluation (self-play).")
+
 # %% ../nbs/05_preprocess.ipynb #673de215
 def preprocess(hcpe_inputs, out_dir, *, rows_per_shard: int = 1 << 20, memory_bytes: int = 2 << 30,
-               workers: int = 1, check: bool = True, progress: bool | None = None, cache=None) -> list[Path]:
+               workers: int = 1, check: bool = True, progress: bool | None = None, cache=None,
+               value_eval_weight: float = 0.0, eval_scale: float = 600.0) -> list[Path]:
     """Merge identical positions of HCPE shards into `out_dir` (kind "preprocessed"); returns the shard paths.
     `gs://` / `s3://` inputs stream through `cache` (see `HcpeInputs`); memory stays within `memory_bytes` plus
-    one output shard (`rows_per_shard` positions) whatever the input's size."""
+    one output shard (`rows_per_shard` positions) whatever the input's size. `value` blends the mover's mean result
+    with the rows' evaluations by `value_eval_weight` and `eval_scale` (see `merge_rows`)."""
+    check_params({"value_eval_weight": value_eval_weight, "eval_scale": eval_scale}, VALUE_TARGET_RULES, "preprocess")
     source = HcpeInputs(hcpe_inputs, cache)
-    _read_hcpe_shards(source.local)            # a local file that is no HCPE is refused before anything is written
+    arrays = _read_hcpe_shards(source.local)   # a local file that is no HCPE is refused before anything is written
+    if value_eval_weight:                      # local inputs now, remote ones as they arrive: before any output
+        _refuse_missing_evals(arrays, source.names)
+        source.check_fetched = lambda path, uri: _refuse_missing_evals([load_hcpe(path)], [uri])
+    del arrays
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, source.local)
     writer = ShardWriter(out_dir, rows_per_shard)
     n_input = 0
     for positions, moves in _merged_buckets(source, out_dir, memory_bytes, True,
-                                            partial(merge_rows, check=check), progress, workers):
+                                            partial(merge_rows, check=check, value_eval_weight=value_eval_weight,
+                                                    eval_scale=eval_scale), progress, workers):
         n_input += int(positions["count"].sum())
         writer.add(positions, moves)
     writer.flush()
     write_manifest(out_dir, "preprocessed", writer.shards, rows=writer.rows, input_rows=n_input,
                    move_rows=writer.move_rows, bytes_per_position=round(writer.bytes / max(writer.rows, 1), 1),
-                   sources=source.names)
+                   value_eval_weight=value_eval_weight, eval_scale=eval_scale, sources=source.names)
     return writer.shards
 
 # %% ../nbs/05_preprocess.ipynb #6138aba7
@@ -492,6 +534,7 @@ PREPROCESS_RULES = {
     "hcpe_inputs": Rule(list),                     # HCPE files or folders
     "test_ratio": Rule(float, above=0, below=1),   # share of games held out for validation
     "seed": Rule(int, min=0),
+    **VALUE_TARGET_RULES,
     **MERGE_RULES,
 }
 

@@ -1,5 +1,6 @@
 """maou_nb.preprocess: dedup against a brute-force recomputation, external == in-memory merge, Stage 1/2 labels
 against cshogi, the split by game, and refusal of bad input."""
+import math
 from pathlib import Path
 
 import cshogi
@@ -292,3 +293,92 @@ def test_shared_raw_hcpe_reads_as_cshogi_does(shared_dir):
     for row in oracle[:200]:
         board.set_hcp(row["hcp"])
         assert board.is_legal(board.move_from_move16(row["bestMove16"]))
+
+
+# ---- the value target: game results blended with the engine's evaluation ---------------------------------------
+
+def engine_blend_truth(rows: np.ndarray, w: float, scale: float) -> dict:
+    """{hcp bytes: value} computed independently: each position's mean mover result (cshogi's side to move) and mean
+    logistic 1 / (1 + exp(-eval / scale)), blended (1 - w) : w, by a plain Python loop."""
+    groups, board = {}, cshogi.Board()
+    for row in rows:
+        board.set_hcp(row["hcp"])
+        won = {0: None, 1: cshogi.BLACK, 2: cshogi.WHITE}[int(row["gameResult"])]
+        result = 0.5 if won is None else float(board.turn == won)
+        groups.setdefault(row["hcp"].tobytes(), []).append((result, 1 / (1 + math.exp(-int(row["eval"]) / scale))))
+    return {k: (1 - w) * sum(r for r, _ in g) / len(g) + w * sum(e for _, e in g) / len(g) for k, g in groups.items()}
+
+
+def test_value_blends_results_with_the_engine_eval(hcpe_dir, tmp_path):
+    """On baseline self-play HCPE (whose rows carry the engine's evaluation): w = 0 is the old value bit for bit and
+    the default; w = 1 and 0.5 give the blend computed from the rows by hand; per-move wins stay results; the
+    manifest records w and the scale."""
+    shard = hcpe_dir / "selfplay-3-00000.npy"
+    rows = np.asarray(load_hcpe(shard))
+    assert (rows["eval"] != 0).mean() > 0.5
+    runs = {"default": {}, "w0": {"value_eval_weight": 0.0}, "w1": {"value_eval_weight": 1.0},
+            "w05": {"value_eval_weight": 0.5, "eval_scale": 300.0}}
+    for name, kw in runs.items():
+        pp.preprocess(shard, tmp_path / name, progress=False, **kw)
+    out = {name: read_preprocessed(tmp_path / name) for name in runs}
+    def shard_bytes(name, suffix="npy"):
+        return (tmp_path / name / f"positions-00000.{suffix}").read_bytes()
+    assert shard_bytes("w0") == shard_bytes("default") != shard_bytes("w05")
+    assert shard_bytes("w0", "moves.npy") == shard_bytes("w05", "moves.npy") == shard_bytes("default", "moves.npy")
+    results = brute_force(rows)
+    for p in out["w0"][0]:
+        count, total, _ = results[p["hcp"].tobytes()]
+        assert p["value"] == np.float32(total / count)              # exactly the mean result, as before
+    for name, w, scale in (("w1", 1.0, 600.0), ("w05", 0.5, 300.0)):
+        positions, moves = out[name]
+        truth = engine_blend_truth(rows, w, scale)
+        assert len(positions) == len(truth)
+        assert np.allclose(positions["value"], [truth[h.tobytes()] for h in positions["hcp"]], atol=1e-6, rtol=0)
+        assert all((a == b).all() for a, b in zip(moves, out["default"][1]))      # wins: results, whatever w
+        assert (positions["value"] != out["w0"][0]["value"]).any()
+        manifest = read_manifest(tmp_path / name)
+        assert (manifest["value_eval_weight"], manifest["eval_scale"]) == (w, scale)
+    default = read_manifest(tmp_path / "default")
+    assert (default["value_eval_weight"], default["eval_scale"]) == (0.0, 600.0)
+
+
+def test_eval_blend_refuses_inputs_without_evaluations_by_name(hcpe_dir, tmp_path):
+    """Self-play rows with their eval zeroed (as a raw .hcpe file, like converted records) are refused for w > 0,
+    naming the file, before anything is written; w = 0 reads them."""
+    shard = hcpe_dir / "selfplay-3-00000.npy"
+    rows = np.asarray(load_hcpe(shard)).copy()
+    rows["eval"] = 0
+    rows.tofile(tmp_path / "no-eval.hcpe")
+    with pytest.raises(ValueError, match=rf"no-eval.hcpe: eval is 0 in all {len(rows)} rows: these rows carry no "
+                                         "engine evaluation; set value_eval_weight: 0"):
+        pp.preprocess([shard, tmp_path / "no-eval.hcpe"], tmp_path / "pre", value_eval_weight=0.5, progress=False)
+    assert not (tmp_path / "pre").exists()
+    pp.preprocess([shard, tmp_path / "no-eval.hcpe"], tmp_path / "pre", progress=False)
+    assert read_manifest(tmp_path / "pre")["input_rows"] == 2 * len(rows)
+
+
+def test_shared_real_games_carry_no_eval_and_are_refused_for_the_blend(shared_dir, tmp_path):
+    path = shared_dir / "data" / "hcpe" / "val.hcpe"
+    with pytest.raises(ValueError, match="val.hcpe: eval is 0 in all 5998 rows: these rows carry no engine evaluation"):
+        pp.preprocess(path, tmp_path / "pre", value_eval_weight=0.25, progress=False)
+    assert not (tmp_path / "pre").exists()
+
+
+@pytest.mark.parametrize("key, value, allowed", [("value_eval_weight", 1.5, "a number >= 0 and <= 1"),
+                                                 ("value_eval_weight", -0.1, "a number >= 0 and <= 1"),
+                                                 ("eval_scale", 0.0, "a number > 0"),
+                                                 ("eval_scale", -600, "a number > 0")])
+def test_bad_value_target_is_refused_by_the_step_and_by_preprocess(hcpe_dir, tmp_path, key, value, allowed):
+    from maou_nb.pipeline import load_params
+    from maou_nb.storage import ParamError
+    message = rf"preprocess.{key}={value!r}: allowed {allowed}. Set preprocess.{key} to such a value"
+    with pytest.raises(ParamError, match=message):
+        pp.check_preprocess_params({key: value})
+    with pytest.raises(ParamError, match=message):
+        pp.preprocess(hcpe_dir, tmp_path / "pre", progress=False, **{key: value})
+    assert not (tmp_path / "pre").exists()
+    params = {"steps": ["preprocess"], "preprocess": {"hcpe_inputs": [str(hcpe_dir)], key: value}}
+    with pytest.raises(ValueError, match=message):
+        load_params(params)
+    params["preprocess"] = {"hcpe_inputs": [str(hcpe_dir)], "value_eval_weight": 0.5, "eval_scale": 300}
+    assert load_params(params)["preprocess"]["value_eval_weight"] == 0.5   # the stage declares both knobs
