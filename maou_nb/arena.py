@@ -295,6 +295,7 @@ EVALUATE_RULES = {
     "usi_options": Rule(dict, optional=True),
     "simulations": Rule(int, min=0), "mate_in_one": Rule(bool),
     "ladder_levels": Rule(list, optional=True),    # fairy-stockfish Skill Levels
+    "policy_temperatures": Rule(list),             # the policy-alone match's move temperatures (numbers >= 0)
 }
 
 def _spec_problem(spec) -> str | None:
@@ -326,6 +327,11 @@ def check_evaluate_params(params: dict, *, check_files: bool = True) -> dict:
     bad_levels = [v for v in params.get("ladder_levels") or [] if isinstance(v, bool) or not isinstance(v, int)]
     if bad_levels:
         raise ParamError(f"evaluate.ladder_levels: {bad_levels} are not ints. Give Skill Levels such as [-20, -15, -10].")
+    bad_temperatures = [t for t in params.get("policy_temperatures") or [] if isinstance(t, bool)
+                        or not isinstance(t, (int, float)) or not 0 <= t < math.inf]
+    if bad_temperatures:
+        raise ParamError(f"evaluate.policy_temperatures: {bad_temperatures} are not numbers >= 0. Give temperatures "
+                         "such as [0.0, 1.0] (0 plays the top move, 1 samples the policy's own distribution).")
     model = params.get("model")
     if check_files and isinstance(model, str) and model.partition(":")[0] not in PLAYER_KINDS and not Path(model).is_file():
         raise ParamError(f"evaluate.model={model!r}: no such file. Point it at an ONNX file or a checkpoint.")

@@ -31,8 +31,8 @@ __all__ = ['POSITION_DTYPE', 'MOVE_DTYPE', 'ROW_DTYPE', 'VALUE_TARGET_RULES', 'M
            'HcpeInputs', 'tqdm_disable', 'bucket_of', 'n_buckets_for', 'partition_rows', 'check_positions',
            'eval_win_rate', 'merge_rows', 'ShardWriter', 'preprocess', 'split_ids', 'split_hcpe',
            'check_preprocess_params', 'labelled_dtype', 'unique_rows', 'make_labelled_data', 'make_stage2_data',
-           'make_stage1_data_from_hcpe', 'reachable_squares_flat', 'check_stage_data_params', 'stage1_sfens',
-           'make_stage1_data']
+           'make_stage1_data_from_hcpe', 'reachable_squares_flat', 'checking_children', 'check_stage_data_params',
+           'stage1_sfens', 'make_stage1_data']
 
 # %% ../nbs/05_preprocess.ipynb #927b0aba
 POSITION_DTYPE = np.dtype([
@@ -605,8 +605,28 @@ def reachable_squares_flat(hcps: np.ndarray) -> np.ndarray:
     """bool[N, 81] reachable squares ([rank][file] flattened) of HCP positions."""
     return np.asarray(reachable_squares_labels(hcps)).reshape(len(hcps), 81)
 
+# %% ../nbs/05_preprocess.ipynb #86ec34dd
+def checking_children(hcpe: np.ndarray, per_position: int = 1, seed: int = 0) -> np.ndarray:
+    """HCPE rows (position only: eval, move and result 0) of positions in check: for each position of `hcpe` that is
+    not in check itself, the positions after up to `per_position` of its checking moves, drawn with `seed`."""
+    rng, board, out = np.random.default_rng(seed), cshogi.Board(), []
+    for hcp in np.asarray(hcpe["hcp"]):
+        board.set_hcp(hcp)
+        if board.is_check():
+            continue
+        checks = np.fromiter(board.check_moves, np.int64)
+        for move in rng.permutation(checks)[:per_position].tolist():
+            board.push(move)
+            row = np.zeros(1, HCPE_DTYPE)
+            board.to_hcp(row["hcp"][0])
+            out.append(row)
+            board.pop()
+    return np.concatenate(out) if out else np.zeros(0, HCPE_DTYPE)
+
 # %% ../nbs/05_preprocess.ipynb #972dcf74
-STAGE_DATA_RULES = {"hcpe_train": Rule(str), "hcpe_val": Rule(str), **MERGE_RULES}
+STAGE_DATA_RULES = {"hcpe_train": Rule(str), "hcpe_val": Rule(str),
+                    "check_children": Rule(int, min=0),  # positions in check added per training position (0: none)
+                    **MERGE_RULES}
 
 def check_stage_data_params(params: dict) -> dict:
     """Check the stage-data step's parameters before any shard is read."""

@@ -116,9 +116,9 @@ def test_unknown_train_key_is_refused_once_with_a_hint(tmp_path):
     ("selfplay", "maou_nb.selfplay.play_games", {"games"}),
     ("convert", "maou_nb.records.convert_records", set()),
     ("preprocess", "maou_nb.preprocess.preprocess maou_nb.preprocess.split_hcpe", set()),
-    ("stage_data", "maou_nb.preprocess.make_labelled_data", {"hcpe_train", "hcpe_val"}),
+    ("stage_data", "maou_nb.preprocess.make_labelled_data", {"hcpe_train", "hcpe_val", "check_children"}),
     ("export", "maou_nb.export.export_onnx", {"checkpoint", "positions_data", "verify_positions"}),
-    ("evaluate", "maou_nb.arena.evaluate", {"ladder_levels"}),
+    ("evaluate", "maou_nb.arena.evaluate", {"ladder_levels", "policy_temperatures"}),
 ])
 def test_parameter_names_are_the_library_names(step, function, extra):
     """A stage's parameters are its library function's argument names (plus the few listed here)."""
@@ -179,15 +179,24 @@ def test_selfplay(run, tiny_params):
     shards = manifest_shards(run / "data/selfplay/hcpe", "hcpe")
     hcpe = np.concatenate([load_hcpe(p) for p in shards])
     ids = np.concatenate([load_game_ids(p) for p in shards])
+    relabelled = 0
     for path in csa:
         record = cshogi.CSA.Parser.parse_file(str(path))[0]
         rows = hcpe[ids == game_id(path.stem)]
         assert len(rows) == len(record.moves) > 0, path.name
+        random_side = record.names.index("random") if "random" in record.names else None  # 0 Black, 1 White
         board = cshogi.Board(record.sfen)
         for row, move in zip(rows, record.moves):
             assert np.array_equal(row["hcp"], np.frombuffer(board_hcp(board), np.uint8))
-            assert board.move_from_move16(int(row["bestMove16"])) == move
+            label = board.move_from_move16(int(row["bestMove16"]))
+            if board.turn == random_side:   # the random mover's rows carry the baseline's move, legal here
+                assert board.is_legal(label), path.name
+                relabelled += label != move
+            else:
+                assert label == move
             board.push(move)
+    if tiny_params["selfplay"].get("random_opponent_share"):
+        assert relabelled > 0   # some games were against the random mover, and its moves were relabelled
 
 
 def board_hcp(board: cshogi.Board) -> bytes:
@@ -223,9 +232,12 @@ def test_stage_data(run):
     from maou_nb.datasets import open_stage_data
     info = done(run, "stage_data")
     assert info["stage1_positions"] == read_manifest(run / "data/stage1", "stage1")["rows"] == 1105
+    in_check = {}
     for side in ("train", "val"):
         stage2 = open_stage_data(2, run / "data/stage2" / side)
-        assert len(stage2) == info[f"stage2_{side}_positions"] == read_manifest(run / "data/preprocessed" / side)["rows"]
+        games = read_manifest(run / "data/preprocessed" / side)["rows"]
+        added = info["stage2_check_children"] if side == "train" else 0   # positions in check join training only
+        assert len(stage2) == info[f"stage2_{side}_positions"] and games <= len(stage2) <= games + added
         records = np.concatenate(stage2.arrays)
         board = cshogi.Board()
         for i in range(0, len(records), max(1, len(records) // 10)):
@@ -233,6 +245,10 @@ def test_stage_data(run):
             legal = stage2[i]["legal"].numpy().astype(bool)
             assert legal.sum() == len(list(board.legal_moves))
             assert np.array_equal(legal, legal_moves_label(board))
+        checks = [board.set_hcp(h) or board.is_check() for h in records["hcp"]]
+        in_check[side] = float(np.mean(checks))
+    if info["stage2_check_children"]:
+        assert in_check["train"] > 2 * in_check["val"]   # the hard positions are no longer rare in training
 
 
 def test_train(run, tiny_params):
