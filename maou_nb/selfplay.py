@@ -22,11 +22,11 @@ from .storage import HCPE_DTYPE, Rule, atomic_path, check_params, game_id, save_
 # %% auto #0
 __all__ = ['MATE', 'PIECE_VALUES', 'UNPROMOTED', 'HAND_VALUES', 'CAPTURE_SWING', 'FEATURES1', 'FEATURES2', 'OPPONENT',
            'ATTACK_COUNTS', 'HAND_PLANE_TYPES', 'HAND_PLANE_VALUES', 'KING_GUARDS', 'KING_ZONES', 'CONTROL_WEIGHT',
-           'GUARD_WEIGHT', 'DANGER_WEIGHT', 'REPLY_THREAT_WEIGHT', 'RESIGN', 'ILLEGAL', 'SELFPLAY_RULES', 'king_zones',
-           'feature_planes', 'static_evals', 'static_eval', 'decode_moves', 'legal_moves', 'search_scores',
-           'BaselineEngine', 'GameRecord', 'game_end', 'play_pairs', 'play_game', 'write_csa', 'game_seed', 'game_name',
-           'random_move', 'RandomMover', 'teacher_labelled_hcpe', 'random_side', 'available_cpus', 'play_games',
-           'check_selfplay_params']
+           'GUARD_WEIGHT', 'DANGER_WEIGHT', 'REPLY_THREAT_WEIGHT', 'RESIGN', 'ILLEGAL', 'MOVE_LABELS', 'SELFPLAY_RULES',
+           'king_zones', 'feature_planes', 'static_evals', 'static_eval', 'decode_moves', 'legal_moves',
+           'search_scores', 'BaselineEngine', 'GameRecord', 'game_end', 'play_pairs', 'play_game', 'write_csa',
+           'game_seed', 'game_name', 'random_move', 'RandomMover', 'teacher_labelled_hcpe', 'random_side',
+           'available_cpus', 'play_games', 'check_selfplay_params']
 
 # %% ../nbs/03_selfplay.ipynb #701e180e
 MATE = 30_000   # the score of a won position; mate in one scores MATE - 1, allowing mate in one -(MATE - 2)
@@ -206,34 +206,39 @@ class BaselineEngine:
         moves, scores = self.score_moves(board)
         return int(round(float(scores.max()))) if len(moves) else -MATE
 
-    def pick(self, board: cshogi.Board) -> tuple[int, int]:
-        """A move drawn by softmax(score / temperature) and the position's value; the move is checked legal."""
+    def pick(self, board: cshogi.Board) -> tuple[int, int, int]:
+        """A move drawn by softmax(score / temperature), the position's value, and the best-scored move (the one
+        temperature 0 plays); both moves are checked legal."""
         moves, scores = self.score_moves(board)
         if len(moves) == 0:
             raise ValueError(f"no legal moves in {board.sfen()}: the side to move is mated; the game is over.")
+        best = int(scores.argmax())
         if self.temperature == 0:
-            i = int(scores.argmax())
+            i = best
         else:
             weights = np.exp((scores - scores.max()) / self.temperature)
             i = int(self.rng.choice(len(moves), p=weights / weights.sum()))
         move = int(moves[i])
         if not board.is_legal(move):
             raise RuntimeError(f"engine chose an illegal move {cshogi.move_to_usi(move)} in {board.sfen()}")
-        return move, int(round(float(scores.max())))
+        return move, int(round(float(scores.max()))), int(moves[best])
 
     def choose(self, board: cshogi.Board) -> int:
         """A legal move for the side to move."""
         return self.pick(board)[0]
 
     def choose_many(self, boards: Sequence[cshogi.Board]) -> list[int]:
-        """`pick` for each board in turn; the positions' values are kept in `last_evals` for the game record."""
+        """`pick` for each board in turn; the positions' values and best moves are kept in `last_evals` and
+        `last_best` for the game record."""
         picked = [self.pick(b) for b in boards]
-        self.last_evals = [value for _, value in picked]
-        return [move for move, _ in picked]
+        self.last_evals = [value for _, value, _ in picked]
+        self.last_best = [best for _, _, best in picked]
+        return [move for move, _, _ in picked]
 
 # %% ../nbs/03_selfplay.ipynb #953a5b65
 RESIGN = 0    # the move value that means "I resign" (no cshogi move is 0)
 ILLEGAL = -1  # an outside engine answered with a move that is not legal here
+MOVE_LABELS = ("played", "best")  # what an HCPE row's move is: the move played, or the mover's own best move
 
 _RESULTS = {None: cshogi.DRAW, cshogi.BLACK: cshogi.BLACK_WIN, cshogi.WHITE: cshogi.WHITE_WIN}
 
@@ -248,6 +253,7 @@ class GameRecord:
     winner: int | None          # cshogi.BLACK, cshogi.WHITE or None for a draw
     reason: str                 # checkmate, resign, repetition, perpetual_check, declaration, illegal, max_moves
     evals: list[int] = field(default_factory=list)   # the mover's evaluation before each move (0: none given)
+    best: list[int] = field(default_factory=list)    # the mover's own best move at each ply, when it names one (0: none)
     info: dict = field(default_factory=dict)         # CSA header fields, e.g. {"EVENT": "maou_nb selfplay"}
 
     @property
@@ -286,13 +292,18 @@ class GameRecord:
         lines.append(self.csa_ending())
         return "\n".join(lines) + "\n"
 
-    def to_hcpe(self) -> np.ndarray:
-        """One HCPE row per position before a move: position, mover's eval (int16-clipped), move16, result."""
+    def to_hcpe(self, move_labels: str = "played") -> np.ndarray:
+        """One HCPE row per position before a move: position, mover's eval (int16-clipped), move16, result. The
+        move is the one played, or with `move_labels="best"` the mover's own best move where it named one."""
+        if move_labels not in MOVE_LABELS:
+            raise ValueError(f"move_labels={move_labels!r}: expected one of {list(MOVE_LABELS)}")
         board, hcpe = cshogi.Board(self.start_sfen), np.zeros(len(self.moves), HCPE_DTYPE)
         evals = list(self.evals) + [0] * (len(self.moves) - len(self.evals))
+        best = list(self.best) + [0] * (len(self.moves) - len(self.best)) if move_labels == "best" else [0] * len(self.moves)
         for ply, move in enumerate(self.moves):
             board.to_hcp(hcpe["hcp"][ply])
-            hcpe["eval"][ply], hcpe["bestMove16"][ply] = np.clip(evals[ply], -32767, 32767), cshogi.move16(move)
+            hcpe["eval"][ply] = np.clip(evals[ply], -32767, 32767)
+            hcpe["bestMove16"][ply] = cshogi.move16(best[ply] or move)
             board.push(move)
         hcpe["gameResult"] = self.result
         return hcpe
@@ -325,14 +336,16 @@ def game_end(board: cshogi.Board, seen: Counter | None = None,
     return None
 
 # %% ../nbs/03_selfplay.ipynb #b700a1ff
-def _choose(player, boards: list[cshogi.Board]) -> tuple[list[int], list[int]]:
-    """The player's moves for `boards` and its evaluations of them (0 when it gives none)."""
+def _choose(player, boards: list[cshogi.Board]) -> tuple[list[int], list[int], list[int]]:
+    """The player's moves for `boards`, its evaluations of them and its own best moves there (0 when it gives none)."""
     if hasattr(player, "choose_many"):
         moves = player.choose_many(boards)
     else:
         moves = [player.choose(b) for b in boards]
-    evals = getattr(player, "last_evals", None)
-    return moves, (list(evals) if evals is not None and len(evals) == len(boards) else [0] * len(boards))
+    def given(name: str) -> list[int]:
+        values = getattr(player, name, None)
+        return list(values) if values is not None and len(values) == len(boards) else [0] * len(boards)
+    return moves, given("last_evals"), given("last_best")
 
 # %% ../nbs/03_selfplay.ipynb #87267839
 def play_pairs(pairs: Sequence[tuple], openings: Sequence[str], *, max_moves: int = 256,
@@ -344,6 +357,7 @@ def play_pairs(pairs: Sequence[tuple], openings: Sequence[str], *, max_moves: in
     seen = [Counter([b.zobrist_hash()]) for b in boards]
     moves: list[list[int]] = [[] for _ in boards]
     evals: list[list[int]] = [[] for _ in boards]
+    best: list[list[int]] = [[] for _ in boards]
     results = [game_end(b, c, max_moves) for b, c in zip(boards, seen)]   # an opening may already be over
     players = {id(p): p for pair in pairs for p in pair}
     with progress_bar(total=len(boards), desc="games", unit="game", show=progress) as bar:
@@ -353,8 +367,8 @@ def play_pairs(pairs: Sequence[tuple], openings: Sequence[str], *, max_moves: in
                 todo = [i for i, r in enumerate(results) if r is None and id(pairs[i][boards[i].turn]) == pid]
                 if not todo:
                     continue
-                chosen, values = _choose(player, [boards[i] for i in todo])
-                for i, move, value in zip(todo, chosen, values):
+                chosen, values, bests = _choose(player, [boards[i] for i in todo])
+                for i, move, value, top in zip(todo, chosen, values, bests):
                     b = boards[i]
                     if move == RESIGN:
                         results[i] = (cshogi.opponent(b.turn), "resign")
@@ -362,14 +376,14 @@ def play_pairs(pairs: Sequence[tuple], openings: Sequence[str], *, max_moves: in
                         results[i] = (cshogi.opponent(b.turn), "illegal")
                     else:
                         b.push(move)
-                        moves[i].append(move); evals[i].append(value)
+                        moves[i].append(move); evals[i].append(value); best[i].append(top)
                         seen[i][b.zobrist_hash()] += 1
                         results[i] = game_end(b, seen[i], max_moves)
                     if results[i] is not None:
                         bar.update(1)
     names = names or [(getattr(p[0], "name", "black"), getattr(p[1], "name", "white")) for p in pairs]
-    return [GameRecord(s, mv, nm[0], nm[1], r[0], r[1], ev)
-            for s, mv, nm, r, ev in zip(openings, moves, names, results, evals)]
+    return [GameRecord(s, mv, nm[0], nm[1], r[0], r[1], ev, bm)
+            for s, mv, nm, r, ev, bm in zip(openings, moves, names, results, evals, best)]
 
 # %% ../nbs/03_selfplay.ipynb #315219ca
 def play_game(black, white, *, max_moves: int = 256, names: tuple[str, str] = ("black", "white")) -> GameRecord:
@@ -412,13 +426,16 @@ class RandomMover:
         return random_move(board, self.rng)
 
 # %% ../nbs/03_selfplay.ipynb #b1f31887
-def teacher_labelled_hcpe(game: GameRecord, side: int, teacher: BaselineEngine) -> np.ndarray:
-    """The game's HCPE rows with each position where `side` moved labelled by `teacher`: its move (`bestMove16`)
-    and its evaluation (`eval`) in place of the move played there; the other side's rows and the result are kept."""
-    hcpe, board = game.to_hcpe(), cshogi.Board(game.start_sfen)
+def teacher_labelled_hcpe(game: GameRecord, side: int, teacher: BaselineEngine,
+                          move_labels: str = "played") -> np.ndarray:
+    """The game's HCPE rows (`game.to_hcpe(move_labels)`) with each position where `side` moved labelled by
+    `teacher`: its move (drawn at its temperature, or its best with `move_labels="best"`) and its evaluation in
+    place of the move played there; the other side's rows and the result are kept."""
+    hcpe, board = game.to_hcpe(move_labels), cshogi.Board(game.start_sfen)
     for ply, move in enumerate(game.moves):
         if board.turn == side:
-            label, value = teacher.pick(board)
+            drawn, value, best = teacher.pick(board)
+            label = best if move_labels == "best" else drawn
             hcpe["bestMove16"][ply], hcpe["eval"][ply] = cshogi.move16(label), np.clip(value, -32767, 32767)
         board.push(move)
     return hcpe
@@ -436,7 +453,7 @@ def random_side(index: int, share: float) -> int | None:
 def _play_selfplay_game(job: tuple) -> tuple[int, np.ndarray]:
     """Worker: play one seeded game (baseline against baseline, or against a random mover with the random side's
     positions labelled by the baseline), write its CSA file, return (index, hcpe rows)."""
-    index, seed, depth, temperature, max_moves, random_share, csa_dir = job
+    index, seed, depth, temperature, max_moves, random_share, move_labels, csa_dir = job
     base = game_seed(seed, index)
     sides = [BaselineEngine(depth=depth, temperature=temperature, seed=base + k) for k in (0, 1)]
     name = f"baseline-d{depth}-t{temperature:g}"
@@ -448,8 +465,9 @@ def _play_selfplay_game(job: tuple) -> tuple[int, np.ndarray]:
     game.info = {"EVENT": "maou_nb selfplay"}
     write_csa(game, Path(csa_dir) / f"{game_name(seed, index)}.csa", comment=f"game {game_name(seed, index)}")
     if weak is None:
-        return index, game.to_hcpe()
-    return index, teacher_labelled_hcpe(game, weak, BaselineEngine(depth=depth, temperature=temperature, seed=base + 3))
+        return index, game.to_hcpe(move_labels)
+    teacher = BaselineEngine(depth=depth, temperature=temperature, seed=base + 3)
+    return index, teacher_labelled_hcpe(game, weak, teacher, move_labels)
 
 # %% ../nbs/03_selfplay.ipynb #21e7ef8b
 def _check_int(name: str, value, minimum: int) -> None:
@@ -471,10 +489,11 @@ def available_cpus() -> int:
 
 # %% ../nbs/03_selfplay.ipynb #d954872b
 def play_games(n: int, out_dir: str | os.PathLike, *, seed: int = 0, depth: int = 1, temperature: float = 40.0,
-               max_moves: int = 256, random_opponent_share: float = 0.0, workers: int | None = None,
-               games_per_shard: int = 1000, progress: bool = True) -> list[Path]:
-    """Self-play `n` baseline games (`random_opponent_share` of them against a random mover, teacher-labelled):
-    CSA files in out_dir/csa, HCPE shards + sidecars + manifest in out_dir/hcpe."""
+               max_moves: int = 256, random_opponent_share: float = 0.0, move_labels: str = "played",
+               workers: int | None = None, games_per_shard: int = 1000, progress: bool = True) -> list[Path]:
+    """Self-play `n` baseline games (`random_opponent_share` of them against a random mover, teacher-labelled),
+    each row's move the one played or the engine's best (`move_labels`): CSA files in out_dir/csa, HCPE shards +
+    sidecars + manifest in out_dir/hcpe."""
     _check_int("n", n, 0); _check_int("seed", seed, 0); _check_int("max_moves", max_moves, 1)
     _check_int("games_per_shard", games_per_shard, 1)
     if workers is not None:
@@ -484,12 +503,14 @@ def play_games(n: int, out_dir: str | os.PathLike, *, seed: int = 0, depth: int 
             or not 0 <= random_opponent_share <= 1):
         raise ValueError(f"random_opponent_share={random_opponent_share!r}: must be a number from 0 (no games "
                          "against the random mover) to 1 (all of them).")
+    if move_labels not in MOVE_LABELS:
+        raise ValueError(f"move_labels={move_labels!r}: expected one of {list(MOVE_LABELS)}.")
     out_dir = Path(out_dir)
     csa_dir, hcpe_dir = out_dir / "csa", out_dir / "hcpe"
     csa_dir.mkdir(parents=True, exist_ok=True); hcpe_dir.mkdir(parents=True, exist_ok=True)
     (hcpe_dir / "manifest.json").unlink(missing_ok=True)           # the folder is incomplete until we finish
     workers = min(workers or available_cpus(), max(n, 1))
-    jobs = [(i, seed, depth, temperature, max_moves, random_opponent_share, str(csa_dir)) for i in range(n)]
+    jobs = [(i, seed, depth, temperature, max_moves, random_opponent_share, move_labels, str(csa_dir)) for i in range(n)]
     shards, pending, rows = [], [], 0
     def flush(first: int) -> None:
         hcpe = np.concatenate(pending) if pending else np.zeros(0, HCPE_DTYPE)
@@ -503,7 +524,7 @@ def play_games(n: int, out_dir: str | os.PathLike, *, seed: int = 0, depth: int 
                 if len(pending) == games_per_shard or index == n - 1:
                     flush(index + 1 - len(pending))
     write_manifest(hcpe_dir, "hcpe", shards, rows=rows, games=n, source="selfplay", seed=seed, depth=depth,
-                   temperature=temperature, max_moves=max_moves, random_opponent_share=random_opponent_share)
+                   temperature=temperature, max_moves=max_moves, random_opponent_share=random_opponent_share, move_labels=move_labels)
     return shards
 
 # %% ../nbs/03_selfplay.ipynb #98f32b57
@@ -514,6 +535,7 @@ SELFPLAY_RULES = {
     "temperature": Rule(float, min=0),             # centipawns; 0 plays the best move
     "max_moves": Rule(int, min=1),
     "random_opponent_share": Rule(float, min=0, max=1),  # share of games against a random mover (teacher-labelled)
+    "move_labels": Rule(str, choices=MOVE_LABELS),      # each row's move: the one played, or the engine's best
     "workers": Rule(int, min=1, optional=True),    # None: one per CPU core
     "games_per_shard": Rule(int, min=1),
 }

@@ -15,6 +15,7 @@ import yaml
 from maou_nb.encoding import legal_moves_label
 from maou_nb.export import load_onnx, load_policy
 from maou_nb.pipeline import STAGE_MARK, STEPS, notebook_parameters, read_json
+from maou_nb.selfplay import search_scores
 from maou_nb.storage import (game_id, load_array, load_checkpoint, load_game_ids, load_hcpe,
                              manifest_shards, read_manifest)
 from tiny_run import STAGES, TINY, tiny_run
@@ -179,7 +180,7 @@ def test_selfplay(run, tiny_params):
     shards = manifest_shards(run / "data/selfplay/hcpe", "hcpe")
     hcpe = np.concatenate([load_hcpe(p) for p in shards])
     ids = np.concatenate([load_game_ids(p) for p in shards])
-    relabelled = 0
+    relabelled, best_labels = 0, tiny_params["selfplay"].get("move_labels") == "best"
     for path in csa:
         record = cshogi.CSA.Parser.parse_file(str(path))[0]
         rows = hcpe[ids == game_id(path.stem)]
@@ -189,14 +190,18 @@ def test_selfplay(run, tiny_params):
         for row, move in zip(rows, record.moves):
             assert np.array_equal(row["hcp"], np.frombuffer(board_hcp(board), np.uint8))
             label = board.move_from_move16(int(row["bestMove16"]))
-            if board.turn == random_side:   # the random mover's rows carry the baseline's move, legal here
+            if best_labels:                 # every row carries the engine's best-scored move there
+                moves, scores = search_scores(board, tiny_params["selfplay"].get("depth", 1))
+                assert label == moves[scores.argmax()], path.name
+                relabelled += label != move
+            elif board.turn == random_side:   # the random mover's rows carry the baseline's move, legal here
                 assert board.is_legal(label), path.name
                 relabelled += label != move
             else:
                 assert label == move
             board.push(move)
-    if tiny_params["selfplay"].get("random_opponent_share"):
-        assert relabelled > 0   # some games were against the random mover, and its moves were relabelled
+    if tiny_params["selfplay"].get("random_opponent_share") or best_labels:
+        assert relabelled > 0   # rows whose move is not the one played: the random mover's, or the engine's best
 
 
 def board_hcp(board: cshogi.Board) -> bytes:
@@ -290,7 +295,10 @@ def test_evaluate(run, tiny_params):
     assert [r["opponent"] for r in info["results"]] == [r["opponent"] for r in evaluation["rows"]]
     # the tiny params search (2 simulations): the policy alone is also played against the first opponent
     assert info["simulations"] == tiny_params["evaluate"]["simulations"] > 0
-    assert [r["opponent"] for r in info["policy_only"]] == [evaluation["rows"][0]["opponent"]]
+    temperatures = tiny_params["evaluate"]["policy_temperatures"]    # one policy-alone match per temperature
+    assert [(r["opponent"], r["temperature"]) for r in info["policy_only"]] == \
+        [(evaluation["rows"][0]["opponent"], t) for t in temperatures]
+    assert all(r["wins"] + r["draws"] + r["losses"] == games for r in info["policy_only"])
     files = sorted((run / "eval").glob("*/*.csa"))
     assert len(files) == 2 * games
     for path in files:
