@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step import SIZES, KitStep  # noqa: E402
-from training import make_data  # noqa: E402
+from training import temporary_data  # noqa: E402
 
 from maou_nb.train import train
 
@@ -70,9 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        pre, _ = make_data(tmp / "data", args.games)
+    with temporary_data(args.games) as (tmp, pre):
         out = {"benchmark": "batch_scaling", "threads": torch.get_num_threads()}
         if args.batches:
             out["speed"] = {"size": args.size, "by_batch": speed(pre, args.size, [int(b) for b in args.batches.split(",")],

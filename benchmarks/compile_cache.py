@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -62,10 +61,8 @@ def main() -> None:
     if args.child:
         return child(args)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from training import make_data
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        pre, _ = make_data(tmp / "data", args.games)
+    from training import temporary_data
+    with temporary_data(args.games) as (tmp, pre):
         env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
         runs = {}
         for name, compiled in (("eager", False), ("compiled_cold", True), ("compiled_warm", True)):

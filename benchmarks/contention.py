@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -76,12 +75,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
-    from training import make_data
+    from training import temporary_data
     cores = len(os.sched_getaffinity(0))
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        pre, _ = make_data(tmp / "data", args.games)
+    with temporary_data(args.games) as (tmp, pre):
         if args.quiet_only:
             return print(json.dumps(quiet_rounds(pre, args, tmp), indent=1))
         for threads in map(int, args.threads.split(",")):

@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_loop import reference_batches, reference_optimizer, timed_reference  # noqa: E402
-from training import make_data  # noqa: E402
+from training import temporary_data  # noqa: E402
 
 from maou_nb.config import TrainConfig
 from maou_nb.model import build_train_model, count_parameters
@@ -171,9 +170,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        pre, _ = make_data(tmp / "data", args.games)
+    with temporary_data(args.games) as (tmp, pre):
         results = [compare(pre, size, int(b), args.variants.split(","), args.rounds, args.steps, tmp)
                    for size in args.sizes.split(",") for b in args.batches.split(",")]
     print(json.dumps({"benchmark": "step", "machine": {"cpu": platform.processor() or platform.machine(),

@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step import SIZES, VARIANTS  # noqa: E402
-from training import make_data  # noqa: E402
+from training import temporary_data  # noqa: E402
 
 from maou_nb.train import train
 
@@ -40,9 +39,7 @@ def main() -> None:
     ap.add_argument("--games", type=int, default=200)
     ap.add_argument("--window", type=int, default=50)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        pre, _ = make_data(tmp / "data", args.games)
+    with temporary_data(args.games) as (tmp, pre):
         curves = {v: curve(pre, args.size, args.batch, args.steps, VARIANTS[v], tmp / v)["losses"]
                   for v in args.variants.split(",")}
     base = np.array(curves["kit"])

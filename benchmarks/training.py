@@ -12,7 +12,9 @@ import json
 import platform
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -34,6 +36,14 @@ def make_data(root: Path, n_games: int, seed: int = 0) -> tuple[Path, Path]:
     preprocess(root / "hcpe", root / "pre", progress=False)
     make_stage2_data(root / "hcpe", root / "stage2", progress=False)
     return root / "pre", root / "stage2"
+
+
+@contextmanager
+def temporary_data(n_games: int) -> Iterator[tuple[Path, Path]]:
+    """A temporary folder with `make_data`'s folders in its `data/`: yields (the folder, the preprocessed folder)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        yield tmp, make_data(tmp / "data", n_games)[0]
 
 
 def sync(device: str) -> None:
