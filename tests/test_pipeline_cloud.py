@@ -169,8 +169,10 @@ def test_checkpoint_reaches_the_bucket_while_the_train_step_still_runs(s3, prepr
 
     def watch():
         while not stop.is_set():
-            for key in keys(target) - set(seen):
-                seen[key] = time.time()
+            listed = keys(target) - set(seen)
+            now = time.time()   # keys first listed in the same poll share its time (a set has no upload order)
+            for key in listed:
+                seen[key] = now
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch, daemon=True)
