@@ -515,9 +515,9 @@ def test_time_managed_search_uses_the_byoyomi(tmp_path, small_onnx):
                 eng.position()
                 bestmove, used, nodes, wall = go_timed(eng, btime=0, wtime=0, byoyomi=byoyomi)
                 assert bestmove in legal
-                # a good share of the budget; a late simulation on a loaded machine may eat into the margin, never
-                # past half of it (the margin is there for exactly that)
-                assert 0.7 * budget <= used <= budget + 100, (byoyomi, used)
+                # a good share of the budget; a late simulation on a loaded machine may eat into the margin (it is
+                # there for exactly that: CI once measured 412 ms of a 300 ms budget), never through it
+                assert 0.7 * budget <= used < byoyomi, (byoyomi, used)
                 assert wall * 1000 < byoyomi, (byoyomi, wall)
                 assert nodes > 16, nodes  # more than the fixed search used to run
         eng.setoption("Simulations", 0)  # the policy alone
