@@ -277,6 +277,7 @@ def test_usi_opponent_fairy_stockfish_beats_random(tmp_path):
 
 # --- the strength ladder ------------------------------------------------------------
 
+@pytest.mark.skipif(FAIRY is None, reason="fairy-stockfish not installed (apt-get install -y fairy-stockfish)")
 def test_ladder_stops_at_the_first_level_not_beaten(tmp_path):
     ladder = place_on_ladder(RandomPlayer(), FAIRY, levels=(-20, -10), games=2, max_moves=200, out_dir=tmp_path)
     assert ladder["highest_beaten"] is None and [r["level"] for r in ladder["rows"]] == [-20]

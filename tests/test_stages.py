@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from maou_nb.arena import find_engine
 from maou_nb.encoding import legal_moves_label
 from maou_nb.export import load_onnx, load_policy
 from maou_nb.pipeline import STAGE_MARK, STEPS, notebook_parameters, read_json
@@ -299,6 +300,12 @@ def test_evaluate(run, tiny_params):
     assert [(r["opponent"], r["temperature"]) for r in info["policy_only"]] == \
         [(evaluation["rows"][0]["opponent"], t) for t in temperatures]
     assert all(r["wins"] + r["draws"] + r["losses"] == games for r in info["policy_only"])
+    if find_engine() is None:                                      # the ladder needs fairy-stockfish
+        assert "ladder" not in info
+    else:                                                          # one level asked; its games are kept apart
+        assert [r["level"] for r in info["ladder"]] == tiny_params["evaluate"]["ladder_levels"]
+        assert all(r["wins"] + r["draws"] + r["losses"] == games for r in info["ladder"])
+        assert len(list((run / "eval" / "ladder").glob("level_*/*.csa"))) == games
     files = sorted((run / "eval").glob("*/*.csa"))
     assert len(files) == 2 * games
     for path in files:
@@ -320,6 +327,8 @@ def test_summary(run):
     assert "| opponent | wins | draws | losses | score |" in evaluation  # the results as a table
     for row in done(run, "evaluate")["results"]:
         assert f"| {row['opponent']} | {row['wins']} | {row['draws']} | {row['losses']} |" in evaluation
+    for row in done(run, "evaluate").get("ladder", []):            # the ladder too, a level a line
+        assert f"| {row['level']} | {row['wins']} | {row['draws']} | {row['losses']} |" in evaluation
 
 
 # ---- what the executed notebooks show, and what a step prints ------------------------------------------------
