@@ -43,9 +43,9 @@ from .storage import (
 __all__ = ['NORM_TYPES', 'LAUNCH_KEYS', 'multilabel_loss', 'policy_loss_rows', 'multilabel_metrics', 'stage3_losses',
            'mirror_rows', 'stage3_metrics', 'summarise', 'StageSpec', 'stage_spec', 'stage_gate', 'StageThresholdError',
            'NonFiniteLossError', 'param_groups', 'make_optimizer', 'scaled_lr', 'make_scheduler', 'EMA', 'rng_state',
-           'set_rng_state', 'seed_everything', 'StageTrainer', 'position_sampler', 'fit_stage', 'run_token', 'TrainRun',
-           'progress_of', 'resume_checkpoint', 'TrainResult', 'as_config', 'conv_channels_last', 'compile_cache',
-           'stage_trainer', 'train']
+           'set_rng_state', 'seed_everything', 'amp_dtype_for', 'StageTrainer', 'position_sampler', 'fit_stage',
+           'run_token', 'TrainRun', 'progress_of', 'resume_checkpoint', 'TrainResult', 'as_config',
+           'conv_channels_last', 'compile_cache', 'stage_trainer', 'train']
 
 # %% ../nbs/12_train.ipynb #24601214
 def multilabel_loss(logits: torch.Tensor, target: torch.Tensor, *, pos_weight: float = 1.0,
@@ -275,6 +275,21 @@ def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch."""
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
 
+# %% ../nbs/12_train.ipynb #a7d3e1f0
+def amp_dtype_for(c: TrainConfig, device_type: str) -> torch.dtype | None:
+    """The autocast dtype that `amp` means on `device_type`: `amp_dtype` on CUDA; bf16 on a CPU that computes it
+    natively (AVX512-BF16 or AMX), else None, fp32 with a warning; None on other devices and without `amp`."""
+    if not c.amp or device_type not in ("cuda", "cpu"):
+        return None
+    if device_type == "cuda":
+        return torch.bfloat16 if c.amp_dtype == "bf16" else torch.float16
+    native = any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    if not native:
+        warnings.warn("amp: this CPU has no native bf16 (AVX512-BF16 or AMX), and emulated bf16 autocast is slower "
+                      "than fp32, so training runs in fp32; set amp: false to silence this")
+    return torch.bfloat16 if native else None
+
+
 # %% ../nbs/12_train.ipynb #02cba45e
 class StageTrainer:
     """The state of one stage of training and the steps of its loop."""
@@ -297,8 +312,7 @@ class StageTrainer:
         self.scheduler = make_scheduler(self.optimizer, c.lr_scheduler, self.steps_per_epoch,
                                         self.steps_per_epoch * spec.max_epochs, c.warmup_ratio)
         self.device_type = torch.device(device).type
-        self.amp_dtype = ({"cuda": torch.bfloat16 if c.amp_dtype == "bf16" else torch.float16, "cpu": torch.bfloat16}
-                          .get(self.device_type) if c.amp else None)
+        self.amp_dtype = amp_dtype_for(c, self.device_type)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
         self.ema = EMA(model, c.ema_decay) if c.ema_decay else None
         self.ddp = self.wrap(model) if d.world_size > 1 else None

@@ -566,12 +566,27 @@ def test_channels_last_is_the_same_maths_and_its_checkpoint_loads_anywhere(data,
     build_model(ckpt["arch"], **ckpt["model_config"]).load_state_dict(ckpt["model"])   # and loads into a plain model
 
 
+def _native_bf16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+@pytest.mark.skipif(not _native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX): amp trains in fp32 here")
 def test_amp_on_cpu_trains_in_bf16(data, tmp_path):
     fp32 = _step_losses(data, tmp_path, "fp32")
     bf16 = _step_losses(data, tmp_path, "bf16", amp=True)
     assert len(bf16) == len(fp32) and all(math.isfinite(x) for x in bf16)
     assert bf16 != fp32                                              # autocast was on (fp32 reproduces itself exactly)
     assert bf16 == pytest.approx(fp32, rel=0.05)                     # and it is the same training within bf16 noise
+
+
+def test_amp_on_a_cpu_without_native_bf16_trains_in_fp32_and_says_so(data, tmp_path, monkeypatch):
+    """Emulated bf16 is slower than fp32: `amp: true` must never make a CPU run slower, so it falls back, warning."""
+    fp32 = _step_losses(data, tmp_path, "fp32", max_steps=2)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):   # the CPU's answers, as an older CPU gives them
+        monkeypatch.setattr(torch.cpu, probe, lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16.*training runs in fp32; set amp: false"):
+        fallback = _step_losses(data, tmp_path, "amp", amp=True, max_steps=2)
+    assert fallback == fp32                                          # the fp32 step, bit for bit
 
 
 def test_the_command_makes_waiting_openmp_threads_sleep_unless_told_otherwise():
