@@ -308,7 +308,10 @@ def test_evaluate(run, tiny_params):
         assert len(list((run / "eval" / "ladder").glob("level_*/*.csa"))) == games
     files = sorted((run / "eval").glob("*/*.csa"))
     assert len(files) == 2 * games
-    for path in files:
+    policy_files = sorted((run / "eval" / "policy_alone").glob("t*/*/*.csa"))   # kept, so a lost game can be read
+    assert sorted({f.parent.parent.name for f in policy_files}) == sorted(f"t{t:g}" for t in temperatures)
+    assert len(policy_files) == games * len(temperatures)
+    for path in files + policy_files:
         record = cshogi.CSA.Parser.parse_file(str(path))[0]
         board = cshogi.Board(record.sfen)
         for move in record.moves:
