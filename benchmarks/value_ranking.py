@@ -9,7 +9,7 @@ value), the measure of what a capture-resolving leaf would give a search. Prints
 
 Usage: python benchmarks/value_ranking.py --model runs/<id>/models/model.onnx --positions runs/<id>/data/split/val
     [--n 400] [--blunder 300] [--capture-extension] [--seed 0]
-`--positions` is an HCPE file (raw `.hcpe` or a kit shard `.npy`) or a folder of them (sidecars are skipped).
+`--positions` is anything `preprocess.hcpe_inputs` takes: an HCPE file (raw `.hcpe` or a kit shard) or a folder.
 """
 import argparse
 import json
@@ -20,17 +20,9 @@ import cshogi
 import numpy as np
 
 from maou_nb.export import load_policy
+from maou_nb.preprocess import hcpe_shards
 from maou_nb.selfplay import BaselineEngine
 from maou_nb.storage import load_hcpe
-
-
-def hcpe_rows(path: Path) -> np.ndarray:
-    """The HCPE rows of a file, or of every HCPE file in a folder."""
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir()
-                                                 if p.suffix == ".hcpe" or (p.suffix == ".npy" and "." not in p.stem))
-    if not files:
-        raise FileNotFoundError(f"{path}: no .hcpe or .npy HCPE files here; pass a file or a folder of them")
-    return np.concatenate([load_hcpe(f, mmap=False) for f in files])
 
 
 def captures(board: cshogi.Board) -> list[int]:
@@ -79,7 +71,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    rows = hcpe_rows(args.positions)
+    rows = np.concatenate([load_hcpe(f, mmap=False) for f in hcpe_shards(args.positions)])
     rows = rows[np.random.default_rng(args.seed).choice(len(rows), min(args.n, len(rows)), replace=False)]
     evaluator, engine = load_policy(args.model, threads=args.threads), BaselineEngine(temperature=0)
     hits = {"value": 0, "policy": 0}

@@ -43,9 +43,9 @@ from .storage import (
 __all__ = ['NORM_TYPES', 'LAUNCH_KEYS', 'multilabel_loss', 'policy_loss_rows', 'multilabel_metrics', 'stage3_losses',
            'mirror_rows', 'stage3_metrics', 'summarise', 'StageSpec', 'stage_spec', 'stage_gate', 'StageThresholdError',
            'NonFiniteLossError', 'param_groups', 'make_optimizer', 'scaled_lr', 'make_scheduler', 'EMA', 'rng_state',
-           'set_rng_state', 'seed_everything', 'amp_dtype_for', 'StageTrainer', 'position_sampler', 'fit_stage',
-           'run_token', 'TrainRun', 'progress_of', 'resume_checkpoint', 'TrainResult', 'as_config',
-           'conv_channels_last', 'compile_cache', 'stage_trainer', 'train']
+           'set_rng_state', 'seed_everything', 'cpu_has_native_bf16', 'amp_dtype_for', 'StageTrainer',
+           'position_sampler', 'fit_stage', 'run_token', 'TrainRun', 'progress_of', 'resume_checkpoint', 'TrainResult',
+           'as_config', 'conv_channels_last', 'compile_cache', 'stage_trainer', 'train']
 
 # %% ../nbs/12_train.ipynb #24601214
 def multilabel_loss(logits: torch.Tensor, target: torch.Tensor, *, pos_weight: float = 1.0,
@@ -275,6 +275,12 @@ def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch."""
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
 
+# %% ../nbs/12_train.ipynb #d1e6b4c3
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 itself (AVX512-BF16 or AMX tiles), as torch's CPU probes report it."""
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 # %% ../nbs/12_train.ipynb #a7d3e1f0
 def amp_dtype_for(c: TrainConfig, device_type: str) -> torch.dtype | None:
     """The autocast dtype that `amp` means on `device_type`: `amp_dtype` on CUDA; bf16 on a CPU that computes it
@@ -283,11 +289,11 @@ def amp_dtype_for(c: TrainConfig, device_type: str) -> torch.dtype | None:
         return None
     if device_type == "cuda":
         return torch.bfloat16 if c.amp_dtype == "bf16" else torch.float16
-    native = any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    if not native:
+    if not cpu_has_native_bf16():
         warnings.warn("amp: this CPU has no native bf16 (AVX512-BF16 or AMX), and emulated bf16 autocast is slower "
                       "than fp32, so training runs in fp32; set amp: false to silence this")
-    return torch.bfloat16 if native else None
+        return None
+    return torch.bfloat16
 
 
 # %% ../nbs/12_train.ipynb #02cba45e

@@ -12,7 +12,8 @@ from maou_nb.preprocess import make_stage1_data, make_stage2_data, preprocess
 from maou_nb.records import random_games
 from maou_nb.storage import HCPE_DTYPE, load_array, load_checkpoint, save_array, save_hcpe, write_manifest, read_manifest
 from maou_nb.config import SCHEDULERS, ConfigError, TrainConfig, scheduler_name
-from maou_nb.train import NonFiniteLossError, StageThresholdError, multilabel_metrics, stage_gate, summarise, train
+from maou_nb.train import (NonFiniteLossError, StageThresholdError, cpu_has_native_bf16, multilabel_metrics,
+                            stage_gate, summarise, train)
 
 TINY = {"device": "cpu", "model": "resnet", "preset": "small", "model_config": {"resnet_widths": [8, 8, 8, 8]},
         "batch_size": 128, "log_every": 1}
@@ -566,11 +567,7 @@ def test_channels_last_is_the_same_maths_and_its_checkpoint_loads_anywhere(data,
     build_model(ckpt["arch"], **ckpt["model_config"]).load_state_dict(ckpt["model"])   # and loads into a plain model
 
 
-def _native_bf16() -> bool:
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-@pytest.mark.skipif(not _native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX): amp trains in fp32 here")
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX): amp trains in fp32 here")
 def test_amp_on_cpu_trains_in_bf16(data, tmp_path):
     fp32 = _step_losses(data, tmp_path, "fp32")
     bf16 = _step_losses(data, tmp_path, "bf16", amp=True)
