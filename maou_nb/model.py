@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -141,19 +141,21 @@ class RayBlock(nn.Module):
             self.register_buffer(f"shift{steps}", ray_index(steps), persistent=False)
 
     def _shift(self, t: torch.Tensor, steps: int) -> torch.Tensor:
-        """(B, k, 8, 82) -> the same, each direction's cells moved `steps` squares along it (zeros past the edge)."""
-        b = t.shape[0]
-        return t.reshape(b, self.k, 8 * 82).index_select(2, getattr(self, f"shift{steps}")).reshape(b, self.k, 8, 82)
+        """(8 * 82, N) rows (direction, cell) -> the same, each direction's cells moved `steps` squares along it
+        (zeros past the edge). Whole rows are copied, which is what makes the rows the leading dimension fast."""
+        return t.index_select(0, getattr(self, f"shift{steps}"))
 
     def line_sums(self, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """(B, k, 8, 81) values and gates -> per square s and direction d, sum over t = s+d, s+2d, ... (to the edge)
         of v(t) times the gates of the squares strictly between s and t."""
-        v, g = F.pad(v, (0, 1)), F.pad(g, (0, 1))
-        v, g = self._shift(v, 1), self._shift(g, 1)          # start one square along: what lies beyond s
+        b = v.shape[0]
+        def rows(t):    # (B, k, 8, 81) -> (8 * 82, B * k): a row per (direction, cell), cell 81 the zero pad
+            return F.pad(t, (0, 1)).permute(2, 3, 0, 1).reshape(8 * 82, b * self.k)
+        v, g = self._shift(rows(v), 1), self._shift(rows(g), 1)   # start one square along: what lies beyond s
         for steps in (1, 2, 4):
             v = v + g * self._shift(v, steps)
             g = g * self._shift(g, steps)
-        return v[..., :81]
+        return v.reshape(8, 82, b, self.k)[:, :81].permute(2, 3, 0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, 9, 9) -> (B, C, 9, 9)."""
@@ -492,14 +494,20 @@ class ShogiNet(nn.Module):
         """Pooled shared features (B, feature_dim)."""
         return self.pool(self.feature_map(board, hand))
 
-    def forward(self, board: torch.Tensor, hand: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits of every head for a batch: board (B, 9, 9) piece IDs, hand (B, 14) counts."""
+    def forward(self, board: torch.Tensor, hand: torch.Tensor, heads: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Logits of the heads named in `heads` (default: every head) for a batch: board (B, 9, 9) piece IDs, hand
+        (B, 14) counts. A training stage asks only for its own heads, so the others cost nothing."""
+        names = list(self.heads) if heads is None else list(heads)
+        unknown = [h for h in names if h not in self.heads]
+        if unknown:
+            raise ValueError(f"heads={unknown}: this model has the heads {list(self.heads)}; ask for those, or build "
+                             "it with the heads you need (build_model(..., heads=[...])).")
         fmap = self.feature_map(board, hand)
         pooled = self.pool(fmap)
         squares = None
-        if self.spatial:   # (B, C, 81), square i = [rank][file] cell i
+        if self.spatial & set(names):   # (B, C, 81), square i = [rank][file] cell i
             squares = fmap.flatten(2) if self.pool.layout == "spatial" else fmap.transpose(1, 2)
-        return {name: head(squares if name in self.spatial else pooled) for name, head in self.heads.items()}
+        return {name: self.heads[name](squares if name in self.spatial else pooled) for name in names}
 
 # %% ../nbs/10_model.ipynb #36e4619c
 def _check_inputs(board: torch.Tensor, hand: torch.Tensor) -> None:

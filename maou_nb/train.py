@@ -373,7 +373,7 @@ class StageTrainer:
         last = self.accumulated + 1 == self.c.gradient_accumulation_steps or self.batch == self.batches_per_epoch
         with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
             with self.autocast():
-                out = self.forward(batch["board"], batch["hand"])
+                out = self.forward(batch["board"], batch["hand"], heads=self.spec.heads)   # this stage's heads only
             losses = self.spec.losses(out, batch)
             values = self.dist.mean(torch.stack([v.detach().float() for v in losses.values()]) * weight).tolist()
             if not math.isfinite(values[0]):
@@ -430,7 +430,7 @@ class StageTrainer:
             keep = self.val_sampler.weight(b) > 0            # not a stand-in row
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.autocast():
-                out = model(batch["board"], batch["hand"])
+                out = model(batch["board"], batch["hand"], heads=self.spec.heads)
             for k, (s, n) in self.spec.metrics(out, batch, self.spec.losses(out, batch)).items():
                 total = sums.get(k, (0.0, 0))
                 sums[k] = (total[0] + s, total[1] + n) if keep else total

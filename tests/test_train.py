@@ -11,6 +11,7 @@ import yaml
 from maou_nb.preprocess import make_stage1_data, make_stage2_data, preprocess
 from maou_nb.records import random_games
 from maou_nb.storage import HCPE_DTYPE, load_array, load_checkpoint, save_array, save_hcpe, write_manifest, read_manifest
+from maou_nb.model import ShogiNet
 from maou_nb.config import SCHEDULERS, ConfigError, TrainConfig, scheduler_name
 from maou_nb.train import (NonFiniteLossError, StageThresholdError, cpu_has_native_bf16, multilabel_metrics,
                             stage_gate, summarise, train)
@@ -245,13 +246,21 @@ def test_stage3_from_hcpe_shards(data, tmp_path):
     assert math.isfinite(metrics["policy_loss"]) and 0 <= metrics["top1"] <= metrics["top5"] <= 1
 
 
-def test_stage_all_hands_one_backbone_on(data, tmp_path):
+def test_stage_all_hands_one_backbone_on(data, tmp_path, monkeypatch):
+    asked = []                                   # the heads each forward of the run computed
+    forward = ShogiNet.forward
+    def recording(self, board, hand, heads=None):
+        out = forward(self, board, hand, heads)
+        asked.append(tuple(out))
+        return out
+    monkeypatch.setattr(ShogiNet, "forward", recording)
     config = {**TINY, "stage": "all", "stage1_data": str(data / "stage1"), "stage2_data": str(data / "stage2"),
               "stage3_data": str(data / "pre"), "out_dir": str(tmp_path / "run"), "batch_size": 128,
               "stage1_threshold": 0.5, "stage2_threshold": 0.01, "stage2_batch_size": 64, "epoch": 1,
               "stage1_batch_size": 256}
     result = train(config, progress=False)
     assert list(result.stages) == ["1", "2", "3"]
+    assert set(asked) == {("reachable",), ("legal",), ("policy", "value")}   # each stage runs its own heads only
     ckpt = {s: load_checkpoint(result.stages[s]["checkpoint"])["model"] for s in "123"}
     reach = [k for k in ckpt["1"] if "reachable" in k]
     backbone = [k for k in ckpt["1"] if not any(h in k for h in ("reachable", "legal", "policy", "value"))
