@@ -32,8 +32,9 @@ from maou_nb.config import (
 from .datasets import make_loader, stage_datasets
 from .encoding import MIRROR_LABEL
 from .distributed import Dist, check_world, launched, start_distributed, torchrun_train
-from .model import (
-    apply_freezing, build_model, build_train_model, checkpoint_payload, clean_state_dict, load_parts, unwrap_model)
+from maou_nb.model import (
+    STAGE_HEADS, apply_freezing, build_model, build_train_model, checkpoint_payload, clean_state_dict, load_parts,
+    unwrap_model)
 from .settings import progress, resolve_device, setting
 from .telemetry import RunLog
 from .storage import (
@@ -159,13 +160,13 @@ def stage_spec(stage: str, config: TrainConfig) -> StageSpec:
     """The spec of stage "1", "2" or "3" under `config`."""
     c = config
     if stage == "3":
-        return StageSpec("3", ("policy", "value"),
+        return StageSpec("3", STAGE_HEADS["3"],
                          lambda out, b: stage3_losses(out, b, c.gce_parameter, c.policy_loss_ratio, c.value_loss_ratio,
                                                                  c.label_smoothing),
                          stage3_metrics, None, max_epochs=c.epoch, start_epoch=c.start_epoch,
                          best_key={"total": "loss", "policy": "policy_loss", "value": "value_loss"}[c.early_stopping_metric],
                          augment=(lambda b: mirror_rows(b, c.mirror)) if c.mirror else None)
-    head, label = ("reachable", "reachable") if stage == "1" else ("legal", "legal")
+    head = label = STAGE_HEADS[stage][0]       # the head and its target share a name: reachable, legal
     kw = ({"pos_weight": c.stage1_pos_weight} if stage == "1" else
           {"gamma_neg": c.stage2_gamma_neg, "gamma_pos": c.stage2_gamma_pos, "clip": c.stage2_clip})
     def losses(out, b):
@@ -173,7 +174,7 @@ def stage_spec(stage: str, config: TrainConfig) -> StageSpec:
     def metrics(out, b, l):
         return multilabel_metrics(out[head], b[label], l["loss"])
     gate, name = stage_gate(stage, c.stage_metric)
-    return StageSpec(stage, (head,), losses, metrics, gate, name,
+    return StageSpec(stage, STAGE_HEADS[stage], losses, metrics, gate, name,
                      threshold=c.stage1_threshold if stage == "1" else c.stage2_threshold,
                      max_epochs=c.stage1_max_epochs if stage == "1" else c.stage2_max_epochs,
                      min_epochs=c.stage1_min_epochs if stage == "1" else c.stage2_min_epochs)
